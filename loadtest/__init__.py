@@ -1,0 +1,1 @@
+"""Open-loop load generation and the benchmark suite (installed as `vitrine.loadtest`)."""

@@ -1,0 +1,1 @@
+"""Vitrine's long-running processes, one sub-package each (installed as `vitrine.services`)."""

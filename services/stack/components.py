@@ -1,0 +1,254 @@
+"""What the local stack runs: one `Component` per server, in start order, built from the settings.
+
+Each component says how to start it (a command for supervisord), which ports it needs, how to prepare
+its state once (configs, Kafka's storage format) and how to tell that it is ready to use.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from string import Template
+
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+
+from vitrine.contracts import topics
+from vitrine.services.stack import health
+from vitrine.settings import Settings
+
+Probe = Callable[[Settings], Awaitable[str | None]]
+
+
+class SetupMissing(RuntimeError):
+    """A binary or download that deploy/setup.sh provides is not there."""
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    command: list[str]
+    ports: dict[str, tuple[str, int]]
+    probe: Probe
+    url: str
+    env: dict[str, str] = field(default_factory=dict)
+    prepare: Callable[[], None] | None = None
+    after_ready: Callable[[], Awaitable[None]] | None = None
+
+
+def _template(name: str) -> Template:
+    return Template(files("vitrine.services.stack").joinpath("templates", name).read_text())
+
+
+def _write_if_changed(path: Path, content: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != content:
+        path.write_text(content)
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise SetupMissing(f"{what} not found at {path}; run deploy/setup.sh (make setup) first")
+    return path
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        raise SetupMissing(f"`{name}` is not on PATH; run deploy/setup.sh (make setup) first")
+    return found
+
+
+def redis(settings: Settings) -> Component:
+    cfg, data = settings.redis, settings.stack.home / "redis"
+
+    def prepare() -> None:
+        data.mkdir(parents=True, exist_ok=True)
+
+    return Component(
+        name="redis",
+        command=[
+            _binary("redis-server"),
+            "--bind", cfg.host,
+            "--port", str(cfg.port),
+            "--dir", str(data),
+            "--daemonize", "no",
+            "--appendonly", "yes",
+            "--appendfsync", cfg.appendfsync,
+            "--save", "",
+            "--maxmemory", f"{cfg.maxmemory_mb}mb",
+            "--maxmemory-policy", "volatile-lru",
+        ],
+        ports={"redis": (cfg.host, cfg.port)},
+        probe=health.redis_ready,
+        url=cfg.url,
+        prepare=prepare,
+    )
+
+
+def redis_exporter(settings: Settings) -> Component:
+    cfg = settings.redis_exporter
+    return Component(
+        name="redis-exporter",
+        command=[
+            _binary("prometheus-redis-exporter"),
+            f"-redis.addr=redis://{settings.redis.host}:{settings.redis.port}",
+            f"-web.listen-address={cfg.host}:{cfg.port}",
+        ],
+        ports={"metrics": (cfg.host, cfg.port)},
+        probe=health.redis_exporter_ready,
+        url=f"http://{cfg.host}:{cfg.port}/metrics",
+    )
+
+
+def kafka(settings: Settings) -> Component:
+    cfg, home = settings.kafka, settings.stack.home / "kafka"
+    libs = settings.kafka_home / "libs"
+    props, log4j, data = home / "server.properties", home / "log4j2.properties", home / "data"
+    java = _binary("java")
+
+    def prepare() -> None:
+        _require(libs, f"Apache Kafka {settings.stack.kafka_version} jars")
+        _write_if_changed(
+            props,
+            _template("kafka-server.properties").substitute(
+                host=cfg.host, port=cfg.port, controller_port=cfg.controller_port,
+                data_dir=data, partitions=cfg.partitions,
+            ),
+        )
+        _write_if_changed(log4j, _template("kafka-log4j2.properties").template)
+        if not (data / "meta.properties").exists():
+            # KRaft storage is formatted exactly once per data folder, with a fresh cluster id.
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            subprocess.run(
+                [java, "-cp", f"{libs}/*", f"-Dlog4j2.configurationFile={log4j}",
+                 "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)],
+                check=True, capture_output=True, text=True, timeout=120,
+            )
+
+    async def create_topics() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=cfg.bootstrap_servers, client_id="vitrine-stack")
+        await admin.start()
+        try:
+            existing = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(list(topics.ALL))
+                        if t.get("error_code", 0) == 0}
+            missing = [NewTopic(name, num_partitions=cfg.partitions, replication_factor=1)
+                       for name in topics.ALL if name not in existing]
+            if missing:
+                await admin.create_topics(missing)
+            grow = {name: NewPartitions(cfg.partitions) for name, count in existing.items() if count < cfg.partitions}
+            if grow:
+                await admin.create_partitions(grow)
+        finally:
+            await admin.close()
+
+    return Component(
+        name="kafka",
+        command=[
+            java, f"-Xmx{cfg.heap}", f"-Xms{cfg.heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={log4j}", "-cp", f"{libs}/*", "kafka.Kafka", str(props),
+        ],
+        ports={"broker": (cfg.host, cfg.port), "controller": (cfg.host, cfg.controller_port)},
+        probe=health.kafka_ready,
+        url=f"kafka://{cfg.bootstrap_servers}",
+        prepare=prepare,
+        after_ready=create_topics,
+    )
+
+
+def triton(settings: Settings) -> Component:
+    cfg, home = settings.triton, settings.triton_home
+    binary = home / "bin" / "tritonserver"
+    venv_bin = Path(sys.executable).parent
+    # The python backend's stub embeds libpython: it must find the same interpreter (and site-packages
+    # with numpy and onnxruntime) as this virtualenv, so the venv's bin comes first on PATH.
+    lib_path = [str(home / "lib"), sysconfig.get_config_var("LIBDIR") or ""]
+
+    def prepare() -> None:
+        _require(binary, f"tritonserver from nvidia-pytriton {settings.stack.pytriton_version}")
+        _require(cfg.model_repository, "the model repository")
+
+    command = [
+        str(binary),
+        f"--model-repository={cfg.model_repository}",
+        f"--backend-directory={home / 'backends'}",
+        f"--model-control-mode={cfg.model_control_mode}",
+        f"--http-address={cfg.host}", f"--http-port={cfg.http_port}",
+        f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
+        f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
+        "--allow-metrics=true", "--allow-cpu-metrics=true", "--allow-gpu-metrics=false",
+        # A model that fails to load is reported by the readiness probe with Triton's reason,
+        # instead of taking every other model down with the server.
+        "--exit-on-error=false",
+        "--strict-readiness=true",
+        "--log-verbose=0",
+    ]
+    if cfg.model_control_mode == "explicit":
+        command.append("--load-model=*")
+    if cfg.model_config_name:
+        command.append(f"--model-config-name={cfg.model_config_name}")
+    return Component(
+        name="triton",
+        command=command,
+        ports={"http": (cfg.host, cfg.http_port), "grpc": (cfg.host, cfg.grpc_port),
+               "metrics": (cfg.host, cfg.metrics_port)},
+        probe=health.triton_ready,
+        url=f"{cfg.http_url} (gRPC {cfg.grpc_url}, metrics http://{cfg.host}:{cfg.metrics_port}/metrics)",
+        env={
+            "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+            "LD_LIBRARY_PATH": os.pathsep.join(p for p in lib_path if p),
+            "VIRTUAL_ENV": str(venv_bin.parent),
+            # One onnxruntime thread per model instance: Triton runs instances side by side on 2 cores.
+            "OMP_NUM_THREADS": "1",
+        },
+        prepare=prepare,
+    )
+
+
+def prometheus(settings: Settings) -> Component:
+    cfg, home = settings.prometheus, settings.stack.home / "prometheus"
+    config = home / "prometheus.yml"
+
+    def prepare() -> None:
+        (home / "data").mkdir(parents=True, exist_ok=True)
+        _write_if_changed(
+            config,
+            _template("prometheus.yml").substitute(
+                scrape_interval=f"{cfg.scrape_interval_s:g}s",
+                prometheus_target=f"{cfg.host}:{cfg.port}",
+                redis_exporter_target=f"{settings.redis_exporter.host}:{settings.redis_exporter.port}",
+                triton_metrics_target=f"{settings.triton.host}:{settings.triton.metrics_port}",
+            ),
+        )
+
+    return Component(
+        name="prometheus",
+        command=[
+            _binary("prometheus"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={home / 'data'}",
+            f"--storage.tsdb.retention.time={cfg.retention}",
+            f"--web.listen-address={cfg.host}:{cfg.port}",
+            "--web.enable-lifecycle",
+        ],
+        ports={"web": (cfg.host, cfg.port)},
+        probe=health.prometheus_ready,
+        url=cfg.url,
+        prepare=prepare,
+    )
+
+
+BUILDERS: tuple[Callable[[Settings], Component], ...] = (redis, redis_exporter, kafka, triton, prometheus)
+"""Start order: dependencies first, Prometheus last so that its targets are already up."""
+
+
+def build_all(settings: Settings) -> list[Component]:
+    return [build(settings) for build in BUILDERS]

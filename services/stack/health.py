@@ -1,0 +1,87 @@
+"""Readiness probes, one per component. Each returns None when healthy or a short reason when not.
+
+Probes answer "can a client use it now?", not "is the process alive?": supervisord already knows the latter.
+"""
+
+from __future__ import annotations
+
+import httpx
+import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient
+
+from vitrine.settings import Settings
+
+PROBE_TIMEOUT_S = 2.0
+
+
+async def redis_ready(settings: Settings) -> str | None:
+    client = aioredis.Redis(
+        host=settings.redis.host,
+        port=settings.redis.port,
+        socket_connect_timeout=PROBE_TIMEOUT_S,
+        socket_timeout=PROBE_TIMEOUT_S,
+    )
+    try:
+        if await client.ping():
+            loading = (await client.info("persistence")).get("loading", 0)
+            return "loading its append-only file" if loading else None
+        return "PING was not answered with PONG"
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", reported as text
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        await client.aclose()
+
+
+async def kafka_ready(settings: Settings) -> str | None:
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        request_timeout_ms=int(PROBE_TIMEOUT_S * 1000),
+        client_id="vitrine-stack-probe",
+    )
+    try:
+        await admin.start()
+        await admin.list_topics()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        await admin.close()
+
+
+async def _http_ok(url: str) -> str | None:
+    try:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if response.status_code != 200:
+        return f"GET {url} answered {response.status_code}: {response.text[:200]}"
+    return None
+
+
+async def triton_ready(settings: Settings) -> str | None:
+    """Server ready and every model in the repository loaded: a model that failed to load is named with its reason."""
+    base = settings.triton.http_url
+    if reason := await _http_ok(f"{base}/v2/health/live"):
+        return reason
+    try:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+            index = (await client.post(f"{base}/v2/repository/index", json={})).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return f"repository index unavailable: {exc}"
+    problems = [
+        f"model {m['name']} v{m.get('version', '?')} {m.get('state', 'UNKNOWN')}: {m.get('reason', '')}".strip()
+        for m in index
+        if m.get("state") != "READY"
+    ]
+    if problems:
+        return "; ".join(problems)
+    return await _http_ok(f"{base}/v2/health/ready")
+
+
+async def prometheus_ready(settings: Settings) -> str | None:
+    return await _http_ok(f"{settings.prometheus.url}/-/ready")
+
+
+async def redis_exporter_ready(settings: Settings) -> str | None:
+    return await _http_ok(f"http://{settings.redis_exporter.host}:{settings.redis_exporter.port}/metrics")

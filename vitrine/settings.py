@@ -1,0 +1,180 @@
+"""Vitrine's one settings object.
+
+Every tunable lives here, typed and validated. Sources, strongest first: values passed in code
+(CLI flags), environment variables prefixed ``VITRINE_`` (nested with ``__``, e.g.
+``VITRINE_REDIS__PORT=6380``), a TOML file named by ``VITRINE_CONFIG`` (e.g. ``vitrine.toml``),
+then the defaults below. Default ports sit away from the standard ones (6379, 9092, 8000-8002,
+9090, 9121) so that a local stack never collides with a user's own servers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_FILE_ENV = "VITRINE_CONFIG"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Host = Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class _Section(BaseModel):
+    """Settings sections reject unknown keys so that a typo in a config file is an error, not a no-op."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RedisSettings(_Section):
+    host: Host = "127.0.0.1"
+    port: Port = 16379
+    appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    maxmemory_mb: int = Field(1024, ge=16, description="Upper bound on Redis memory; keys carry TTLs too.")
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+
+class RedisExporterSettings(_Section):
+    host: Host = "127.0.0.1"
+    port: Port = 19121
+
+
+class KafkaSettings(_Section):
+    host: Host = "127.0.0.1"
+    port: Port = 19092
+    controller_port: Port = 19093
+    partitions: int = Field(4, ge=1, le=1024, description="Partitions per Vitrine topic, created by `stack up`.")
+    heap: str = Field("512m", pattern=r"^\d+[kmg]$", description="JVM heap (-Xmx) of the single-node broker.")
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class TritonSettings(_Section):
+    host: Host = "127.0.0.1"
+    http_port: Port = 18000
+    grpc_port: Port = 18001
+    metrics_port: Port = 18002
+    model_repository: Path = REPO_ROOT / "model_repository"
+    model_config_name: str = Field(
+        "cpu",
+        pattern=r"^[A-Za-z0-9_.-]*$",
+        description="Selects configs/<name>.pbtxt in every model folder; empty uses config.pbtxt (production GPU).",
+    )
+    model_control_mode: Literal["explicit", "poll", "none"] = Field(
+        "explicit",
+        description=(
+            "explicit: models are loaded at start-up and later only through the repository API, so that a "
+            "half-written export is never picked up and a version swap is a deliberate, checked step."
+        ),
+    )
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+
+class PrometheusSettings(_Section):
+    host: Host = "127.0.0.1"
+    port: Port = 19090
+    scrape_interval_s: float = Field(2.0, gt=0, le=300)
+    retention: str = Field("2d", pattern=r"^\d+[smhdwy]$")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class StackSettings(_Section):
+    home: Path = Field(REPO_ROOT / ".stack", description="State, configs and one log file per component.")
+    cache: Path = Field(
+        Path(os.environ.get("VITRINE_CACHE", Path.home() / ".cache" / "vitrine")),
+        description="Where deploy/setup.sh put Kafka's jars and the Triton binary.",
+    )
+    kafka_version: str = "4.1.1"
+    pytriton_version: str = "0.7.0"
+    startup_timeout_s: float = Field(120.0, gt=0, le=1800, description="Upper bound for one component to turn healthy.")
+    stop_timeout_s: float = Field(30.0, gt=0, le=600)
+    log_tail_lines: int = Field(30, ge=1, le=10_000, description="Log lines shown when a component fails.")
+
+
+class Settings(BaseSettings):
+    """All of Vitrine's configuration; construct once per process and pass it down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VITRINE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    redis: RedisSettings = RedisSettings()
+    redis_exporter: RedisExporterSettings = RedisExporterSettings()
+    kafka: KafkaSettings = KafkaSettings()
+    triton: TritonSettings = TritonSettings()
+    prometheus: PrometheusSettings = PrometheusSettings()
+    stack: StackSettings = StackSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get(CONFIG_FILE_ENV)
+        if config_file:
+            path = Path(config_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"{CONFIG_FILE_ENV}={config_file!r} does not name a readable file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def shifted(self, offset: int) -> Settings:
+        """A copy with every port moved by `offset` and its own stack folder: a second, independent stack."""
+        update: dict[str, object] = {}
+        for section_name in type(self).model_fields:
+            section = getattr(self, section_name)
+            ports = {
+                name: value + offset
+                for name, value in section.model_dump().items()
+                if name == "port" or name.endswith("_port")
+            }
+            if any(not 1 <= port <= 65535 for port in ports.values()):
+                raise ValueError(f"port offset {offset} moves a {section_name} port out of 1..65535")
+            if ports:
+                update[section_name] = section.model_copy(update=ports)
+        update["stack"] = self.stack.model_copy(update={"home": self.stack.home.with_name(f"{self.stack.home.name}-{offset}")})
+        return self.model_copy(update=update)
+
+    @property
+    def kafka_home(self) -> Path:
+        return self.stack.cache / f"kafka-{self.stack.kafka_version}"
+
+    @property
+    def triton_home(self) -> Path:
+        return self.stack.cache / f"triton-pytriton-{self.stack.pytriton_version}"
+
+    @field_validator("stack")
+    @classmethod
+    def _absolute_home(cls, stack: StackSettings) -> StackSettings:
+        return stack.model_copy(update={"home": stack.home.resolve(), "cache": stack.cache.expanduser().resolve()})
