@@ -18,11 +18,13 @@ NAME = "smoke"
 FEATURES = 8
 OUTPUTS = 4
 SEED = 20261124
+INPUT = "INPUT"
+OUTPUT = "SCORES"
 
 SPEC = ModelSpec(
     name=NAME,
-    inputs=(TensorSpec("INPUT", np.dtype(np.float32), (FEATURES,)),),
-    outputs=(TensorSpec("SCORES", np.dtype(np.float32), (OUTPUTS,)),),
+    inputs=(TensorSpec(INPUT, np.dtype(np.float32), (FEATURES,)),),
+    outputs=(TensorSpec(OUTPUT, np.dtype(np.float32), (OUTPUTS,)),),
     max_batch_size=128,
     keep_versions=1,
 )
@@ -38,13 +40,13 @@ def build_onnx() -> bytes:
     bias = rng.standard_normal(OUTPUTS).astype(np.float32)
     graph = helper.make_graph(
         [
-            helper.make_node("MatMul", ["INPUT", "W"], ["xw"]),
+            helper.make_node("MatMul", [INPUT, "W"], ["xw"]),
             helper.make_node("Add", ["xw", "b"], ["logits"]),
-            helper.make_node("Tanh", ["logits"], ["SCORES"]),
+            helper.make_node("Tanh", ["logits"], [OUTPUT]),
         ],
         NAME,
-        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["batch", FEATURES])],
-        [helper.make_tensor_value_info("SCORES", TensorProto.FLOAT, ["batch", OUTPUTS])],
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", OUTPUTS])],
         initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="vitrine")

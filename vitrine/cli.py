@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from typing import Annotated
@@ -17,6 +18,12 @@ stack_app = typer.Typer(help="The local stack: Redis, Kafka, Triton, Prometheus 
 app.add_typer(stack_app, name="stack")
 
 
+def _quiet_client_logs() -> None:
+    """aiokafka logs every refused connection at ERROR; while the stack starts those are expected."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
 def _settings() -> Settings:
     try:
         return Settings()
@@ -28,6 +35,7 @@ def _settings() -> Settings:
 def _stack():  # noqa: ANN202 - imported lazily so that `vitrine --help` stays fast
     from vitrine.services.stack import Stack
 
+    _quiet_client_logs()
     return Stack(_settings())
 
 

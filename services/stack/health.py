@@ -5,10 +5,13 @@ Probes answer "can a client use it now?", not "is the process alive?": superviso
 
 from __future__ import annotations
 
+import math
+
 import httpx
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 
+from vitrine.export import smoke
 from vitrine.settings import Settings
 
 PROBE_TIMEOUT_S = 2.0
@@ -76,7 +79,31 @@ async def triton_ready(settings: Settings) -> str | None:
     ]
     if problems:
         return "; ".join(problems)
-    return await _http_ok(f"{base}/v2/health/ready")
+    if reason := await _http_ok(f"{base}/v2/health/ready"):
+        return reason
+    if any(m["name"] == smoke.NAME for m in index):
+        return await _smoke_inference(base)
+    return None
+
+
+async def _smoke_inference(base: str) -> str | None:
+    """READY is not enough: a python-backend stub built against another numpy answers READY and then
+    returns empty tensors. One real inference of the smoke model proves the whole CPU serving path."""
+    request = {
+        "inputs": [
+            {"name": smoke.INPUT, "shape": [1, smoke.FEATURES], "datatype": "FP32", "data": [0.0] * smoke.FEATURES}
+        ]
+    }
+    try:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+            response = await client.post(f"{base}/v2/models/{smoke.NAME}/infer", json=request)
+        outputs = {o["name"]: o for o in response.json().get("outputs", [])}
+        data = outputs[smoke.OUTPUT]["data"]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        return f"smoke inference failed: {type(exc).__name__}: {exc}"
+    if len(data) != smoke.OUTPUTS or not all(math.isfinite(v) for v in data):
+        return f"smoke inference returned {len(data)} values instead of {smoke.OUTPUTS} finite scores: {data[:8]}"
+    return None
 
 
 async def prometheus_ready(settings: Settings) -> str | None:

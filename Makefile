@@ -1,0 +1,33 @@
+# The two commands of the README are `make demo` and `make test`; both run the idempotent setup first.
+SHELL := /bin/bash
+VENV := .venv
+VITRINE := $(VENV)/bin/vitrine
+
+.PHONY: setup demo test test-unit test-integration up down status clean
+
+setup:  ## install everything this machine lacks (Debian packages, .venv, Kafka jars, Triton binary)
+	@bash deploy/setup.sh
+
+demo: setup  ## the main job: the stack up and healthy, with its URLs
+	@$(VITRINE) stack up
+
+test: setup  ## every test: unit tests, then integration tests on a real stack started on shifted ports
+	@$(VENV)/bin/python -m pytest
+
+test-unit: setup
+	@$(VENV)/bin/python -m pytest tests/unit
+
+test-integration: setup
+	@$(VENV)/bin/python -m pytest -m integration
+
+up: setup
+	@$(VITRINE) stack up
+
+down:
+	@$(VITRINE) stack down
+
+status:
+	@$(VITRINE) stack status
+
+clean: down  ## remove the stack's state (Redis data, Kafka log, Prometheus TSDB) and logs
+	rm -rf .stack .stack-*

@@ -1,0 +1,51 @@
+"""The real stack for integration tests, started through the same `Stack` code as `vitrine stack up`.
+
+By default the tests start their own stack on ports shifted by TEST_PORT_OFFSET, in its own folder, so
+that a developer's running demo stack is left alone, and stop it at the end. With
+VITRINE_TEST_REUSE_STACK=1 they use the stack that the current settings (env, VITRINE_CONFIG) describe,
+which must already be up, and leave it running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from vitrine.services.stack import Stack
+from vitrine.settings import Settings
+
+TEST_PORT_OFFSET = 1000
+REUSE_ENV = "VITRINE_TEST_REUSE_STACK"
+
+logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
+def _reuse() -> bool:
+    return os.environ.get(REUSE_ENV, "").lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    base = Settings()
+    return base if _reuse() else base.shifted(TEST_PORT_OFFSET)
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings) -> Iterator[Stack]:
+    stack = Stack(settings)
+    if _reuse():
+        statuses = asyncio.run(stack.status())
+        unhealthy = [f"{s.name} ({s.detail})" for s in statuses if not s.healthy]
+        if unhealthy:
+            pytest.fail(f"{REUSE_ENV} is set but the stack is not healthy: {', '.join(unhealthy)}")
+        yield stack
+        return
+    asyncio.run(stack.up(report=lambda line: None))
+    try:
+        yield stack
+    finally:
+        asyncio.run(stack.down(report=lambda line: None))
