@@ -19,6 +19,14 @@ KAFKA_POM="$ROOT/deploy/kafka/pom.xml"
 PYTRITON_VERSION="0.7.0"   # ships tritonserver 2.51 with the python backend
 
 log() { printf '[setup] %s\n' "$*"; }
+# Run a noisy step quietly; on failure show its output and stop.
+quiet() {
+  local out; out="$(mktemp)"
+  if ! "$@" >"$out" 2>&1; then
+    cat "$out" >&2; rm -f "$out"; log "failed: $*"; exit 1
+  fi
+  rm -f "$out"
+}
 
 # 1. Debian packages -------------------------------------------------------------------------
 missing=()
@@ -31,8 +39,8 @@ command -v mvn >/dev/null || missing+=(maven)
 if ((${#missing[@]})); then
   log "installing Debian packages: ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  quiet $SUDO apt-get update
+  quiet $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
   # Debian's packages start system-wide services on the standard ports; Vitrine runs its own
   # instances on its own ports, so stop the system ones where a service manager started them.
   for svc in redis-server prometheus prometheus-redis-exporter; do
@@ -52,8 +60,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$stamp_py" 2>/dev/null)" != "$want_py" ]; then
   log "installing vitrine[$EXTRAS] into .venv (pip's cache is kept, so torch downloads once)"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -c "$ROOT/deploy/constraints.txt" -e "$ROOT[$EXTRAS]"
+  quiet "$VENV/bin/python" -m pip install --upgrade pip
+  quiet "$VENV/bin/python" -m pip install -c "$ROOT/deploy/constraints.txt" -e "$ROOT[$EXTRAS]"
   echo "$want_py" > "$stamp_py"
 else
   log "python environment up to date"
@@ -65,7 +73,7 @@ kafka_dir="$CACHE/kafka-$kafka_version"
 if [ ! -f "$kafka_dir/.complete" ]; then
   log "fetching Apache Kafka $kafka_version jars from Maven Central into $kafka_dir"
   rm -rf "$kafka_dir"
-  mvn -q -B -Dstyle.color=never -f "$KAFKA_POM" dependency:copy-dependencies -DoutputDirectory="$kafka_dir/libs" >/dev/null
+  quiet mvn -B -f "$KAFKA_POM" dependency:copy-dependencies -DoutputDirectory="$kafka_dir/libs"
   touch "$kafka_dir/.complete"
 else
   log "Kafka $kafka_version present"
@@ -76,7 +84,7 @@ triton_dir="$CACHE/triton-pytriton-$PYTRITON_VERSION"
 if [ ! -f "$triton_dir/.complete" ]; then
   log "fetching nvidia-pytriton $PYTRITON_VERSION (tritonserver binary) into $triton_dir"
   rm -rf "$triton_dir"; mkdir -p "$triton_dir/wheel"
-  "$VENV/bin/python" -m pip download -q --no-deps -d "$triton_dir/wheel" "nvidia-pytriton==$PYTRITON_VERSION"
+  quiet "$VENV/bin/python" -m pip download --no-deps -d "$triton_dir/wheel" "nvidia-pytriton==$PYTRITON_VERSION"
   (cd "$triton_dir" && "$VENV/bin/python" -m zipfile -e wheel/*.whl unpacked)
   pyver="$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
   mkdir -p "$triton_dir/backends/python"
