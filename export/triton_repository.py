@@ -115,7 +115,7 @@ def versions(folder: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()) if folder.exists() else []
 
 
-def add_version(folder: Path, onnx_bytes: bytes, version: int | None = None) -> Path:
+def add_version(folder: Path, onnx_bytes: bytes, version: int | None = None, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write a new version folder (next number unless given); an existing version is never overwritten.
 
     Files are written into a hidden temporary folder and renamed into place, so that a Triton polling
@@ -130,5 +130,17 @@ def add_version(folder: Path, onnx_bytes: bytes, version: int | None = None) -> 
     staging.mkdir(parents=True)
     (staging / "model.onnx").write_bytes(onnx_bytes)
     shutil.copyfile(PYTHON_MODEL_SOURCE, staging / "model.py")
+    for name, content in (extra_files or {}).items():
+        (staging / name).write_bytes(content)
     staging.rename(target)
     return target
+
+
+def prune(folder: Path, keep: int) -> list[int]:
+    """Delete all but the newest `keep` versions; returns the removed version numbers."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    removed = versions(folder)[:-keep]
+    for number in removed:
+        shutil.rmtree(folder / str(number))
+    return removed

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -99,6 +102,147 @@ def stack_logs(
         raise _fail(FileNotFoundError(f"no log yet at {path}"))
     command = ["tail", "-n", str(lines)] + (["-F"] if follow else []) + [str(path)]
     raise typer.Exit(subprocess.call(command, stdout=sys.stdout))
+
+
+events_app = typer.Typer(help="Storefront events: generate (and later publish) them.", no_args_is_help=True)
+app.add_typer(events_app, name="events")
+
+
+def _load_events(preset: str | None, events: Path | None, movielens: Path | None, seed: int, drift_at_day: float | None):
+    """One of: a synthetic preset, a JSONL file of events, a MovieLens ratings file."""
+    from vitrine.export.data import movielens as ml
+    from vitrine.export.data import synthetic
+    from vitrine.export.data.table import EventTable
+
+    chosen = [name for name, value in (("--preset", preset), ("--events", events), ("--movielens", movielens)) if value]
+    if len(chosen) > 1:
+        raise typer.BadParameter(f"choose one data source, not {' and '.join(chosen)}")
+    try:
+        if events:
+            return EventTable.read_jsonl(events), {"source": f"events:{events.name}"}
+        if movielens:
+            return ml.load(movielens), {"source": f"movielens:{movielens.name}"}
+        name = preset or "default"
+        config = synthetic.preset(name, seed=seed)
+        if drift_at_day is not None:
+            config = synthetic.preset(name, seed=seed, drift_at_ms=config.start_ms + int(drift_at_day * synthetic.DAY_MS))
+        return synthetic.generate(config), {"source": f"synthetic:{name}", "seed": seed, "drift_at_day": drift_at_day}
+    except (ValueError, OSError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+PresetOption = Annotated[str | None, typer.Option(help="Synthetic storefront size: tiny, small, default, large, huge.")]
+EventsOption = Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSONL file of events.")]
+MovieLensOption = Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="MovieLens ratings.csv or u.data.")]
+SeedOption = Annotated[int, typer.Option(min=0, help="Seed of the synthetic data and of training.")]
+DriftOption = Annotated[float | None, typer.Option(min=0, help="Synthetic only: a new item line takes off from this day.")]
+
+
+@events_app.command("generate")
+def events_generate(
+    out: Annotated[Path, typer.Option(dir_okay=False, help="JSONL file to write.")],
+    preset: PresetOption = "small",
+    seed: SeedOption = 7,
+    drift_at_day: DriftOption = None,
+) -> None:
+    """Write a synthetic storefront's events as JSON lines (one event schema for files and Kafka)."""
+    table, _ = _load_events(preset, None, None, seed, drift_at_day)
+    table.write_jsonl(out)
+    typer.echo(f"wrote {len(table)} events to {out}")
+
+
+@app.command("train")
+def train_command(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="gru4rec and/or sasrec (repeatable).")] = ["gru4rec", "sasrec"],  # noqa: B006
+    preset: PresetOption = None,
+    events: EventsOption = None,
+    movielens: MovieLensOption = None,
+    seed: SeedOption = 7,
+    drift_at_day: DriftOption = None,
+    epochs: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, max=65536)] = 128,
+    learning_rate: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 2e-3,
+    dim: Annotated[int, typer.Option(min=4, max=1024)] = 64,
+    max_len: Annotated[int, typer.Option(min=2, max=512, help="History steps the model sees.")] = 20,
+    validation_fraction: Annotated[float, typer.Option(min=0.01, max=0.5)] = 0.1,
+    out: Annotated[Path, typer.Option(file_okay=False, help="Where run folders go.")] = Path("runs"),
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train next-item models on events and record each run (parameters, data fingerprint, metrics)."""
+    from vitrine.export.data import sequences
+    from vitrine.export.models import ARCHITECTURES
+    from vitrine.export.train import TrainConfig, train
+
+    unknown = [m for m in model if m not in ARCHITECTURES]
+    if unknown:
+        raise typer.BadParameter(f"unknown model {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}", param_hint="--model")
+    table, info = _load_events(preset, events, movielens, seed, drift_at_day)
+    try:
+        dataset = sequences.build(table, max_len=max_len, validation_fraction=validation_fraction, seed=seed)
+    except ValueError as exc:
+        raise _fail(exc) from exc
+    info = {**info, "fingerprint": table.fingerprint(), "events": len(table),
+            "users": int(len(set(table.user_id.tolist()))), "items": int(len(set(table.item_id.tolist())))}
+    typer.echo(f"data: {info['events']} events, {len(dataset.train_inputs)} training windows, "
+               f"{len(dataset.valid_targets)} validation targets, fingerprint {info['fingerprint'][:12]}")
+    for architecture in model:
+        config = TrainConfig(architecture=architecture, epochs=epochs, batch_size=batch_size,  # type: ignore[arg-type]
+                             learning_rate=learning_rate, dim=dim, max_len=max_len, seed=seed)
+        run_dir = train(config, dataset, info, out, progress=progress)
+        record = json.loads((run_dir / "run.json").read_text())
+        ours, base = record["metrics"]["model"], record["metrics"]["popularity"]
+        typer.echo(f"{architecture}: " + ", ".join(f"{k} {ours[k]:.4f} (popularity {base[k]:.4f})" for k in ours)
+                   + f" in {record['duration_s']:.0f}s → {run_dir}")
+
+
+def _model_name(value: str | None) -> str | None:
+    if value is not None and not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", value):
+        raise typer.BadParameter("use lower-case letters, digits and _ (a Triton model folder name), at most 64")
+    return value
+
+
+@app.command("export")
+def export_command(
+    runs: Annotated[list[Path] | None, typer.Argument(help="Run folders; default: the newest run of each model in --runs-dir.")] = None,
+    runs_dir: Annotated[Path, typer.Option(file_okay=False)] = Path("runs"),
+    name: Annotated[str | None, typer.Option(help="Model name in the repository (default: the architecture).", callback=_model_name)] = None,
+    max_k: Annotated[int, typer.Option(min=1, max=1000, help="Items returned by the graph's top-k.")] = 50,
+    keep: Annotated[int, typer.Option(min=1, max=100, help="Versions kept on disk and served.")] = 3,
+    load: Annotated[bool, typer.Option(help="Load into the running Triton and verify it serves the new version.")] = True,
+) -> None:
+    """Export runs to ONNX (parity-checked) as new versions in the Triton model repository."""
+    from vitrine.export.onnx_export import ParityError, export_run
+    from vitrine.export.serving_check import ServingMismatch, load_and_verify
+    from vitrine.export.validate import ModelFolderError
+
+    settings = _settings()
+    chosen = runs or _newest_runs(runs_dir)
+    if not chosen:
+        raise _fail(FileNotFoundError(f"no run folders in {runs_dir}; run `vitrine train` first"))
+    for run_dir in chosen:
+        try:
+            result = export_run(run_dir, settings.triton.model_repository, name=name, max_k=max_k, keep_versions=keep)
+        except (ParityError, ModelFolderError, FileNotFoundError) as exc:
+            raise _fail(exc) from exc
+        typer.echo(f"{result.model} v{result.version}: parity ok (max |Δscore| {result.max_abs_score_diff:.1e}) → {result.folder}"
+                   + (f"; removed v{', v'.join(map(str, result.removed_versions))}" if result.removed_versions else ""))
+        if load:
+            try:
+                asyncio.run(load_and_verify(settings.triton.grpc_url, result.model, result.folder))
+            except ServingMismatch as exc:
+                raise _fail(exc) from exc
+            except Exception as exc:  # noqa: BLE001 - Triton unreachable: the export itself stands
+                typer.secho(f"{result.model} v{result.version}: not loaded ({type(exc).__name__}: {exc}); "
+                            "it is served at the next `vitrine stack up`", fg=typer.colors.YELLOW)
+            else:
+                typer.echo(f"{result.model} v{result.version}: served by Triton, top-k equal to onnxruntime in-process")
+
+
+def _newest_runs(runs_dir: Path) -> list[Path]:
+    newest: dict[str, Path] = {}
+    for run in sorted(p for p in runs_dir.glob("*/run.json")):
+        newest[json.loads(run.read_text())["model"]] = run.parent
+    return list(newest.values())
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from string import Template
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 
 from vitrine.contracts import topics
+from vitrine.export.validate import validate_repository
 from vitrine.services.stack import health
 from vitrine.settings import Settings
 
@@ -175,6 +176,8 @@ def triton(settings: Settings) -> Component:
     def prepare() -> None:
         _require(binary, f"tritonserver from nvidia-pytriton {settings.stack.pytriton_version}")
         _require(cfg.model_repository, "the model repository")
+        # A broken model folder is named with its problem here, before Triton is asked to serve it.
+        validate_repository(cfg.model_repository)
 
     command = [
         str(binary),

@@ -1,7 +1,8 @@
 """The real stack for integration tests, started through the same `Stack` code as `vitrine stack up`.
 
-By default the tests start their own stack on ports shifted by TEST_PORT_OFFSET, in its own folder, so
-that a developer's running demo stack is left alone, and stop it at the end. With
+By default the tests start their own stack on ports shifted by TEST_PORT_OFFSET, in its own folder and
+with its own copy of the model repository, so that a developer's running demo stack is left alone, and
+stop it at the end. With
 VITRINE_TEST_REUSE_STACK=1 they use the stack that the current settings (env, VITRINE_CONFIG) describe,
 which must already be up, and leave it running.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -30,8 +32,15 @@ def _reuse() -> bool:
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
+    """The test stack serves a copy of the model repository, so that tests may export new versions."""
     base = Settings()
-    return base if _reuse() else base.shifted(TEST_PORT_OFFSET)
+    if _reuse():
+        return base
+    shifted = base.shifted(TEST_PORT_OFFSET)
+    repository = shifted.stack.home / "model_repository"
+    shutil.rmtree(repository, ignore_errors=True)
+    shutil.copytree(base.triton.model_repository, repository)
+    return shifted.model_copy(update={"triton": shifted.triton.model_copy(update={"model_repository": repository})})
 
 
 @pytest.fixture(scope="session")

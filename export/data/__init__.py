@@ -1,0 +1,1 @@
+"""Event data for training: a columnar table, a synthetic storefront, a MovieLens loader, and sequences."""

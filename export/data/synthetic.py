@@ -1,0 +1,184 @@
+"""A synthetic storefront that is realistic enough to learn from, and reproducible from a seed.
+
+What makes it learnable beyond popularity, as real shops are:
+- items belong to categories and have power-law (Zipf) popularity;
+- users have sparse category affinities (Dirichlet), so histories say what a user likes;
+- within a session shoppers follow item-to-item paths ("customers who viewed this next viewed…"):
+  with `transition_prob` the next item is one of the current item's few successors;
+- each viewed item may go down the funnel view → click → add_to_cart → purchase;
+- optional drift: from `drift_at_ms` on, a new item line appears and takes `drift_share` of sessions.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+
+from vitrine.export.data.table import EventTable
+
+DAY_MS = 86_400_000
+Preset = Literal["tiny", "small", "default", "large", "huge"]
+
+
+@dataclass(frozen=True)
+class StorefrontConfig:
+    n_users: int = 4_000
+    n_items: int = 2_000
+    n_categories: int = 24
+    sessions_per_user: float = 6.0
+    """Poisson mean of sessions per user over the whole period."""
+    steps_per_session: float = 7.0
+    """Mean number of distinct items a session looks at (geometric)."""
+    zipf_exponent: float = 1.05
+    affinity_concentration: float = 0.15
+    transition_prob: float = 0.65
+    successors: int = 4
+    click_prob: float = 0.35
+    cart_prob: float = 0.3
+    purchase_prob: float = 0.5
+    start_ms: int = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+    days: int = 28
+    seconds_between_steps: float = 25.0
+    drift_at_ms: int | None = None
+    drift_items: int = 120
+    drift_share: float = 0.5
+    seed: int = 7
+
+    def __post_init__(self) -> None:
+        for name in ("n_users", "n_items", "n_categories", "successors", "days"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("transition_prob", "click_prob", "cart_prob", "purchase_prob", "drift_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1]")
+        if self.sessions_per_user <= 0 or self.steps_per_session < 1:
+            raise ValueError("sessions_per_user must be > 0 and steps_per_session >= 1")
+
+    @property
+    def end_ms(self) -> int:
+        return self.start_ms + self.days * DAY_MS
+
+
+PRESETS: dict[str, StorefrontConfig] = {
+    # ~2k events: unit tests
+    "tiny": StorefrontConfig(n_users=60, n_items=80, n_categories=4, sessions_per_user=3, days=7),
+    # ~50k events: integration tests, a model in seconds
+    "small": StorefrontConfig(n_users=800, n_items=400, n_categories=8, days=14),
+    # ~300k events: the demo and the reference training run (minutes on 2 cores)
+    "default": StorefrontConfig(),
+    # ~2.5M events: load tests
+    "large": StorefrontConfig(n_users=30_000, n_items=10_000, n_categories=60, sessions_per_user=8),
+    # ~10M events
+    "huge": StorefrontConfig(n_users=120_000, n_items=30_000, n_categories=120, sessions_per_user=8),
+}
+
+
+def preset(name: str, **overrides: object) -> StorefrontConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)  # type: ignore[arg-type]
+
+
+class _Catalog:
+    """Item categories, popularity and successor lists, drawn once from the seed."""
+
+    def __init__(self, cfg: StorefrontConfig, rng: np.random.Generator) -> None:
+        self.n_items = cfg.n_items + (cfg.drift_items if cfg.drift_at_ms is not None else 0)
+        categories = rng.integers(0, cfg.n_categories, size=cfg.n_items)
+        ranks = rng.permutation(cfg.n_items) + 1
+        popularity = 1.0 / ranks.astype(float) ** cfg.zipf_exponent
+        if cfg.drift_at_ms is not None:
+            # The new line: its own category, popular from the start of the drift.
+            categories = np.concatenate([categories, np.full(cfg.drift_items, cfg.n_categories)])
+            new_popularity = 1.0 / (np.arange(cfg.drift_items) + 1.0) ** cfg.zipf_exponent
+            popularity = np.concatenate([popularity, new_popularity * popularity.max()])
+        self.category = categories
+        n_categories = cfg.n_categories + (1 if cfg.drift_at_ms is not None else 0)
+        self.by_category: list[np.ndarray] = [np.flatnonzero(categories == c) for c in range(n_categories)]
+        self.cum_popularity: list[list[float]] = [
+            list(itertools.accumulate(popularity[items])) for items in self.by_category
+        ]
+        self.successors: list[list[int]] = []
+        self.successor_cum: list[list[float]] = []
+        for item in range(self.n_items):
+            pool = self.by_category[categories[item]]
+            pool = pool[pool != item] if len(pool) > 1 else np.arange(cfg.n_items)
+            weights = popularity[pool] / popularity[pool].sum()
+            count = min(cfg.successors, len(pool))
+            chosen = rng.choice(pool, size=count, replace=False, p=weights)
+            self.successors.append([int(i) for i in chosen])
+            self.successor_cum.append(list(itertools.accumulate(rng.dirichlet(np.ones(count)))))
+
+    def popular_in(self, category: int, rnd: random.Random) -> int:
+        cum = self.cum_popularity[category]
+        if not cum:
+            return rnd.randrange(self.n_items)
+        return int(self.by_category[category][bisect.bisect_left(cum, rnd.random() * cum[-1])])
+
+    def successor_of(self, item: int, rnd: random.Random) -> int:
+        cum = self.successor_cum[item]
+        return self.successors[item][min(bisect.bisect_left(cum, rnd.random() * cum[-1]), len(cum) - 1)]
+
+
+def generate(cfg: StorefrontConfig) -> EventTable:
+    """All events of the configured storefront, sorted by time. Same config and seed, same events."""
+    rng = np.random.default_rng(cfg.seed)
+    rnd = random.Random(cfg.seed)
+    catalog = _Catalog(cfg, rng)
+    affinities = rng.dirichlet(np.full(cfg.n_categories, cfg.affinity_concentration), size=cfg.n_users)
+    affinity_cum = np.cumsum(affinities, axis=1)
+    new_line = cfg.n_categories
+    step_ms = cfg.seconds_between_steps * 1000
+    continue_prob = 1.0 - 1.0 / cfg.steps_per_session
+
+    users: list[int] = []
+    items: list[int] = []
+    kinds: list[int] = []
+    times: list[int] = []
+
+    def emit(user: int, item: int, kind: int, ts: float) -> None:
+        users.append(user)
+        items.append(item)
+        kinds.append(kind)
+        times.append(int(ts))
+
+    for user in range(cfg.n_users):
+        for _ in range(max(1, int(rng.poisson(cfg.sessions_per_user)))):
+            ts = cfg.start_ms + rnd.random() * (cfg.end_ms - cfg.start_ms - DAY_MS // 24)
+            drifting = cfg.drift_at_ms is not None and ts >= cfg.drift_at_ms and rnd.random() < cfg.drift_share
+            category = new_line if drifting else int(np.searchsorted(affinity_cum[user], rnd.random() * affinity_cum[user][-1]))
+            item = catalog.popular_in(category, rnd)
+            while True:
+                emit(user, item, 0, ts)
+                depth = 0
+                for kind, prob in ((1, cfg.click_prob), (2, cfg.cart_prob), (3, cfg.purchase_prob)):
+                    if depth != kind - 1 or rnd.random() >= prob:
+                        break
+                    ts += rnd.expovariate(1 / (step_ms / 2))
+                    emit(user, item, kind, ts)
+                    depth = kind
+                if rnd.random() >= continue_prob:
+                    break
+                ts += rnd.expovariate(1 / step_ms)
+                if rnd.random() < cfg.transition_prob:
+                    item = catalog.successor_of(item, rnd)
+                else:
+                    if not drifting:
+                        category = int(np.searchsorted(affinity_cum[user], rnd.random() * affinity_cum[user][-1]))
+                    item = catalog.popular_in(category, rnd)
+
+    user_arr = np.array(users, dtype=np.int64)
+    item_arr = np.array(items, dtype=np.int64)
+    table = EventTable(
+        event_id=np.char.add(f"s{cfg.seed}-", np.arange(len(times)).astype(str)),
+        user_id=np.char.add("u", user_arr.astype(str)),
+        item_id=np.char.add("i", item_arr.astype(str)),
+        type=np.array(kinds, dtype=np.int8),
+        ts_ms=np.array(times, dtype=np.int64),
+    )
+    return table.sorted_by_time()

@@ -1,0 +1,224 @@
+"""`vitrine export`: a trained run → ONNX with top-k in the graph → parity-checked → a new version in
+the Triton repository, with `metadata.json` (run record, vocabulary, reference distributions).
+
+The export fails, and writes nothing, when onnxruntime disagrees with torch on fresh random inputs
+(scores beyond 1e-4, or different top-k ids other than among tied scores).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from vitrine.contracts import ranker
+from vitrine.contracts.events import NUM_EVENT_TYPES
+from vitrine.export.data.sequences import FIRST_ITEM, OOV, PAD
+from vitrine.export.models import ServingRanker
+from vitrine.export.train import VALIDATION_SAMPLE, load_run
+from vitrine.export.triton_repository import (
+    ModelSpec,
+    TensorSpec,
+    add_version,
+    production_config,
+    prune,
+    versions,
+    write_model_folder,
+)
+from vitrine.export.validate import ModelFolderError, validate_model_folder
+
+OPSET = 17
+SCORE_TOLERANCE = 1e-4
+PARITY_BATCH_SIZES = (1, 3, 17, 64)
+POPULARITY_BUCKETS = (0.01, 0.1, 0.5, 1.0)
+"""Upper edges, as shares of the vocabulary by popularity rank: head 1 %, 1-10 %, 10-50 %, tail."""
+
+
+OPEN_EDGE = float(np.finfo(np.float32).max)
+
+
+class ParityError(AssertionError):
+    """onnxruntime and torch disagree: the ONNX graph must not be served."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    model: str
+    version: int
+    folder: Path
+    removed_versions: list[int]
+    max_abs_score_diff: float
+
+
+def spec_for(name: str, max_len: int, max_k: int, keep_versions: int) -> ModelSpec:
+    i64, f32 = np.dtype(np.int64), np.dtype(np.float32)
+    return ModelSpec(
+        name=name,
+        inputs=(
+            TensorSpec(ranker.ITEM_IDS, i64, (max_len,)),
+            TensorSpec(ranker.EVENT_TYPES, i64, (max_len,)),
+            TensorSpec(ranker.EXCLUDE_IDS, i64, (-1,)),
+        ),
+        outputs=(TensorSpec(ranker.TOP_IDS, i64, (max_k,)), TensorSpec(ranker.TOP_SCORES, f32, (max_k,))),
+        max_batch_size=128,
+        preferred_batch_sizes=(8, 32, 64, 128),
+        max_queue_delay_us=500,
+        keep_versions=keep_versions,
+        tensorrt_fp16=True,
+    )
+
+
+def to_onnx(serving: ServingRanker, max_len: int) -> bytes:
+    serving.eval()
+    example = (
+        torch.full((2, max_len), PAD, dtype=torch.long),
+        torch.full((2, max_len), PAD, dtype=torch.long),
+        torch.zeros((2, 3), dtype=torch.long),
+    )
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            serving, example, buffer, dynamo=False, opset_version=OPSET,
+            input_names=list(ranker.INPUTS), output_names=list(ranker.OUTPUTS),
+            dynamic_axes={
+                ranker.ITEM_IDS: {0: "batch"}, ranker.EVENT_TYPES: {0: "batch"},
+                ranker.EXCLUDE_IDS: {0: "batch", 1: "excluded"},
+                ranker.TOP_IDS: {0: "batch"}, ranker.TOP_SCORES: {0: "batch"},
+            },
+        )
+    return buffer.getvalue()
+
+
+def random_inputs(rng: np.random.Generator, batch: int, max_len: int, n_items: int) -> dict[str, np.ndarray]:
+    """Histories of random length (some empty, some with unknown items) and random exclusions."""
+    items = rng.integers(FIRST_ITEM, n_items, size=(batch, max_len))
+    items[rng.random((batch, max_len)) < 0.05] = OOV
+    types = rng.integers(1, NUM_EVENT_TYPES + 1, size=(batch, max_len))
+    lengths = rng.integers(0, max_len + 1, size=batch)
+    for row, length in enumerate(lengths):
+        items[row, : max_len - length] = PAD
+        types[row, : max_len - length] = PAD
+    exclude = rng.integers(0, n_items, size=(batch, int(rng.integers(1, 12))))
+    return {ranker.ITEM_IDS: items, ranker.EVENT_TYPES: types, ranker.EXCLUDE_IDS: exclude}
+
+
+def check_parity(serving: ServingRanker, onnx_bytes: bytes, max_len: int, seed: int = 0) -> float:
+    """Largest absolute score difference; raises ParityError when the graphs disagree."""
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for batch in PARITY_BATCH_SIZES:
+        feed = random_inputs(rng, batch, max_len, serving.model.n_items)
+        with torch.no_grad():
+            ids_t, scores_t = (t.numpy() for t in serving(*(torch.from_numpy(feed[n]) for n in ranker.INPUTS)))
+        ids_o, scores_o = session.run(list(ranker.OUTPUTS), feed)
+        diff = float(np.max(np.abs(scores_o - scores_t)))
+        worst = max(worst, diff)
+        if diff > SCORE_TOLERANCE:
+            raise ParityError(f"batch {batch}: top-k scores differ by {diff:.2e} > {SCORE_TOLERANCE:g}")
+        mismatch = ids_o != ids_t
+        # Different ids are acceptable only where their scores tie within tolerance.
+        if np.any(mismatch):
+            rows, cols = np.nonzero(mismatch)
+            full = serving.model.logits(serving.model.encode(torch.from_numpy(feed[ranker.ITEM_IDS]), torch.from_numpy(feed[ranker.EVENT_TYPES]))[:, -1])
+            full = full.scatter(1, torch.from_numpy(feed[ranker.EXCLUDE_IDS]), -1e9).detach().numpy()
+            gaps = np.abs(full[rows, ids_o[rows, cols]] - full[rows, ids_t[rows, cols]])
+            if np.any(gaps > SCORE_TOLERANCE):
+                raise ParityError(f"batch {batch}: {int(np.sum(gaps > SCORE_TOLERANCE))} top-k ids differ without a tie")
+    return worst
+
+
+def _histogram(values: np.ndarray, edges: np.ndarray) -> dict[str, list[float]]:
+    counts, _ = np.histogram(values, bins=edges)
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def reference_distributions(serving: ServingRanker, items: np.ndarray, types: np.ndarray) -> dict[str, object]:
+    """What inputs and outputs looked like on validation data: the baseline for drift monitoring."""
+    max_len = items.shape[1]
+    lengths = (items != PAD).sum(axis=1)
+    real = items[items != PAD]
+    vocab = serving.model.n_items - FIRST_ITEM
+    bucket_edges = [FIRST_ITEM + int(np.ceil(share * vocab)) for share in POPULARITY_BUCKETS]
+    bucket_of = np.searchsorted(bucket_edges, real, side="right")
+    bucket_share = np.bincount(bucket_of[real >= FIRST_ITEM], minlength=len(POPULARITY_BUCKETS))[: len(POPULARITY_BUCKETS)]
+    with torch.no_grad():
+        _, scores = serving(torch.from_numpy(items), torch.from_numpy(types), torch.zeros((len(items), 1), dtype=torch.long))
+    top1 = scores[:, 0].numpy()
+    score_edges = np.quantile(top1, np.linspace(0, 1, 11))
+    # Open-ended outer bins, kept as finite numbers so that metadata.json stays standard JSON.
+    score_edges[0], score_edges[-1] = -OPEN_EDGE, OPEN_EDGE
+    return {
+        "sequence_length": _histogram(lengths, np.arange(max_len + 2) - 0.5),
+        "popularity_mix": {
+            "bucket_upper_share": list(POPULARITY_BUCKETS),
+            "bucket_upper_index": bucket_edges,
+            "shares": (bucket_share / max(1, bucket_share.sum())).tolist(),
+        },
+        "unknown_item_rate": float(np.mean(real == OOV)) if len(real) else 0.0,
+        "empty_history_rate": float(np.mean(lengths == 0)),
+        "top1_score": {"edges": [float(e) for e in score_edges], "counts": np.histogram(top1, bins=score_edges)[0].tolist()},
+    }
+
+
+def _check_compatible(folder: Path, spec: ModelSpec) -> None:
+    """All versions of a model share one config: a run with other shapes must be exported under another name."""
+    if not versions(folder) or not (folder / "config.pbtxt").exists():
+        return
+    existing = text_format.Parse((folder / "config.pbtxt").read_text(), mc.ModelConfig())
+    wanted = production_config(spec)
+    if list(existing.input) != list(wanted.input) or list(existing.output) != list(wanted.output):
+        raise ModelFolderError(
+            f"model {folder.name}: this run's tensors ({_shapes(wanted)}) differ from the served versions' "
+            f"({_shapes(existing)}); export it under another name (--name) or with matching max_len/max_k"
+        )
+
+
+def _shapes(config: mc.ModelConfig) -> str:
+    return ", ".join(f"{t.name}{list(t.dims)}" for t in [*config.input, *config.output])
+
+
+def export_run(
+    run_dir: Path,
+    repository: Path,
+    name: str | None = None,
+    max_k: int = 50,
+    keep_versions: int = 3,
+) -> ExportResult:
+    """Export one run as the next version of model `name` (default: the run's architecture)."""
+    model, record, vocabulary = load_run(run_dir)
+    max_len = int(record["parameters"]["max_len"])
+    serving = ServingRanker(model, k=max_k)
+    onnx_bytes = to_onnx(serving, max_len)
+    worst = check_parity(serving, onnx_bytes, max_len)
+    metadata: dict[str, object] = {
+        "run": record,
+        "serving": {"max_len": max_len, "max_k": serving.k, "pad_id": PAD, "unknown_id": OOV,
+                    "first_item_id": FIRST_ITEM, "excluded_score": ranker.EXCLUDED_SCORE,
+                    "parity_max_abs_score_diff": worst},
+        "vocabulary": list(vocabulary),
+    }
+    sample = np.load(run_dir / VALIDATION_SAMPLE)
+    metadata["reference"] = reference_distributions(serving, sample["items"], sample["types"])
+    model_name = name or record["model"]
+    spec = spec_for(model_name, max_len, serving.k, keep_versions)
+    _check_compatible(repository / model_name, spec)
+    folder = write_model_folder(repository, spec)
+    version = add_version(folder, onnx_bytes, extra_files={ranker.METADATA_FILE: json.dumps(metadata).encode()})
+    try:
+        validate_model_folder(folder)
+    except Exception:
+        shutil.rmtree(version)
+        raise
+    removed = prune(folder, keep_versions)
+    return ExportResult(model_name, int(version.name), version, removed, worst)
