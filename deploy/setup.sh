@@ -7,13 +7,13 @@
 # A second run only checks stamps and takes about a second.
 #
 # Environment: PYTHON (interpreter for the venv, default python3), VITRINE_CACHE (default ~/.cache/vitrine),
-#              VITRINE_EXTRAS (pip extras, default "dev").
+#              VITRINE_EXTRAS (pip extras, default "dev,train": tests train small models with torch).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 CACHE="${VITRINE_CACHE:-$HOME/.cache/vitrine}"
-EXTRAS="${VITRINE_EXTRAS:-dev}"
+EXTRAS="${VITRINE_EXTRAS:-dev,train}"
 VENV="$ROOT/.venv"
 KAFKA_POM="$ROOT/deploy/kafka/pom.xml"
 PYTRITON_VERSION="0.7.0"   # ships tritonserver 2.51 with the python backend

@@ -238,6 +238,30 @@ def export_command(
                 typer.echo(f"{result.model} v{result.version}: served by Triton, top-k equal to onnxruntime in-process")
 
 
+bench_app = typer.Typer(help="Benchmarks that print figures (ratios measured in one run).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("models")
+def bench_models(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Models in the repository (repeatable).")] = ["gru4rec", "sasrec"],  # noqa: B006
+    calls: Annotated[int, typer.Option(min=10, max=100_000, help="Timed calls per batch size (fewer for big batches).")] = 400,
+    warmup: Annotated[int, typer.Option(min=0, max=10_000)] = 30,
+    out: Annotated[Path | None, typer.Option(dir_okay=False, help="Also write the raw figures as JSON.")] = None,
+) -> None:
+    """Latency of onnxruntime in-process vs. Triton (CPU config) per batch size; needs `vitrine stack up`."""
+    from vitrine.loadtest.model_latency import run
+
+    settings = _settings()
+    for name in model:
+        if not (settings.triton.model_repository / name).is_dir():
+            raise typer.BadParameter(f"no model {name!r} in {settings.triton.model_repository}", param_hint="--model")
+    try:
+        typer.echo(run(settings, model, calls, warmup, out))
+    except Exception as exc:  # noqa: BLE001 - e.g. Triton not running: say so plainly
+        raise _fail(RuntimeError(f"benchmark failed ({type(exc).__name__}: {exc}); is the stack up?")) from exc
+
+
 def _newest_runs(runs_dir: Path) -> list[Path]:
     newest: dict[str, Path] = {}
     for run in sorted(p for p in runs_dir.glob("*/run.json")):
