@@ -1,6 +1,6 @@
 """`vitrine bench models`: what one inference costs in-process and through Triton, per batch size.
 
-Closed-loop, one request at a time, so that the figures are the service time of a call, not queueing:
+Closed-loop, one request at a time, the two paths alternating call by call, so that the figures are the service time of a call, not queueing:
 onnxruntime in-process (same model.onnx, one intra-op thread like each Triton instance) against a
 gRPC call to Triton's CPU config (python backend running onnxruntime). The difference is what Triton's
 transport and the python-backend hop cost; the batch sizes show how well batching amortises it.
@@ -39,15 +39,18 @@ class Measurement:
     per_item_us: float
 
 
-def _measure(call: Callable[[], object], calls: int, warmup: int) -> np.ndarray:
+def _measure_pair(first: Callable[[], object], second: Callable[[], object], calls: int, warmup: int) -> tuple[np.ndarray, np.ndarray]:
+    """Alternate the two calls, so that both see the same machine state (frequency, caches, neighbours)."""
     for _ in range(warmup):
-        call()
-    samples = np.empty(calls)
+        first()
+        second()
+    samples = np.empty((2, calls))
     for i in range(calls):
-        start = time.perf_counter()
-        call()
-        samples[i] = time.perf_counter() - start
-    return samples * 1000
+        for j, call in enumerate((first, second)):
+            start = time.perf_counter()
+            call()
+            samples[j, i] = time.perf_counter() - start
+    return samples[0] * 1000, samples[1] * 1000
 
 
 def _summary(model: str, path: str, batch: int, samples_ms: np.ndarray) -> Measurement:
@@ -79,8 +82,11 @@ def bench_model(settings: Settings, model: str, calls: int, warmup: int, seed: i
                 inputs.append(tensor)
             outputs = [triton_grpc.InferRequestedOutput(name) for name in ranker.OUTPUTS]
             n = max(20, calls // max(1, batch // 8))
-            local = _measure(lambda: session.run(list(ranker.OUTPUTS), feed), n, warmup)
-            served = _measure(lambda: client.infer(model, inputs, model_version=version_dir.name, outputs=outputs), n, warmup)
+            local, served = _measure_pair(
+                lambda: session.run(list(ranker.OUTPUTS), feed),
+                lambda: client.infer(model, inputs, model_version=version_dir.name, outputs=outputs),
+                n, warmup,
+            )
             results += [_summary(model, "onnxruntime in-process", batch, local), _summary(model, "Triton gRPC (CPU config)", batch, served)]
     finally:
         client.close()
