@@ -20,3 +20,42 @@ def test_logs_of_an_unknown_component_is_a_clear_error() -> None:
 def test_logs_rejects_a_nonsense_line_count() -> None:
     result = runner.invoke(app, ["stack", "logs", "redis", "-n", "0"])
     assert result.exit_code == 2
+
+
+def test_train_rejects_an_unknown_model() -> None:
+    result = runner.invoke(app, ["train", "--model", "bert4rec", "--preset", "tiny"])
+    assert result.exit_code == 2 and "unknown model 'bert4rec'" in result.output
+
+
+def test_train_rejects_two_data_sources(tmp_path) -> None:
+    events = tmp_path / "e.jsonl"
+    events.write_text("")
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--events", str(events)])
+    assert result.exit_code == 2 and "choose one data source" in result.output
+
+
+def test_train_names_the_bad_line_of_an_events_file(tmp_path) -> None:
+    events = tmp_path / "e.jsonl"
+    events.write_text('{"event_id": "a", "user_id": "u", "item_id": "i", "type": "view", "ts_ms": 1767225600000}\n{"oops": 1}\n')
+    result = runner.invoke(app, ["train", "--events", str(events)])
+    assert result.exit_code == 2 and "e.jsonl:2" in result.output
+
+
+def test_events_generate_writes_valid_events_that_train_reads_back(tmp_path) -> None:
+    out = tmp_path / "tiny.jsonl"
+    result = runner.invoke(app, ["events", "generate", "--preset", "tiny", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    from vitrine.export.data.synthetic import generate, preset
+    from vitrine.export.data.table import EventTable
+
+    assert EventTable.read_jsonl(out).fingerprint() == generate(preset("tiny")).fingerprint()
+
+
+def test_export_without_runs_is_a_clear_error(tmp_path) -> None:
+    result = runner.invoke(app, ["export", "--runs-dir", str(tmp_path), "--no-load"])
+    assert result.exit_code == 1 and "run `vitrine train` first" in result.output
+
+
+def test_export_rejects_a_bad_model_name(tmp_path) -> None:
+    result = runner.invoke(app, ["export", "--name", "../etc", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "lower-case" in result.output
