@@ -89,7 +89,7 @@ def stack_status() -> None:
 
 @stack_app.command("logs")
 def stack_logs(
-    component: Annotated[str, typer.Argument(help="redis, redis-exporter, kafka, triton, prometheus or supervisord")],
+    component: Annotated[str, typer.Argument(help="redis, redis-exporter, kafka, triton, features, prometheus or supervisord")],
     lines: Annotated[int, typer.Option("--lines", "-n", min=1, max=100_000, help="How many lines from the end.")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
 ) -> None:
@@ -138,17 +138,77 @@ SeedOption = Annotated[int, typer.Option(min=0, help="Seed of the synthetic data
 DriftOption = Annotated[float | None, typer.Option(min=0, help="Synthetic only: a new item line takes off from this day.")]
 
 
+RateOption = Annotated[float | None, typer.Option(min=0.001, max=10_000_000, help="Events per second (default: as fast as possible).")]
+CountOption = Annotated[int | None, typer.Option(min=1, help="Stop after this many events.")]
+DurationOption = Annotated[float | None, typer.Option(min=0.001, help="Stop after this many seconds.")]
+TopicOption = Annotated[str | None, typer.Option(help="Kafka topic (default: settings.features.events_topic).")]
+
+
+def _publish(events, settings: Settings, topic: str | None, rate: float | None, count: int | None,  # noqa: ANN001
+             duration: float | None, retime: bool) -> None:
+    from vitrine.services.events.publisher import publish
+
+    _quiet_client_logs()
+    try:
+        report = asyncio.run(publish(events, settings.kafka.bootstrap_servers, topic or settings.features.events_topic,
+                                     rate=rate, limit=count, duration_s=duration, retime=retime))
+    except Exception as exc:  # noqa: BLE001 - e.g. Kafka unreachable: one clear line, exit 1
+        raise _fail(RuntimeError(f"publishing failed ({type(exc).__name__}: {exc}); is the stack up?")) from exc
+    held = "" if report.target_rate is None or report.max_behind_s < 0.05 else f"; fell behind schedule by up to {report.max_behind_s:.2f}s"
+    typer.echo(f"published {report.sent} events in {report.seconds:.1f}s ({report.achieved_rate:,.0f}/s){held}")
+
+
 @events_app.command("generate")
 def events_generate(
-    out: Annotated[Path, typer.Option(dir_okay=False, help="JSONL file to write.")],
+    out: Annotated[Path | None, typer.Option(dir_okay=False, help="Write JSON lines to this file instead of publishing.")] = None,
     preset: PresetOption = "small",
     seed: SeedOption = 7,
     drift_at_day: DriftOption = None,
+    rate: RateOption = None,
+    count: CountOption = None,
+    duration: DurationOption = None,
+    topic: TopicOption = None,
 ) -> None:
-    """Write a synthetic storefront's events as JSON lines (one event schema for files and Kafka)."""
+    """Synthetic storefront events: publish to Kafka at a rate (timestamped at send time), or write JSONL."""
     table, _ = _load_events(preset, None, None, seed, drift_at_day)
-    table.write_jsonl(out)
-    typer.echo(f"wrote {len(table)} events to {out}")
+    if out is not None:
+        if count is not None:
+            table = table.take(slice(0, count))  # type: ignore[arg-type]
+        table.write_jsonl(out)
+        typer.echo(f"wrote {len(table)} events to {out}")
+        return
+    _publish(table.events(), _settings(), topic, rate, count, duration, retime=True)
+
+
+@events_app.command("replay")
+def events_replay(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JSONL file of events.")],
+    rate: RateOption = None,
+    count: CountOption = None,
+    duration: DurationOption = None,
+    topic: TopicOption = None,
+    keep_timestamps: Annotated[bool, typer.Option(help="Send the file's ts_ms instead of the send time.")] = False,
+) -> None:
+    """Publish a JSONL file of events (validated line by line) to Kafka at a rate."""
+    from vitrine.export.data.table import EventTable
+
+    try:
+        table = EventTable.read_jsonl(file)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="FILE") from exc
+    _publish(table.events(), _settings(), topic, rate, count, duration, retime=not keep_timestamps)
+
+
+features_app = typer.Typer(help="The streaming feature consumer.", no_args_is_help=True)
+app.add_typer(features_app, name="features")
+
+
+@features_app.command("run")
+def features_run() -> None:
+    """Consume storefront events into real-time features in Redis until SIGTERM (settings: VITRINE_FEATURES__*)."""
+    from vitrine.services.features.consumer import main
+
+    main(_settings())
 
 
 @app.command("train")

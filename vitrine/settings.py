@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from vitrine.contracts import topics
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE_ENV = "VITRINE_CONFIG"
 
@@ -101,6 +103,33 @@ class PrometheusSettings(_Section):
         return f"http://{self.host}:{self.port}"
 
 
+class FeaturesSettings(_Section):
+    """The streaming feature consumer (`vitrine features run`) and the feature store layout it writes."""
+
+    group_id: str = Field("vitrine-features", pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+    events_topic: str = Field(topics.EVENTS, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Input topic; the contract's `events` unless testing or multi-tenant.")
+    namespace: str = Field("vt", pattern=r"^[a-z0-9_-]{1,32}$", description="Prefix of every Redis key this store writes.")
+    max_batch: int = Field(2000, ge=1, le=100_000, description="Most records written to Redis in one atomic script call.")
+    poll_timeout_ms: int = Field(100, ge=1, le=10_000)
+    recent_events: int = Field(50, ge=1, le=1000, description="Events kept per user (newest by event time).")
+    windows_s: tuple[int, ...] = Field((300, 3600, 86400), min_length=1, max_length=8, description="Tumbling event-time windows.")
+    purchased_max: int = Field(200, ge=1, le=10_000)
+    dedupe_window_s: int = Field(86400, ge=60, le=30 * 86400, description="How long (event time) an event id is remembered.")
+    user_ttl_s: int = Field(30 * 86400, ge=60, description="Idle users' keys expire after this long.")
+    trending_half_life_s: int = Field(3600, ge=60, le=7 * 86400)
+    popular_max_items: int = Field(10_000, ge=10, le=1_000_000, description="Items kept in the global popularity ranking.")
+    metrics_host: Host = "127.0.0.1"
+    metrics_port: Port = 19400
+    redis_retry_max_s: float = Field(5.0, gt=0, le=300, description="Back-off ceiling while Redis is unreachable.")
+
+    @field_validator("windows_s")
+    @classmethod
+    def _windows_ascend(cls, windows: tuple[int, ...]) -> tuple[int, ...]:
+        if list(windows) != sorted(set(windows)) or windows[0] < 1:
+            raise ValueError("windows_s must be positive, distinct and ascending")
+        return windows
+
+
 class StackSettings(_Section):
     home: Path = Field(REPO_ROOT / ".stack", description="State, configs and one log file per component.")
     cache: Path = Field(
@@ -129,6 +158,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     triton: TritonSettings = TritonSettings()
     prometheus: PrometheusSettings = PrometheusSettings()
+    features: FeaturesSettings = FeaturesSettings()
     stack: StackSettings = StackSettings()
 
     @classmethod

@@ -229,6 +229,7 @@ def prometheus(settings: Settings) -> Component:
                 prometheus_target=f"{cfg.host}:{cfg.port}",
                 redis_exporter_target=f"{settings.redis_exporter.host}:{settings.redis_exporter.port}",
                 triton_metrics_target=f"{settings.triton.host}:{settings.triton.metrics_port}",
+                features_target=f"{settings.features.metrics_host}:{settings.features.metrics_port}",
             ),
         )
 
@@ -249,7 +250,24 @@ def prometheus(settings: Settings) -> Component:
     )
 
 
-BUILDERS: tuple[Callable[[Settings], Component], ...] = (redis, redis_exporter, kafka, triton, prometheus)
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as VITRINE_<SECTION> JSON variables: a child process sees exactly this stack's settings."""
+    return {f"VITRINE_{name.upper()}": getattr(settings, name).model_dump_json() for name in type(settings).model_fields}
+
+
+def features(settings: Settings) -> Component:
+    cfg = settings.features
+    return Component(
+        name="features",
+        command=[sys.executable, "-m", "vitrine", "features", "run"],
+        ports={"metrics": (cfg.metrics_host, cfg.metrics_port)},
+        probe=health.features_ready,
+        url=f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics (group {cfg.group_id}, topic {cfg.events_topic})",
+        env=settings_env(settings),
+    )
+
+
+BUILDERS: tuple[Callable[[Settings], Component], ...] = (redis, redis_exporter, kafka, triton, features, prometheus)
 """Start order: dependencies first, Prometheus last so that its targets are already up."""
 
 

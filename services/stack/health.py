@@ -112,3 +112,19 @@ async def prometheus_ready(settings: Settings) -> str | None:
 
 async def redis_exporter_ready(settings: Settings) -> str | None:
     return await _http_ok(f"http://{settings.redis_exporter.host}:{settings.redis_exporter.port}/metrics")
+
+
+async def features_ready(settings: Settings) -> str | None:
+    """The consumer serves metrics and owns at least one partition (it has joined its group)."""
+    from vitrine.services.features.metrics import ASSIGNED_PARTITIONS
+
+    url = f"http://{settings.features.metrics_host}:{settings.features.metrics_port}/metrics"
+    try:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    for line in response.text.splitlines():
+        if line.startswith(ASSIGNED_PARTITIONS + " "):
+            return None if float(line.split()[1]) > 0 else "no partition assigned yet"
+    return f"{ASSIGNED_PARTITIONS} not exported"

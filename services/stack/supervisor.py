@@ -33,7 +33,8 @@ class ProcessInfo:
 
 
 def _quote_env(env: dict[str, str]) -> str:
-    return ",".join(f'{key}="{value}"' for key, value in env.items())
+    """supervisord reads `environment` with POSIX shell quoting (values may hold JSON, commas, quotes)."""
+    return ",".join(f"{key}={shlex.quote(value)}" for key, value in env.items())
 
 
 class Supervisor:

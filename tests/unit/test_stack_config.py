@@ -20,7 +20,7 @@ def settings(tmp_path) -> Settings:
 
 def test_components_start_in_dependency_order_with_distinct_ports(settings: Settings) -> None:
     components = build_all(settings)
-    assert [c.name for c in components] == ["redis", "redis-exporter", "kafka", "triton", "prometheus"]
+    assert [c.name for c in components] == ["redis", "redis-exporter", "kafka", "triton", "features", "prometheus"]
     ports = [port for c in components for _, port in c.ports.values()]
     assert len(ports) == len(set(ports))
 
@@ -38,7 +38,7 @@ def test_supervisor_config_holds_every_component_and_escapes_percent_signs(setti
         assert section["autostart"] == "false"
         assert section["stopasgroup"] == section["killasgroup"] == "true"
         assert section["stdout_logfile"] == str(supervisor.log_file(component.name))
-    assert parser["program:odd"]["environment"] == 'X="5%"'
+    assert parser["program:odd"]["environment"] == "X='5%'"
     priorities = [int(parser[f"program:{c.name}"]["priority"]) for c in components]
     assert priorities == sorted(priorities)
 

@@ -1,0 +1,1 @@
+"""The streaming feature consumer: Kafka `events` → validated → real-time features in Redis."""

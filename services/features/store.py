@@ -1,0 +1,241 @@
+"""The feature store in Redis: the one module that knows the key layout, for writing and for reading.
+
+Layout (`ns` = settings.features.namespace; `{u:<user>}` is a hash tag, so one user's keys share one
+Redis Cluster slot; see docs/redis-layout.md):
+
+    ns:{u:<user>}:recent             ZSET  member "item␟type␟event_id", score event ts_ms; newest `recent_events`
+    ns:{u:<user>}:w:<window_s>:<bucket>  HASH  event type → count, tumbling event-time window starting at bucket*window
+    ns:{u:<user>}:purchased          ZSET  item → ts_ms of the last purchase; newest `purchased_max`
+    ns:{u:<user>}:seen               ZSET  event_id → ts_ms; the dedupe window (event time)
+    ns:trending:<day>                ZSET  item → Σ weight·2^((ts − day start)/half-life)  (forward decay)
+    ns:popular                       ZSET  item → Σ weight; the top `popular_max_items`
+    ns:offsets:<group>               HASH  "<topic>:<partition>" → next offset to read
+
+Writes happen in one Lua script per batch: every event is checked against its user's dedupe set,
+applied, and the batch's next offsets are stored, all atomically. On partition assignment the
+consumer seeks to the offsets stored here, so features and offsets can never disagree, even when
+Redis itself rolls back its last second (AOF everysec): both roll back together and the events are
+replayed. This is the single-Redis path; on Redis Cluster one script cannot span slots, and the plan
+is a per-user script (dedupe mark in the user's slot) plus per-partition offset keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+import redis.asyncio as aioredis
+
+from vitrine.contracts.events import Event, EventType
+from vitrine.settings import FeaturesSettings
+
+SEP: Final = "\x1f"
+DAY_MS: Final = 86_400_000
+POPULARITY_WEIGHT: Final = {EventType.VIEW: 1, EventType.CLICK: 2, EventType.ADD_TO_CART: 3, EventType.PURCHASE: 5}
+"""How much one event of each type adds to an item's popularity and trending scores."""
+_TYPES: Final = tuple(EventType)
+
+# KEYS: none (the single-Redis path builds keys from the namespace; see the module docstring).
+# ARGV: ns, group, n_events, n_offsets, recent_max, purchased_max, dedupe_ms, user_ttl_ms,
+#       half_life_ms, popular_max, windows (comma-separated seconds), weights (comma-separated, by type),
+#       then n_events × (event_id, user_id, item_id, type_index, ts_ms), then n_offsets × (field, offset).
+# Returns: one 0/1 per event (1 = applied, 0 = duplicate).
+_APPLY_BATCH: Final = r"""
+local ns, group = ARGV[1], ARGV[2]
+local n_events, n_offsets = tonumber(ARGV[3]), tonumber(ARGV[4])
+local recent_max, purchased_max = tonumber(ARGV[5]), tonumber(ARGV[6])
+local dedupe_ms, user_ttl_ms = tonumber(ARGV[7]), tonumber(ARGV[8])
+local half_life_ms, popular_max = tonumber(ARGV[9]), tonumber(ARGV[10])
+local windows, weights = {}, {}
+for w in string.gmatch(ARGV[11], '[^,]+') do windows[#windows + 1] = tonumber(w) end
+for w in string.gmatch(ARGV[12], '[^,]+') do weights[#weights + 1] = tonumber(w) end
+local types = {'view', 'click', 'add_to_cart', 'purchase'}
+local applied, touched, newest = {}, {}, {}
+local base = 12
+for i = 0, n_events - 1 do
+  local event_id, user, item = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local kind, ts = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
+  base = base + 5
+  local u = ns .. ':{u:' .. user .. '}'
+  if redis.call('ZSCORE', u .. ':seen', event_id) then
+    applied[#applied + 1] = 0
+  else
+    applied[#applied + 1] = 1
+    redis.call('ZADD', u .. ':seen', ts, event_id)
+    redis.call('ZADD', u .. ':recent', ts, item .. '\31' .. types[kind + 1] .. '\31' .. event_id)
+    for _, w in ipairs(windows) do
+      local window_ms = w * 1000
+      local bucket = math.floor(ts / window_ms)
+      local key = u .. ':w:' .. w .. ':' .. bucket
+      redis.call('HINCRBY', key, types[kind + 1], 1)
+      touched[key] = (bucket + 2) * window_ms
+    end
+    if kind == 3 then redis.call('ZADD', u .. ':purchased', 'GT', ts, item) end
+    local day = math.floor(ts / 86400000)
+    local boost = weights[kind + 1] * math.pow(2, (ts - day * 86400000) / half_life_ms)
+    redis.call('ZINCRBY', ns .. ':trending:' .. day, boost, item)
+    touched[ns .. ':trending:' .. day] = (day + 3) * 86400000
+    redis.call('ZINCRBY', ns .. ':popular', weights[kind + 1], item)
+    if (newest[u] or 0) < ts then newest[u] = ts end
+  end
+end
+for u, ts in pairs(newest) do
+  redis.call('ZREMRANGEBYRANK', u .. ':recent', 0, -recent_max - 1)
+  redis.call('ZREMRANGEBYRANK', u .. ':purchased', 0, -purchased_max - 1)
+  local horizon = tonumber(redis.call('ZREVRANGE', u .. ':seen', 0, 0, 'WITHSCORES')[2]) - dedupe_ms
+  redis.call('ZREMRANGEBYSCORE', u .. ':seen', '-inf', '(' .. horizon)
+  for _, suffix in ipairs({':recent', ':purchased', ':seen'}) do
+    redis.call('PEXPIRE', u .. suffix, user_ttl_ms)
+  end
+end
+-- Window and trending keys expire by event time (two windows / three days after they start), but
+-- never sooner than a minute from now, so that a replay of old events is still readable.
+local now_ms = tonumber(redis.call('TIME')[1]) * 1000
+for key, expire_at in pairs(touched) do
+  redis.call('PEXPIREAT', key, math.max(expire_at, now_ms + 60000))
+end
+if n_events > 0 then redis.call('ZREMRANGEBYRANK', ns .. ':popular', 0, -popular_max - 1) end
+local offsets_key = ns .. ':offsets:' .. group
+for i = 0, n_offsets - 1 do
+  local field, offset = ARGV[base + 1], tonumber(ARGV[base + 2])
+  base = base + 2
+  local current = tonumber(redis.call('HGET', offsets_key, field) or '-1')
+  if offset > current then redis.call('HSET', offsets_key, field, offset) end
+end
+return applied
+"""
+
+
+@dataclass(frozen=True)
+class RecentEvent:
+    item_id: str
+    type: EventType
+    ts_ms: int
+    event_id: str
+
+
+@dataclass(frozen=True)
+class UserFeatures:
+    """What the gateway knows about one user, read in one round trip."""
+
+    user_id: str
+    recent: tuple[RecentEvent, ...]
+    """Oldest first, at most `recent_events`."""
+    window_counts: dict[int, dict[EventType, int]]
+    """Window length in seconds → counts by type in the window that contains `now`."""
+    purchased: frozenset[str]
+
+    @property
+    def has_history(self) -> bool:
+        return bool(self.recent)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    applied: list[bool]
+    duplicates: int = field(default=0)
+
+
+def user_prefix(namespace: str, user_id: str) -> str:
+    return f"{namespace}:{{u:{user_id}}}"
+
+
+class FeatureStore:
+    """Writer and reader of the layout above, over one `redis.asyncio` client."""
+
+    def __init__(self, client: aioredis.Redis, settings: FeaturesSettings) -> None:
+        self.client = client
+        self.settings = settings
+        self.ns = settings.namespace
+        self._apply = client.register_script(_APPLY_BATCH)
+        self._static_args = [
+            settings.recent_events, settings.purchased_max, settings.dedupe_window_s * 1000, settings.user_ttl_s * 1000,
+            settings.trending_half_life_s * 1000, settings.popular_max_items,
+            ",".join(str(w) for w in settings.windows_s), ",".join(str(POPULARITY_WEIGHT[t]) for t in _TYPES),
+        ]
+
+    # --- keys -------------------------------------------------------------------------------
+    def offsets_key(self, group: str) -> str:
+        return f"{self.ns}:offsets:{group}"
+
+    def popular_key(self) -> str:
+        return f"{self.ns}:popular"
+
+    def trending_key(self, day: int) -> str:
+        return f"{self.ns}:trending:{day}"
+
+    @staticmethod
+    def offset_field(topic: str, partition: int) -> str:
+        return f"{topic}:{partition}"
+
+    # --- writing ------------------------------------------------------------------------------
+    async def apply(self, events: Sequence[Event], group: str, next_offsets: dict[tuple[str, int], int]) -> WriteResult:
+        """Apply a batch and store the partitions' next offsets, atomically. Duplicates change nothing."""
+        args: list[object] = [self.ns, group, len(events), len(next_offsets), *self._static_args]
+        for event in events:
+            args += [event.event_id, event.user_id, event.item_id, event.type.strength, event.ts_ms]
+        for (topic, partition), offset in next_offsets.items():
+            args += [self.offset_field(topic, partition), offset]
+        flags = await self._apply(keys=[], args=args)
+        applied = [bool(f) for f in flags]
+        return WriteResult(applied=applied, duplicates=applied.count(False))
+
+    async def stored_offsets(self, group: str, topic: str) -> dict[int, int]:
+        raw = await self.client.hgetall(self.offsets_key(group))
+        prefix = f"{topic}:"
+        return {int(k.removeprefix(prefix)): int(v) for k, v in _decoded(raw).items() if k.startswith(prefix)}
+
+    # --- reading ------------------------------------------------------------------------------
+    def _queue_user(self, pipe: aioredis.client.Pipeline, user_id: str, now_ms: int) -> None:
+        u = user_prefix(self.ns, user_id)
+        pipe.zrange(f"{u}:recent", 0, -1, withscores=True)
+        for window in self.settings.windows_s:
+            pipe.hgetall(f"{u}:w:{window}:{now_ms // (window * 1000)}")
+        pipe.zrange(f"{u}:purchased", 0, -1)
+
+    def _parse_user(self, user_id: str, replies: list) -> UserFeatures:  # noqa: ANN001
+        recent = []
+        for member, score in replies[0]:
+            item, kind, event_id = _text(member).split(SEP, 2)
+            recent.append(RecentEvent(item_id=item, type=EventType(kind), ts_ms=int(score), event_id=event_id))
+        counts = {
+            window: {EventType(_text(k)): int(v) for k, v in raw.items()}
+            for window, raw in zip(self.settings.windows_s, replies[1:-1], strict=True)
+        }
+        return UserFeatures(user_id, tuple(recent), counts, frozenset(_text(i) for i in replies[-1]))
+
+    async def user_features(self, user_id: str, now_ms: int) -> UserFeatures:
+        return (await self.many_user_features([user_id], now_ms))[0]
+
+    async def many_user_features(self, user_ids: Iterable[str], now_ms: int) -> list[UserFeatures]:
+        """Features of several users in one pipelined round trip (no transaction: reads only)."""
+        users = list(user_ids)
+        per_user = 2 + len(self.settings.windows_s)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for user in users:
+                self._queue_user(pipe, user, now_ms)
+            replies = await pipe.execute()
+        return [self._parse_user(user, replies[i * per_user : (i + 1) * per_user]) for i, user in enumerate(users)]
+
+    async def popular(self, n: int) -> list[tuple[str, float]]:
+        """The global top-n by popularity weight: the cold-start and fallback answer."""
+        return [(_text(item), float(score)) for item, score in await self.client.zrevrange(self.popular_key(), 0, n - 1, withscores=True)]
+
+    async def trending(self, n: int, now_ms: int) -> list[tuple[str, float]]:
+        """Top-n items by decayed score at `now_ms` (today's and yesterday's forward-decay keys)."""
+        today = now_ms // DAY_MS
+        half_life_ms = self.settings.trending_half_life_s * 1000
+        weights = {self.trending_key(day): math.pow(2, -(now_ms - day * DAY_MS) / half_life_ms) for day in (today, today - 1)}
+        merged = await self.client.zunion(weights, withscores=True)
+        ranked = sorted(((_text(item), float(score)) for item, score in merged), key=lambda pair: (-pair[1], pair[0]))
+        return ranked[:n]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _decoded(raw: dict) -> dict[str, str]:  # noqa: ANN001
+    return {_text(k): _text(v) for k, v in raw.items()}

@@ -1,0 +1,290 @@
+"""The feature consumer against the real Kafka and Redis: each test has its own topic, group and key namespace.
+
+Consumers run as `vitrine features run` subprocesses, configured through the environment exactly as
+`vitrine stack up` configures its own; waits are on stored offsets and metrics, never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from tests.integration import feature_reference
+from tests.integration.invariants import assert_exactly_once, eventually
+from vitrine.contracts import topics
+from vitrine.contracts.events import Event, EventType
+from vitrine.services.events.publisher import publish
+from vitrine.services.features.store import FeatureStore
+from vitrine.services.stack import Stack
+from vitrine.services.stack.components import settings_env
+from vitrine.services.stack.health import features_ready
+from vitrine.settings import Settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+PARTITIONS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Lane:
+    """One test's private topic, consumer group and Redis namespace on the shared stack."""
+
+    settings: Settings
+    store: FeatureStore
+
+    @property
+    def topic(self) -> str:
+        return self.settings.features.events_topic
+
+    def consumer_settings(self, **overrides: object) -> Settings:
+        features = self.settings.features.model_copy(update={"metrics_port": _free_port(), **overrides})
+        return self.settings.model_copy(update={"features": features})
+
+    def start_consumer(self, **overrides: object) -> tuple[subprocess.Popen, Settings]:
+        settings = self.consumer_settings(**overrides)
+        env = {**os.environ, **settings_env(settings)}
+        process = subprocess.Popen([sys.executable, "-m", "vitrine", "features", "run"], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return process, settings
+
+    async def processed(self) -> int:
+        return sum((await self.store.stored_offsets(self.settings.features.group_id, self.topic)).values())
+
+    async def wait_processed(self, records: int, timeout_s: float = 60) -> None:
+        async def done() -> bool | None:
+            return True if await self.processed() >= records else None
+
+        await eventually(done, timeout_s, f"{records} records processed on {self.topic}", interval_s=0.05)
+
+
+@pytest.fixture
+async def lane(stack: Stack):
+    tag = uuid.uuid4().hex[:8]
+    base = stack.settings
+    features = base.features.model_copy(update={"events_topic": f"events.test-{tag}", "group_id": f"test-{tag}", "namespace": f"t{tag}"})
+    settings = base.model_copy(update={"features": features})
+    admin = AIOKafkaAdminClient(bootstrap_servers=base.kafka.bootstrap_servers)
+    await admin.start()
+    await admin.create_topics([NewTopic(features.events_topic, num_partitions=PARTITIONS, replication_factor=1)])
+    client = aioredis.Redis(host=base.redis.host, port=base.redis.port)
+    yield Lane(settings, FeatureStore(client, features))
+    await admin.delete_topics([features.events_topic])
+    await admin.close()
+    async for key in client.scan_iter(match=f"{features.namespace}:*", count=1000):
+        await client.delete(key)
+    await client.aclose()
+
+
+async def _ready(process: subprocess.Popen, settings: Settings, partitions: int | None = None) -> None:
+    async def check() -> bool | None:
+        if process.poll() is not None:
+            raise AssertionError(f"consumer exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}")
+        if await features_ready(settings) is not None:
+            return None
+        return True if partitions is None or await _metric(settings, "vitrine_features_assigned_partitions") == partitions else None
+
+    await eventually(check, 30, "the consumer to own its partitions", interval_s=0.1)
+
+
+async def _metric(settings: Settings, name: str, labels: str = "") -> float:
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"http://127.0.0.1:{settings.features.metrics_port}/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name) and labels in line and not line.startswith("#"))
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _events(n: int, now_ms: int, users: int = 40, items: int = 60, seed: int = 1, span_ms: int = 2 * 86_400_000) -> list[Event]:
+    """Events spread over `span_ms` before now (two days), out of order on purpose, for a handful of users."""
+    rng = random.Random(seed)
+    kinds = list(EventType)
+    return [
+        Event(event_id=f"ev-{seed}-{i}", user_id=f"user-{rng.randrange(users)}", item_id=f"item-{rng.randrange(items)}",
+              type=rng.choices(kinds, weights=[10, 4, 2, 1])[0], ts_ms=now_ms - rng.randrange(0, span_ms))
+        for i in range(n)
+    ]
+
+
+async def _assert_matches_reference(lane: Lane, events: list[Event], now_ms: int) -> None:
+    expected = feature_reference.compute(events, lane.settings.features, now_ms)
+    users = sorted(expected.users)
+    actual = await lane.store.many_user_features(users, now_ms)
+    for got in actual:
+        want = expected.users[got.user_id]
+        assert got.recent == want.recent, got.user_id
+        assert got.window_counts == want.window_counts, got.user_id
+        assert got.purchased == want.purchased, got.user_id
+    popular = dict(await lane.store.popular(10_000))
+    assert popular == pytest.approx(expected.popular)
+    trending = dict(await lane.store.trending(10_000, now_ms))
+    assert trending.keys() == expected.trending.keys()
+    assert trending == pytest.approx(expected.trending, rel=1e-9)
+
+
+async def _publish(lane: Lane, events: list[Event]) -> None:
+    report = await publish(events, lane.settings.kafka.bootstrap_servers, lane.topic, retime=False)
+    assert report.sent == len(events)
+
+
+async def test_features_equal_a_plain_python_reference(lane: Lane) -> None:
+    now_ms = int(time.time() * 1000)
+    events = _events(3000, now_ms)
+    process, settings = lane.start_consumer()
+    try:
+        await _ready(process, settings)
+        await _publish(lane, events)
+        await lane.wait_processed(len(events))
+        await _assert_matches_reference(lane, events, now_ms)
+        assert await _metric(settings, "vitrine_features_events_applied_total") == len(events)
+        assert await _metric(settings, "vitrine_features_freshness_seconds_count") == len(events)
+    finally:
+        _stop(process)
+    assert process.returncode == 0, process.stderr.read().decode()[-2000:]
+
+
+async def test_the_same_events_sent_twice_change_nothing(lane: Lane) -> None:
+    now_ms = int(time.time() * 1000)
+    # Within the dedupe window (24 h of event time behind each user's newest event): see docs/redis-layout.md.
+    events = _events(1500, now_ms, seed=2, span_ms=20 * 3_600_000)
+    process, settings = lane.start_consumer()
+    try:
+        await _ready(process, settings)
+        await _publish(lane, events)
+        await lane.wait_processed(len(events))
+        before = await lane.store.many_user_features(sorted({e.user_id for e in events}), now_ms)
+        popular_before = await lane.store.popular(10_000)
+        await _publish(lane, list(reversed(events)))  # a producer retry, or a replay
+        await lane.wait_processed(2 * len(events))
+        assert await lane.store.many_user_features(sorted({e.user_id for e in events}), now_ms) == before
+        assert await lane.store.popular(10_000) == popular_before
+        assert await _metric(settings, "vitrine_features_events_deduplicated_total") == len(events)
+        await _assert_matches_reference(lane, events, now_ms)
+    finally:
+        _stop(process)
+
+
+async def test_bad_events_go_to_the_dlq_with_reasons_and_the_good_ones_around_them_apply(lane: Lane) -> None:
+    now_ms = int(time.time() * 1000)
+    good = _events(300, now_ms, seed=3)
+    bad = {
+        b"this is not json": "not_json",
+        json.dumps({"event_id": "x1", "user_id": "u", "type": "view", "ts_ms": now_ms}).encode(): "missing_field",
+        json.dumps({"event_id": "x2", "user_id": "u", "item_id": "i", "type": "wishlist", "ts_ms": now_ms}).encode(): "unknown_type",
+        json.dumps({"event_id": "x3", "user_id": "u", "item_id": "i", "type": "view", "ts_ms": now_ms // 1000}).encode(): "absurd_timestamp",
+        json.dumps({"event_id": "x4", "user_id": "u", "item_id": "i", "type": "view", "ts_ms": now_ms + 5 * 86_400_000}).encode(): "absurd_timestamp",
+    }
+    process, settings = lane.start_consumer()
+    dlq = AIOKafkaConsumer(topics.EVENTS_DLQ, bootstrap_servers=lane.settings.kafka.bootstrap_servers, auto_offset_reset="latest")
+    await dlq.start()
+    await dlq.getmany(timeout_ms=500)  # position at the end before anything is rejected
+    producer = AIOKafkaProducer(bootstrap_servers=lane.settings.kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        await _ready(process, settings)
+        records = [e.to_json() for e in good]
+        for position, raw in zip(range(50, 300, 50), bad, strict=False):
+            records.insert(position, raw)
+        for value in records:
+            await producer.send(lane.topic, value=value, key=b"same-key")  # one partition: bad ones sit between good ones
+        await producer.flush()
+        await lane.wait_processed(len(records))
+        await _assert_matches_reference(lane, good, now_ms)
+        dead: dict[bytes, str] = {}
+        deadline = time.monotonic() + 30
+        while len(dead) < len(bad) and time.monotonic() < deadline:
+            for message in (m for ms in (await dlq.getmany(timeout_ms=500)).values() for m in ms):
+                headers = dict(message.headers)
+                if headers["source"].decode().startswith(lane.topic + ":"):
+                    dead[message.value] = headers["reason"].decode()
+                    assert headers["detail"]
+        assert dead == bad
+        for reason in set(bad.values()):
+            assert await _metric(settings, "vitrine_features_events_rejected_total", f'reason="{reason}"') == list(bad.values()).count(reason)
+        assert process.poll() is None  # bad input never kills the consumer
+    finally:
+        await producer.stop()
+        await dlq.stop()
+        _stop(process)
+
+
+async def test_a_consumer_killed_mid_stream_and_restarted_ends_equal_to_the_reference(lane: Lane) -> None:
+    now_ms = int(time.time() * 1000)
+    events = _events(20_000, now_ms, users=200, items=300, seed=4)
+    await _publish(lane, events)
+    first, settings = lane.start_consumer(max_batch=100)
+    try:
+        await _ready(first, settings)
+
+        async def partway() -> bool | None:
+            return True if await lane.processed() >= len(events) // 5 else None
+
+        await eventually(partway, 60, "a fifth of the events", interval_s=0.01)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        at_kill = await lane.processed()
+        assert at_kill < len(events), "the consumer finished before it could be killed; the test proved nothing"
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second, settings = lane.start_consumer()
+    try:
+        await lane.wait_processed(len(events))
+        await _assert_matches_reference(lane, events, now_ms)
+        applied = await _metric(settings, "vitrine_features_events_applied_total")
+        duplicates = await _metric(settings, "vitrine_features_events_deduplicated_total")
+        assert applied + duplicates <= len(events) - at_kill + 2000  # it resumed near the stored offsets, not from 0
+    finally:
+        _stop(second)
+
+
+async def test_two_consumers_in_one_group_share_the_partitions(lane: Lane) -> None:
+    now_ms = int(time.time() * 1000)
+    events = _events(6000, now_ms, users=100, seed=5)
+    a, settings_a = lane.start_consumer()
+    b, settings_b = lane.start_consumer()
+    try:
+        await _ready(a, settings_a)
+        await _ready(b, settings_b)
+
+        async def balanced() -> bool | None:
+            counts = [await _metric(s, "vitrine_features_assigned_partitions") for s in (settings_a, settings_b)]
+            return True if counts == [PARTITIONS / 2, PARTITIONS / 2] else None
+
+        await eventually(balanced, 30, "two partitions each", interval_s=0.1)
+        await _publish(lane, events)
+        await lane.wait_processed(len(events))
+        await _assert_matches_reference(lane, events, now_ms)
+        applied = [await _metric(s, "vitrine_features_events_applied_total") for s in (settings_a, settings_b)]
+        assert all(n > 0 for n in applied) and sum(applied) == len(events)
+        seen = [e.event_id for e in events]
+        assert_exactly_once(seen, {e.event_id for e in events})
+    finally:
+        _stop(a)
+        _stop(b)
