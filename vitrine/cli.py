@@ -322,6 +322,23 @@ def bench_models(
         raise _fail(RuntimeError(f"benchmark failed ({type(exc).__name__}: {exc}); is the stack up?")) from exc
 
 
+@bench_app.command("features")
+def bench_features(
+    events: Annotated[int, typer.Option(min=1000, max=10_000_000, help="Backlog drained for the throughput figure.")] = 200_000,
+    freshness_seconds: Annotated[float, typer.Option(min=1, max=3600, help="Length of the half-rate freshness run.")] = 20,
+    freshness_rate: Annotated[float | None, typer.Option(min=1, max=1_000_000, help="Publish at this rate instead of half the measured one.")] = None,
+) -> None:
+    """Consumer events/s (one process, backlog drained) and freshness p50/p99 at half that rate; needs the stack."""
+    from vitrine.loadtest.feature_throughput import render, run
+
+    _quiet_client_logs()
+    try:
+        result = asyncio.run(run(_settings(), events, freshness_seconds, freshness_rate, report=typer.echo))
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(RuntimeError(f"benchmark failed ({type(exc).__name__}: {exc}); is the stack up?")) from exc
+    typer.echo(render(result))
+
+
 def _newest_runs(runs_dir: Path) -> list[Path]:
     newest: dict[str, Path] = {}
     for run in sorted(p for p in runs_dir.glob("*/run.json")):

@@ -111,6 +111,7 @@ class FeaturesSettings(_Section):
     namespace: str = Field("vt", pattern=r"^[a-z0-9_-]{1,32}$", description="Prefix of every Redis key this store writes.")
     max_batch: int = Field(2000, ge=1, le=100_000, description="Most records written to Redis in one atomic script call.")
     poll_timeout_ms: int = Field(100, ge=1, le=10_000)
+    commit_interval_s: float = Field(1.0, ge=0, le=60, description="Kafka commits are a hint (Redis holds the offsets): at most this often.")
     recent_events: int = Field(50, ge=1, le=1000, description="Events kept per user (newest by event time).")
     windows_s: tuple[int, ...] = Field((300, 3600, 86400), min_length=1, max_length=8, description="Tumbling event-time windows.")
     purchased_max: int = Field(200, ge=1, le=10_000)

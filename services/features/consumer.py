@@ -5,8 +5,9 @@ Per batch (at most `max_batch` records from `getmany`):
    and their origin (awaited: a record is never dropped silently);
 2. the valid events and the partitions' next offsets are written to Redis in one atomic script;
    duplicates (by event_id, within the dedupe window) change nothing;
-3. the offsets are then committed to Kafka as well, as a hint for lag tooling: on assignment the
-   consumer seeks to the offsets stored in Redis, which always match the features.
+3. every `commit_interval_s` (and before a rebalance or exit) the offsets are committed to Kafka as
+   well, a hint for lag tooling: on assignment the consumer seeks to the offsets stored in Redis,
+   which always match the features.
 
 A rebalance waits for the batch in flight and commits before partitions are revoked. SIGTERM ends the
 loop after the current batch, commits and closes. Redis or Kafka being down pauses the consumer
@@ -76,6 +77,7 @@ class FeatureConsumer:
         self.batch_lock = asyncio.Lock()
         self.processed: dict[TopicPartition, int] = {}
         self.lag_labels: set[tuple[str, str]] = set()
+        self.last_commit = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -107,6 +109,7 @@ class FeatureConsumer:
 
     async def commit_processed(self, partitions: set[TopicPartition]) -> None:
         offsets = {tp: self.processed[tp] for tp in partitions if tp in self.processed}
+        self.last_commit = time.monotonic()
         if not offsets:
             return
         try:
@@ -142,7 +145,8 @@ class FeatureConsumer:
                 self.metrics.deduplicated.labels(event.type.value).inc()
         for tp, records in batch.items():
             self.processed[tp] = records[-1].offset + 1
-        await self.commit_processed(set(batch))
+        if time.monotonic() - self.last_commit >= self.cfg.commit_interval_s:
+            await self.commit_processed(self.consumer.assignment())
         self.metrics.batch_size.observe(sum(len(r) for r in batch.values()))
         self.metrics.batch_duration.observe(time.perf_counter() - started)
 

@@ -4,7 +4,8 @@ Layout (`ns` = settings.features.namespace; `{u:<user>}` is a hash tag, so one u
 Redis Cluster slot; see docs/redis-layout.md):
 
     ns:{u:<user>}:recent             ZSET  member "item␟type␟event_id", score event ts_ms; newest `recent_events`
-    ns:{u:<user>}:w:<window_s>:<bucket>  HASH  event type → count, tumbling event-time window starting at bucket*window
+    ns:{u:<user>}:windows            HASH  "<window_s>:<bucket>:<type>" → count; tumbling event-time windows
+                                           (bucket = ts_ms // (window_s·1000)); buckets before the previous one pruned
     ns:{u:<user>}:purchased          ZSET  item → ts_ms of the last purchase; newest `purchased_max`
     ns:{u:<user>}:seen               ZSET  event_id → ts_ms; the dedupe window (event time)
     ns:trending:<day>                ZSET  item → Σ weight·2^((ts − day start)/half-life)  (forward decay)
@@ -52,49 +53,70 @@ local windows, weights = {}, {}
 for w in string.gmatch(ARGV[11], '[^,]+') do windows[#windows + 1] = tonumber(w) end
 for w in string.gmatch(ARGV[12], '[^,]+') do weights[#weights + 1] = tonumber(w) end
 local types = {'view', 'click', 'add_to_cart', 'purchase'}
-local applied, touched, newest = {}, {}, {}
+local housekeeping_every = 4
+local applied, touched, newest, bought, popular, trending = {}, {}, {}, {}, {}, {}
 local base = 12
 for i = 0, n_events - 1 do
   local event_id, user, item = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   local kind, ts = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
   base = base + 5
   local u = ns .. ':{u:' .. user .. '}'
-  if redis.call('ZSCORE', u .. ':seen', event_id) then
+  if redis.call('ZADD', u .. ':seen', 'NX', ts, event_id) == 0 then
     applied[#applied + 1] = 0
   else
     applied[#applied + 1] = 1
-    redis.call('ZADD', u .. ':seen', ts, event_id)
     redis.call('ZADD', u .. ':recent', ts, item .. '\31' .. types[kind + 1] .. '\31' .. event_id)
     for _, w in ipairs(windows) do
-      local window_ms = w * 1000
-      local bucket = math.floor(ts / window_ms)
-      local key = u .. ':w:' .. w .. ':' .. bucket
-      redis.call('HINCRBY', key, types[kind + 1], 1)
-      touched[key] = (bucket + 2) * window_ms
+      redis.call('HINCRBY', u .. ':windows', w .. ':' .. math.floor(ts / (w * 1000)) .. ':' .. types[kind + 1], 1)
     end
-    if kind == 3 then redis.call('ZADD', u .. ':purchased', 'GT', ts, item) end
+    if kind == 3 then
+      redis.call('ZADD', u .. ':purchased', 'GT', ts, item)
+      bought[u] = true
+    end
+    -- Item scores are summed per batch first: popular items recur within a batch (power law).
     local day = math.floor(ts / 86400000)
-    local boost = weights[kind + 1] * math.pow(2, (ts - day * 86400000) / half_life_ms)
-    redis.call('ZINCRBY', ns .. ':trending:' .. day, boost, item)
-    touched[ns .. ':trending:' .. day] = (day + 3) * 86400000
-    redis.call('ZINCRBY', ns .. ':popular', weights[kind + 1], item)
+    local tkey = ns .. ':trending:' .. day
+    trending[tkey] = trending[tkey] or {}
+    trending[tkey][item] = (trending[tkey][item] or 0) + weights[kind + 1] * math.pow(2, (ts - day * 86400000) / half_life_ms)
+    touched[tkey] = (day + 3) * 86400000
+    popular[item] = (popular[item] or 0) + weights[kind + 1]
     if (newest[u] or 0) < ts then newest[u] = ts end
   end
 end
+for tkey, items in pairs(trending) do
+  for item, boost in pairs(items) do redis.call('ZINCRBY', tkey, boost, item) end
+end
+for item, weight in pairs(popular) do redis.call('ZINCRBY', ns .. ':popular', weight, item) end
 for u, ts in pairs(newest) do
-  redis.call('ZREMRANGEBYRANK', u .. ':recent', 0, -recent_max - 1)
-  redis.call('ZREMRANGEBYRANK', u .. ':purchased', 0, -purchased_max - 1)
-  local horizon = tonumber(redis.call('ZREVRANGE', u .. ':seen', 0, 0, 'WITHSCORES')[2]) - dedupe_ms
-  redis.call('ZREMRANGEBYSCORE', u .. ':seen', '-inf', '(' .. horizon)
-  for _, suffix in ipairs({':recent', ':purchased', ':seen'}) do
-    redis.call('PEXPIRE', u .. suffix, user_ttl_ms)
+  -- House-keeping is amortised: each runs on about one batch in `housekeeping_every` per user.
+  -- Readers take the newest `recent_max` events, so a list trimmed later reads the same; the
+  -- dedupe set forgetting later only remembers longer.
+  if math.random(housekeeping_every) == 1 then
+    redis.call('ZREMRANGEBYRANK', u .. ':recent', 0, -recent_max - 1)
+    redis.call('ZREMRANGEBYSCORE', u .. ':seen', '-inf', '(' .. (ts - dedupe_ms))
+    -- Window counts live in one hash per user; buckets before the previous one are pruned.
+    for _, field in ipairs(redis.call('HKEYS', u .. ':windows')) do
+      local w, bucket = string.match(field, '^(%d+):(%d+):')
+      if tonumber(bucket) < math.floor(ts / (tonumber(w) * 1000)) - 1 then redis.call('HDEL', u .. ':windows', field) end
+    end
+  end
+  -- Every write is appended to the AOF: TTLs are refreshed only when a tenth has run out (a read).
+  if redis.call('PTTL', u .. ':recent') < user_ttl_ms * 0.9 then
+    for _, suffix in ipairs({':recent', ':seen', ':windows'}) do redis.call('PEXPIRE', u .. suffix, user_ttl_ms) end
   end
 end
--- Window and trending keys expire by event time (two windows / three days after they start), but
--- never sooner than a minute from now, so that a replay of old events is still readable.
+for u, _ in pairs(bought) do
+  redis.call('ZREMRANGEBYRANK', u .. ':purchased', 0, -purchased_max - 1)
+  redis.call('PEXPIRE', u .. ':purchased', user_ttl_ms)
+end
+-- Trending keys expire by event time (three days after their day starts), but never sooner than a
+-- minute from now, so that a replay of old events is still readable. The deadline of a key never
+-- changes, so it is set once, when the key is new.
 local now_ms = tonumber(redis.call('TIME')[1]) * 1000
 for key, expire_at in pairs(touched) do
-  redis.call('PEXPIREAT', key, math.max(expire_at, now_ms + 60000))
+  if redis.call('PTTL', key) == -1 then
+    redis.call('PEXPIREAT', key, math.max(expire_at, now_ms + 60000))
+  end
 end
 if n_events > 0 then redis.call('ZREMRANGEBYRANK', ns .. ':popular', 0, -popular_max - 1) end
 local offsets_key = ns .. ':offsets:' .. group
@@ -190,21 +212,21 @@ class FeatureStore:
     # --- reading ------------------------------------------------------------------------------
     def _queue_user(self, pipe: aioredis.client.Pipeline, user_id: str, now_ms: int) -> None:
         u = user_prefix(self.ns, user_id)
-        pipe.zrange(f"{u}:recent", 0, -1, withscores=True)
-        for window in self.settings.windows_s:
-            pipe.hgetall(f"{u}:w:{window}:{now_ms // (window * 1000)}")
+        pipe.zrange(f"{u}:recent", -self.settings.recent_events, -1, withscores=True)
+        pipe.hmget(f"{u}:windows", self._window_fields(now_ms))
         pipe.zrange(f"{u}:purchased", 0, -1)
+
+    def _window_fields(self, now_ms: int) -> list[str]:
+        return [f"{w}:{now_ms // (w * 1000)}:{t.value}" for w in self.settings.windows_s for t in _TYPES]
 
     def _parse_user(self, user_id: str, replies: list) -> UserFeatures:  # noqa: ANN001
         recent = []
         for member, score in replies[0]:
             item, kind, event_id = _text(member).split(SEP, 2)
             recent.append(RecentEvent(item_id=item, type=EventType(kind), ts_ms=int(score), event_id=event_id))
-        counts = {
-            window: {EventType(_text(k)): int(v) for k, v in raw.items()}
-            for window, raw in zip(self.settings.windows_s, replies[1:-1], strict=True)
-        }
-        return UserFeatures(user_id, tuple(recent), counts, frozenset(_text(i) for i in replies[-1]))
+        values = iter(replies[1])
+        counts = {window: {t: int(v) for t in _TYPES if (v := next(values)) is not None} for window in self.settings.windows_s}
+        return UserFeatures(user_id, tuple(recent), counts, frozenset(_text(i) for i in replies[2]))
 
     async def user_features(self, user_id: str, now_ms: int) -> UserFeatures:
         return (await self.many_user_features([user_id], now_ms))[0]
@@ -212,7 +234,7 @@ class FeatureStore:
     async def many_user_features(self, user_ids: Iterable[str], now_ms: int) -> list[UserFeatures]:
         """Features of several users in one pipelined round trip (no transaction: reads only)."""
         users = list(user_ids)
-        per_user = 2 + len(self.settings.windows_s)
+        per_user = 3
         async with self.client.pipeline(transaction=False) as pipe:
             for user in users:
                 self._queue_user(pipe, user, now_ms)

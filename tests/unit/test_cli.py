@@ -59,3 +59,21 @@ def test_export_without_runs_is_a_clear_error(tmp_path) -> None:
 def test_export_rejects_a_bad_model_name(tmp_path) -> None:
     result = runner.invoke(app, ["export", "--name", "../etc", "--runs-dir", str(tmp_path)])
     assert result.exit_code == 2 and "lower-case" in result.output
+
+
+def test_replay_names_the_bad_line(tmp_path) -> None:
+    events = tmp_path / "e.jsonl"
+    events.write_text('{"event_id": "a", "user_id": "u", "item_id": "i", "type": "teleport", "ts_ms": 1767225600000}\n')
+    result = runner.invoke(app, ["events", "replay", str(events)])
+    assert result.exit_code == 2 and "e.jsonl:1" in result.output
+
+
+def test_generate_rejects_a_zero_rate() -> None:
+    result = runner.invoke(app, ["events", "generate", "--rate", "0"])
+    assert result.exit_code == 2 and "--rate" in result.output
+
+
+def test_publishing_without_kafka_fails_with_one_clear_line() -> None:
+    result = runner.invoke(app, ["events", "generate", "--preset", "tiny", "--count", "5"],
+                           env={"VITRINE_KAFKA__PORT": "1"})
+    assert result.exit_code == 1 and "is the stack up?" in result.output

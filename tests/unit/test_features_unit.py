@@ -1,0 +1,71 @@
+"""Feature-side pieces that need no service: metric names, settings, histogram quantiles, publisher input."""
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from pydantic import ValidationError
+
+from vitrine.loadtest.feature_throughput import histogram_quantile
+from vitrine.services.events.publisher import publish
+from vitrine.services.features import metrics
+from vitrine.services.features.store import POPULARITY_WEIGHT, user_prefix
+from vitrine.contracts.events import EventType
+from vitrine.settings import FeaturesSettings, Settings
+
+
+def test_metric_names_follow_prometheus_conventions_and_are_all_exported() -> None:
+    registry = CollectorRegistry()
+    m = metrics.FeatureMetrics(registry)
+    m.consumed.labels("events").inc()
+    m.rejected.labels("not_json").inc()
+    text = generate_latest(registry).decode()
+    names = [v for k, v in vars(metrics).items() if k.isupper() and isinstance(v, str) and v.startswith("vitrine_")]
+    assert len(names) == 10
+    for name in names:
+        assert name in text, name
+        assert name.startswith("vitrine_features_")
+    counters = [n for n in names if n.endswith("_total")]
+    assert len(counters) == 5
+    assert metrics.FRESHNESS.endswith("_seconds") and metrics.BATCH_DURATION.endswith("_seconds")
+
+
+def test_feature_settings_reject_nonsense() -> None:
+    with pytest.raises(ValidationError, match="ascending"):
+        FeaturesSettings(windows_s=(3600, 300))
+    with pytest.raises(ValidationError, match="namespace"):
+        FeaturesSettings(namespace="Bad Space")
+    with pytest.raises(ValidationError, match="events_topic"):
+        FeaturesSettings(events_topic="no spaces allowed")
+    with pytest.raises(ValidationError, match="max_batch"):
+        FeaturesSettings(max_batch=0)
+
+
+def test_a_users_keys_share_one_cluster_slot() -> None:
+    prefix = user_prefix("vt", "u:42")
+    assert prefix == "vt:{u:u:42}"  # the hash tag is the part in braces: every key of the user
+
+
+def test_purchases_weigh_most() -> None:
+    assert [POPULARITY_WEIGHT[t] for t in EventType] == sorted(POPULARITY_WEIGHT.values())
+
+
+def test_histogram_quantile_matches_prometheus_on_a_known_histogram() -> None:
+    buckets = [(0.01, 50.0), (0.05, 90.0), (0.1, 100.0), (float("inf"), 100.0)]
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.01)
+    assert histogram_quantile(0.7, buckets) == pytest.approx(0.03)
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.095)
+
+
+def test_publisher_refuses_a_non_positive_rate() -> None:
+    with pytest.raises(ValueError, match="rate must be positive"):
+        asyncio.run(publish([], "127.0.0.1:1", "events", rate=0))
+
+
+def test_settings_travel_to_child_processes_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitrine.services.stack.components import settings_env
+
+    original = Settings().shifted(7)
+    for key, value in settings_env(original).items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == original
