@@ -298,6 +298,109 @@ def export_command(
                 typer.echo(f"{result.model} v{result.version}: served by Triton, top-k equal to onnxruntime in-process")
 
 
+gateway_app = typer.Typer(help="The gRPC gateway storefronts call.", no_args_is_help=True)
+app.add_typer(gateway_app, name="gateway")
+ab_app = typer.Typer(help="The A/B experiment: show or change the traffic split at runtime.", no_args_is_help=True)
+app.add_typer(ab_app, name="ab")
+KeyOption = Annotated[str | None, typer.Option("--key", envvar="VITRINE_API_KEY", help="API key (env VITRINE_API_KEY).")]
+
+
+@gateway_app.command("run")
+def gateway_run() -> None:
+    """Serve Recommend and ExperimentAdmin until SIGTERM (settings: VITRINE_GATEWAY__*)."""
+    from vitrine.services.gateway.server import main
+
+    main(_settings())
+
+
+def _client(key: str | None):  # noqa: ANN202
+    from vitrine.services.gateway.client import GatewayClient
+
+    settings = _settings()
+    root = settings.gateway.tls_cert.read_bytes() if settings.gateway.tls_cert else None
+    return GatewayClient(settings.gateway.address, key, root)
+
+
+def _rpc(call):  # noqa: ANN001, ANN202
+    import grpc
+
+    async def run():  # noqa: ANN202
+        return await call()
+
+    try:
+        return asyncio.run(run())
+    except grpc.aio.AioRpcError as exc:
+        raise _fail(RuntimeError(f"{exc.code().name}: {exc.details()}")) from exc
+
+
+def _show_experiment(experiment) -> None:  # noqa: ANN001
+    typer.echo(f"experiment {experiment.name!r} revision {experiment.revision} (salt {experiment.salt!r}), "
+               f"set by {experiment.updated_by or '-'}")
+    for v in experiment.variants:
+        typer.echo(f"  {v.name:<16} {v.weight:>3}%  {v.model_name}:{v.model_version or 'newest'}")
+
+
+@ab_app.command("show")
+def ab_show(key: KeyOption = None) -> None:
+    """The current split, as the gateway serves it."""
+    async def call():  # noqa: ANN202
+        async with _client(key) as client:
+            return await client.get_experiment()
+
+    _show_experiment(_rpc(call))
+
+
+def _parse_variant(text: str) -> tuple[str, str, str, int]:
+    match = re.fullmatch(r"([a-z0-9_-]{1,32})=([a-z][a-z0-9_]{0,63})(?::([0-9]{1,10}))?=([0-9]{1,3})", text)
+    if not match:
+        raise typer.BadParameter(f"{text!r} is not NAME=MODEL[:VERSION]=WEIGHT (e.g. control=gru4rec=70)", param_hint="--variant")
+    name, model, version, weight = match.groups()
+    return name, model, version or "", int(weight)
+
+
+@ab_app.command("set")
+def ab_set(
+    variant: Annotated[list[str], typer.Option("--variant", "-v", help="NAME=MODEL[:VERSION]=WEIGHT, repeatable; weights sum to 100.")],
+    salt: Annotated[str | None, typer.Option(help="New assignment salt (reshuffles every user); default: keep.")] = None,
+    expected_revision: Annotated[int, typer.Option(min=0, help="Fail if the experiment is not at this revision (0: no check).")] = 0,
+    key: KeyOption = None,
+) -> None:
+    """Change the split; validated (weights, models ready) and audited by the gateway."""
+    from vitrine.v1 import recommender_pb2 as pb
+
+    parsed = [_parse_variant(v) for v in variant]
+    if sum(w for *_, w in parsed) != 100:
+        raise typer.BadParameter(f"weights sum to {sum(w for *_, w in parsed)}, not 100", param_hint="--variant")
+
+    async def call():  # noqa: ANN202
+        async with _client(key) as client:
+            current = await client.get_experiment()
+            experiment = pb.Experiment(name=current.name, salt=salt or current.salt, variants=[
+                pb.Variant(name=n, model_name=m, model_version=ver, weight=w) for n, m, ver, w in parsed])
+            return await client.set_experiment(experiment, expected_revision)
+
+    _show_experiment(_rpc(call))
+
+
+@app.command("recommend")
+def recommend(
+    user: Annotated[str, typer.Argument(help="User id.")],
+    k: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+    page: Annotated[str, typer.Option()] = "",
+    item: Annotated[str, typer.Option(help="The item the user is looking at.")] = "",
+    key: KeyOption = None,
+) -> None:
+    """Ask the gateway for recommendations, as a storefront would."""
+    async def call():  # noqa: ANN202
+        async with _client(key) as client:
+            return await client.recommend(user, k, page=page, item_id=item)
+
+    reply = _rpc(call)
+    flag = f"DEGRADED ({reply.degraded_reason})" if reply.degraded else "ok"
+    typer.echo(f"{user}: variant {reply.variant}, {reply.model_name}:{reply.model_version or '-'}, {flag}")
+    typer.echo("  " + ", ".join(f"{i.item_id} ({i.score:.2f})" for i in reply.items))
+
+
 bench_app = typer.Typer(help="Benchmarks that print figures (ratios measured in one run).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 

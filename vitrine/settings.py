@@ -9,6 +9,7 @@ then the defaults below. Default ports sit away from the standard ones (6379, 90
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -131,6 +132,73 @@ class FeaturesSettings(_Section):
         return windows
 
 
+Role = Literal["storefront", "experimenter", "admin"]
+
+
+class ApiKey(_Section):
+    name: str = Field(min_length=1, max_length=64, description="Who holds the key; recorded in the audit log.")
+    role: Role
+
+
+def _demo_keys() -> dict[str, ApiKey]:
+    """Local-stack keys, documented in the README (`vitrine-demo-<role>`). Production configures its own:
+    only sha256 hashes of keys are ever stored in configuration."""
+    return {
+        hashlib.sha256(f"vitrine-demo-{role}".encode()).hexdigest(): ApiKey(name=f"demo-{role}", role=role)
+        for role in ("storefront", "experimenter", "admin")
+    }
+
+
+class VariantSettings(_Section):
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,32}$")
+    model_name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")
+    model_version: str = Field("", pattern=r"^[0-9]{0,10}$")
+    weight: int = Field(ge=0, le=100)
+
+
+class GatewaySettings(_Section):
+    """The gRPC gateway (`vitrine gateway run`)."""
+
+    host: Host = "127.0.0.1"
+    port: Port = 50151
+    metrics_host: Host = "127.0.0.1"
+    metrics_port: Port = 19500
+    max_k: int = Field(50, ge=1, le=1000, description="Largest k a request may ask for (≤ the models' max_k).")
+    max_exclusions: int = Field(100, ge=0, le=10_000)
+    exclude_width: int = Field(64, ge=1, le=4096, description="Exclusion slots sent to the model; more are filtered afterwards.")
+    max_batch: int = Field(64, ge=1, le=128, description="Largest micro-batch (≤ the models' max_batch_size); 1 disables batching.")
+    max_delay_ms: float = Field(1.0, ge=0, le=100, description="How long the oldest queued request may wait for a fuller batch.")
+    max_inflight_batches: int = Field(2, ge=1, le=64)
+    queue_size: int = Field(1024, ge=1, le=1_000_000)
+    shed_mode: Literal["fallback", "reject"] = Field("fallback", description="Queue full: degraded popularity answer, or RESOURCE_EXHAUSTED.")
+    triton_timeout_ms: float = Field(250, gt=0, le=60_000, description="Cap on one Triton call (the client's deadline may be shorter).")
+    redis_timeout_ms: float = Field(50, gt=0, le=60_000)
+    breaker_threshold: int = Field(5, ge=1, le=1000, description="Consecutive Triton failures that open the circuit.")
+    breaker_reset_s: float = Field(2.0, gt=0, le=600, description="Open circuit: time before one trial call.")
+    refresh_s: float = Field(1.0, gt=0, le=60, description="Popularity/trending copies and model readiness refresh period.")
+    exposure_buffer: int = Field(10_000, ge=1, le=10_000_000)
+    experiment_poll_s: float = Field(5.0, gt=0, le=3600, description="Safety re-read of the experiment besides pub/sub.")
+    default_variants: tuple[VariantSettings, ...] = (
+        VariantSettings(name="control", model_name="gru4rec", weight=50),
+        VariantSettings(name="treatment", model_name="sasrec", weight=50),
+    )
+    api_keys: dict[str, ApiKey] = Field(default_factory=_demo_keys, description="sha256(key) → holder and role.")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashes_only(cls, keys: dict[str, ApiKey]) -> dict[str, ApiKey]:
+        for digest in keys:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError("api_keys are keyed by the lower-case hex sha256 of the key, never the key itself")
+        return keys
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
 class StackSettings(_Section):
     home: Path = Field(REPO_ROOT / ".stack", description="State, configs and one log file per component.")
     cache: Path = Field(
@@ -160,6 +228,7 @@ class Settings(BaseSettings):
     triton: TritonSettings = TritonSettings()
     prometheus: PrometheusSettings = PrometheusSettings()
     features: FeaturesSettings = FeaturesSettings()
+    gateway: GatewaySettings = GatewaySettings()
     stack: StackSettings = StackSettings()
 
     @classmethod

@@ -15,6 +15,7 @@ items from 2; histories are left-padded to `max_len` so that the most recent ste
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,20 @@ def collapse(table: EventTable, vocabulary: Vocabulary) -> Steps:
     np.maximum.at(step_type, step_of_event, kinds)
     user_start = np.append(np.flatnonzero(new_user[starts]), len(starts))
     return Steps(user_start=user_start, item=items[starts], type=step_type, ts_ms=times[starts])
+
+
+def collapse_runs(items: Sequence[str], types: Sequence[int]) -> tuple[list[str], list[int]]:
+    """One user's time-ordered events → steps: a run on one item becomes one step with the strongest
+    type. The serving-side twin of `collapse` (tests check that both agree)."""
+    out_items: list[str] = []
+    out_types: list[int] = []
+    for item, kind in zip(items, types, strict=True):
+        if out_items and out_items[-1] == item:
+            out_types[-1] = max(out_types[-1], kind)
+        else:
+            out_items.append(item)
+            out_types.append(kind)
+    return out_items, out_types
 
 
 def encode_history(items: list[int], types: list[int], max_len: int) -> tuple[np.ndarray, np.ndarray]:

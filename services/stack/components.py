@@ -230,6 +230,7 @@ def prometheus(settings: Settings) -> Component:
                 redis_exporter_target=f"{settings.redis_exporter.host}:{settings.redis_exporter.port}",
                 triton_metrics_target=f"{settings.triton.host}:{settings.triton.metrics_port}",
                 features_target=f"{settings.features.metrics_host}:{settings.features.metrics_port}",
+                gateway_target=f"{settings.gateway.metrics_host}:{settings.gateway.metrics_port}",
             ),
         )
 
@@ -267,7 +268,19 @@ def features(settings: Settings) -> Component:
     )
 
 
-BUILDERS: tuple[Callable[[Settings], Component], ...] = (redis, redis_exporter, kafka, triton, features, prometheus)
+def gateway(settings: Settings) -> Component:
+    cfg = settings.gateway
+    return Component(
+        name="gateway",
+        command=[sys.executable, "-m", "vitrine", "gateway", "run"],
+        ports={"grpc": (cfg.host, cfg.port), "metrics": (cfg.metrics_host, cfg.metrics_port)},
+        probe=health.gateway_ready,
+        url=f"grpc://{cfg.address} (metrics http://{cfg.metrics_host}:{cfg.metrics_port}/metrics)",
+        env=settings_env(settings),
+    )
+
+
+BUILDERS: tuple[Callable[[Settings], Component], ...] = (redis, redis_exporter, kafka, triton, features, gateway, prometheus)
 """Start order: dependencies first, Prometheus last so that its targets are already up."""
 
 

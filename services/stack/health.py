@@ -128,3 +128,18 @@ async def features_ready(settings: Settings) -> str | None:
         if line.startswith(ASSIGNED_PARTITIONS + " "):
             return None if float(line.split()[1]) > 0 else "no partition assigned yet"
     return f"{ASSIGNED_PARTITIONS} not exported"
+
+
+async def gateway_ready(settings: Settings) -> str | None:
+    """The standard gRPC health check answers SERVING (Redis reachable, every variant's model ready)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        async with grpc.aio.insecure_channel(settings.gateway.address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S)
+    except grpc.aio.AioRpcError as exc:
+        return f"health check failed: {exc.code().name}"
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+    return None

@@ -1,0 +1,1 @@
+"""The gRPC gateway: what storefronts call (`vitrine gateway run`)."""

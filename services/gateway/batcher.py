@@ -1,0 +1,122 @@
+"""An asyncio micro-batcher: concurrent requests for one model become one Triton call.
+
+Modelled on ray's serve/batching.py: a bounded queue, one future per request, an event that says
+"a batch is full", and errors fanned out to every request of the failed batch. Policy:
+- idle (no batch in flight): send at once whatever is queued — a lone request never waits;
+- busy: collect until the batch is full or the oldest request has waited `max_delay_s`;
+- at most `max_inflight` batches at Triton at a time; a full queue raises `QueueFull` at submit, so
+  that the caller can shed load (a degraded answer) instead of queueing without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+Row = TypeVar("Row")
+Result = TypeVar("Result")
+
+
+class QueueFull(RuntimeError):
+    """The batcher's queue is at capacity: shed this request."""
+
+
+@dataclass
+class _Pending(Generic[Row, Result]):
+    row: Row
+    deadline: float | None
+    future: asyncio.Future[Result]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher(Generic[Row, Result]):
+    def __init__(
+        self,
+        infer: Callable[[Sequence[Row], float | None], Awaitable[Sequence[Result]]],
+        max_batch: int,
+        max_delay_s: float,
+        queue_size: int,
+        max_inflight: int,
+        on_batch: Callable[[int, list[float]], None] | None = None,
+    ) -> None:
+        """`infer(rows, timeout_s)` answers one batch in order; `on_batch(size, queue_waits_s)` observes it."""
+        self._infer = infer
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self._queue: asyncio.Queue[_Pending[Row, Result]] = asyncio.Queue(maxsize=queue_size)
+        self._full = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._inflight = 0
+        self._on_batch = on_batch
+        self._loop_task: asyncio.Task | None = None
+        self._batches: set[asyncio.Task] = set()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        await asyncio.gather(*self._batches, return_exceptions=True)
+        while not self._queue.empty():
+            self._queue.get_nowait().future.cancel()
+
+    async def submit(self, row: Row, deadline: float | None = None) -> Result:
+        """Queue one row and wait for its result; `deadline` is a perf_counter() instant."""
+        pending: _Pending[Row, Result] = _Pending(row, deadline, asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(pending)
+        except asyncio.QueueFull as exc:
+            raise QueueFull(f"{self._queue.maxsize} requests already queued") from exc
+        if self._queue.qsize() >= self.max_batch:
+            self._full.set()
+        return await pending.future
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            if self._inflight > 0 and self.max_batch > 1:
+                remaining = first.enqueued + self.max_delay_s - time.perf_counter()
+                if remaining > 0 and self._queue.qsize() < self.max_batch - 1:
+                    self._full.clear()
+                    try:
+                        await asyncio.wait_for(self._full.wait(), remaining)
+                    except TimeoutError:
+                        pass
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self._full.clear()
+            await self._slots.acquire()
+            self._inflight += 1
+            task = asyncio.create_task(self._send(batch))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _send(self, batch: list[_Pending[Row, Result]]) -> None:
+        try:
+            live = [p for p in batch if not p.future.done()]  # callers that gave up need no answer
+            if not live:
+                return
+            now = time.perf_counter()
+            if self._on_batch:
+                self._on_batch(len(live), [now - p.enqueued for p in live])
+            deadlines = [p.deadline - now for p in live if p.deadline is not None]
+            timeout = max(0.001, min(deadlines)) if deadlines else None
+            try:
+                results = await self._infer([p.row for p in live], timeout)
+            except Exception as exc:  # noqa: BLE001 - fanned out: every caller decides how to degrade
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                return
+            for p, result in zip(live, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)
+        finally:
+            self._inflight -= 1
+            self._slots.release()
