@@ -8,8 +8,9 @@ VITRINE := $(VENV)/bin/vitrine
 setup:  ## install everything this machine lacks (Debian packages, .venv, Kafka jars, Triton binary)
 	@bash deploy/setup.sh
 
-demo: setup  ## the main job: the stack up and healthy, with its URLs
+demo: setup  ## the main job: the stack up and healthy, then a simulated shopper against it
 	@$(VITRINE) stack up
+	@$(VITRINE) demo
 
 test: setup  ## every test: unit tests, then integration tests on a real stack started on shifted ports
 	@$(VENV)/bin/python -m pytest

@@ -449,5 +449,19 @@ def _newest_runs(runs_dir: Path) -> list[Path]:
     return list(newest.values())
 
 
+@app.command("demo")
+def demo(
+    background_events: Annotated[int, typer.Option(min=0, max=10_000_000, help="Synthetic events published first.")] = 20_000,
+) -> None:
+    """A simulated shopper against the running stack: events in, recommendations out, step by step."""
+    from vitrine.demo import run
+
+    _quiet_client_logs()
+    try:
+        asyncio.run(run(_settings(), typer.echo, background_events))
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(RuntimeError(f"demo failed ({type(exc).__name__}: {exc}); is the stack up? (`make up`)")) from exc
+
+
 if __name__ == "__main__":
     app()
