@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 VITRINE := $(VENV)/bin/vitrine
 
-.PHONY: setup demo test test-unit test-integration up down status clean proto
+.PHONY: setup demo test test-unit test-integration up down status clean proto dashboards
 
 setup:  ## install everything this machine lacks (Debian packages, .venv, Kafka jars, Triton binary)
 	@bash deploy/setup.sh
@@ -35,3 +35,6 @@ clean: down  ## remove the stack's state (Redis data, Kafka log, Prometheus TSDB
 
 proto:  ## regenerate vitrine/v1/*_pb2*.py from proto/ (committed; tests check they are current)
 	@$(VENV)/bin/python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/vitrine/v1/recommender.proto
+
+dashboards:  ## regenerate grafana/dashboards/*.json from grafana/build.py (committed; tests check they are current)
+	@$(VENV)/bin/python grafana/build.py

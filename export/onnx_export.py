@@ -23,6 +23,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from vitrine.contracts import ranker
 from vitrine.contracts.events import NUM_EVENT_TYPES
 from vitrine.export.data.sequences import FIRST_ITEM, OOV, PAD
+from vitrine.export.drift import POPULARITY_BUCKETS, history_stats, popularity_counts, popularity_upper_index
 from vitrine.export.models import ServingRanker
 from vitrine.export.train import VALIDATION_SAMPLE, load_run
 from vitrine.export.triton_repository import (
@@ -39,8 +40,6 @@ from vitrine.export.validate import ModelFolderError, validate_model_folder
 OPSET = 17
 SCORE_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 3, 17, 64)
-POPULARITY_BUCKETS = (0.01, 0.1, 0.5, 1.0)
-"""Upper edges, as shares of the vocabulary by popularity rank: head 1 %, 1-10 %, 10-50 %, tail."""
 
 
 OPEN_EDGE = float(np.finfo(np.float32).max)
@@ -146,12 +145,9 @@ def _histogram(values: np.ndarray, edges: np.ndarray) -> dict[str, list[float]]:
 def reference_distributions(serving: ServingRanker, items: np.ndarray, types: np.ndarray) -> dict[str, object]:
     """What inputs and outputs looked like on validation data: the baseline for drift monitoring."""
     max_len = items.shape[1]
-    lengths = (items != PAD).sum(axis=1)
-    real = items[items != PAD]
-    vocab = serving.model.n_items - FIRST_ITEM
-    bucket_edges = [FIRST_ITEM + int(np.ceil(share * vocab)) for share in POPULARITY_BUCKETS]
-    bucket_of = np.searchsorted(bucket_edges, real, side="right")
-    bucket_share = np.bincount(bucket_of[real >= FIRST_ITEM], minlength=len(POPULARITY_BUCKETS))[: len(POPULARITY_BUCKETS)]
+    lengths, unknown, real = history_stats(items)
+    upper_index = popularity_upper_index(serving.model.n_items)
+    mix = popularity_counts(items, upper_index)
     with torch.no_grad():
         _, scores = serving(torch.from_numpy(items), torch.from_numpy(types), torch.zeros((len(items), 1), dtype=torch.long))
     top1 = scores[:, 0].numpy()
@@ -162,10 +158,10 @@ def reference_distributions(serving: ServingRanker, items: np.ndarray, types: np
         "sequence_length": _histogram(lengths, np.arange(max_len + 2) - 0.5),
         "popularity_mix": {
             "bucket_upper_share": list(POPULARITY_BUCKETS),
-            "bucket_upper_index": bucket_edges,
-            "shares": (bucket_share / max(1, bucket_share.sum())).tolist(),
+            "bucket_upper_index": upper_index,
+            "shares": (mix / max(1, mix.sum())).tolist(),
         },
-        "unknown_item_rate": float(np.mean(real == OOV)) if len(real) else 0.0,
+        "unknown_item_rate": unknown / real if real else 0.0,
         "empty_history_rate": float(np.mean(lengths == 0)),
         "top1_score": {"edges": [float(e) for e in score_edges], "counts": np.histogram(top1, bins=score_edges)[0].tolist()},
     }

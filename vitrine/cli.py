@@ -449,6 +449,22 @@ def _newest_runs(runs_dir: Path) -> list[Path]:
     return list(newest.values())
 
 
+@app.command("report")
+def report(
+    out: Annotated[Path, typer.Option(dir_okay=False, help="PNG to write.")] = Path("docs/report.png"),
+    minutes: Annotated[float, typer.Option(min=1, max=7 * 24 * 60, help="Time range, ending now.")] = 15,
+) -> None:
+    """Render the key dashboard panels (same PromQL) from the stack's Prometheus to a PNG."""
+    from vitrine.report import render
+
+    settings = _settings()
+    try:
+        path = render(settings.prometheus.url, out, minutes)
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(RuntimeError(f"report failed ({type(exc).__name__}: {exc}); is the stack up?")) from exc
+    typer.echo(f"wrote {path}")
+
+
 @app.command("demo")
 def demo(
     background_events: Annotated[int, typer.Option(min=0, max=10_000_000, help="Synthetic events published first.")] = 20_000,

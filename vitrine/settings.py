@@ -178,6 +178,9 @@ class GatewaySettings(_Section):
     refresh_s: float = Field(1.0, gt=0, le=60, description="Popularity/trending copies and model readiness refresh period.")
     exposure_buffer: int = Field(10_000, ge=1, le=10_000_000)
     experiment_poll_s: float = Field(5.0, gt=0, le=3600, description="Safety re-read of the experiment besides pub/sub.")
+    drift_window: int = Field(5000, ge=10, le=1_000_000, description="Recent requests per variant compared with the reference.")
+    drift_interval_s: float = Field(5.0, gt=0, le=3600)
+    drift_min_observations: int = Field(100, ge=1, le=1_000_000)
     default_variants: tuple[VariantSettings, ...] = (
         VariantSettings(name="control", model_name="gru4rec", weight=50),
         VariantSettings(name="treatment", model_name="sasrec", weight=50),

@@ -23,6 +23,7 @@ EXPOSURES_DROPPED: Final = "vitrine_gateway_exposures_dropped_total"
 VARIANT_WEIGHT: Final = "vitrine_gateway_variant_weight_percent"
 EXPERIMENT_REVISION: Final = "vitrine_gateway_experiment_revision"
 MODEL_READY: Final = "vitrine_gateway_model_ready"
+DRIFT_PSI: Final = "vitrine_drift_psi"
 
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 SCORE_BUCKETS: Final = tuple(float(b) for b in range(-4, 25, 2))
@@ -50,5 +51,7 @@ class GatewayMetrics:
         self.variant_weight = Gauge(VARIANT_WEIGHT, "Current traffic split.", ("variant", "model_name", "model_version"), registry=registry)
         self.experiment_revision = Gauge(EXPERIMENT_REVISION, "Revision of the experiment this gateway follows.", registry=registry)
         self.model_ready = Gauge(MODEL_READY, "1 when the model version a variant uses is ready in Triton.", ("model_name", "model_version"), registry=registry)
+        self.drift_psi = Gauge(DRIFT_PSI, "Population stability index of live inputs/outputs against the model version's reference.",
+                               ("feature", "variant"), registry=registry)
         for stage in STAGES:
             self.stage.labels(stage)

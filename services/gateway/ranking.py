@@ -38,6 +38,8 @@ class ServedModel:
     item_ids: tuple[str, ...]
     first_item_id: int
     index: dict[str, int] = field(repr=False, compare=False)
+    reference: dict | None = field(default=None, repr=False, compare=False)
+    """Reference distributions for drift monitoring, from metadata.json."""
 
     @classmethod
     def load(cls, repository: Path, name: str, version: str) -> ServedModel:
@@ -45,7 +47,7 @@ class ServedModel:
         serving, items = metadata["serving"], tuple(metadata["vocabulary"])
         first = int(serving["first_item_id"])
         return cls(name, version, int(serving["max_len"]), int(serving["max_k"]), items, first,
-                   {item: i + first for i, item in enumerate(items)})
+                   {item: i + first for i, item in enumerate(items)}, metadata.get("reference"))
 
     def history(self, recent: Sequence[RecentEvent]) -> tuple[np.ndarray, np.ndarray]:
         steps, kinds = collapse_runs([e.item_id for e in recent], [e.type.index for e in recent])

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics, start_
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.admin import ExperimentAdminService
 from vitrine.services.gateway.auth import AuthInterceptor
+from vitrine.services.gateway.drift import DriftMonitor
 from vitrine.services.gateway.experiment import Experiment, ExperimentFollower, ExperimentStore, Variant
 from vitrine.services.gateway.exposures import ExposureLog
 from vitrine.services.gateway.fallback import PopularityFallback
@@ -47,6 +48,7 @@ class Gateway:
         self.fallback = PopularityFallback(self.store, depth, cfg.refresh_s, cfg.redis_timeout_ms / 1000)
         self.exposures = ExposureLog(settings.kafka.bootstrap_servers, cfg.exposure_buffer, self.metrics)
         self.experiments = ExperimentStore(self.redis, settings.features.namespace)
+        self.drift = DriftMonitor(self.metrics, cfg.drift_window, cfg.drift_interval_s, cfg.drift_min_observations)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.follower: ExperimentFollower | None = None
@@ -71,13 +73,15 @@ class Gateway:
         self.follower.start()
         self.fallback.start()
         self.exposures.start()
+        self.drift.start()
         self._tasks.append(asyncio.create_task(self._watch_health()))
         server = grpc.aio.server(
             interceptors=[AuthInterceptor(cfg.api_keys, lambda method, code: self.metrics.requests.labels(method, code.name, "").inc())],
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         )
         pb_grpc.add_RecommenderServicer_to_server(
-            RecommenderService(cfg, self.store, self.follower, self.catalog, self.rankers, self.fallback, self.exposures, self.metrics), server)
+            RecommenderService(cfg, self.store, self.follower, self.catalog, self.rankers, self.fallback, self.exposures,
+                               self.metrics, self.drift), server)
         pb_grpc.add_ExperimentAdminServicer_to_server(ExperimentAdminService(cfg, self.experiments, self.follower, self.catalog), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -119,6 +123,7 @@ class Gateway:
         if self.follower:
             await self.follower.stop()
         await self.fallback.stop()
+        await self.drift.stop()
         await self.rankers.stop()
         await self.exposures.stop()
         await self.triton.close()

@@ -22,6 +22,7 @@ from vitrine.contracts.events import MAX_ID_LENGTH
 from vitrine.contracts.exposures import Exposure
 from vitrine.services.features.store import FeatureStore, UserFeatures
 from vitrine.services.gateway.batcher import QueueFull
+from vitrine.services.gateway.drift import DriftMonitor
 from vitrine.services.gateway.experiment import ExperimentFollower
 from vitrine.services.gateway.exposures import ExposureLog
 from vitrine.services.gateway.fallback import PopularityFallback, Ranked
@@ -85,6 +86,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         fallback: PopularityFallback,
         exposures: ExposureLog,
         metrics: GatewayMetrics,
+        drift: DriftMonitor,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -94,6 +96,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self.fallback = fallback
         self.exposures = exposures
         self.metrics = metrics
+        self.drift = drift
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:  # noqa: N802
         return await self._answer(request, context, "Recommend")
@@ -117,7 +120,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         variant = self.experiment.current.assign(request.user_id)
         self.metrics.inflight.inc()
         try:
-            answer = await self._rank(request, variant.model_name, variant.model_version, deadline)
+            answer = await self._rank(request, variant.name, variant.model_name, variant.model_version, deadline)
         except QueueFull:
             self.metrics.requests.labels(method, "RESOURCE_EXHAUSTED", variant.name).inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity; retry later")
@@ -141,7 +144,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             degraded=bool(answer.degraded_reason), degraded_reason=answer.degraded_reason, request_id=request_id,
         )
 
-    async def _rank(self, request: pb.RecommendRequest, model_name: str, model_version: str, deadline: float | None) -> Answer:
+    async def _rank(self, request: pb.RecommendRequest, variant: str, model_name: str, model_version: str, deadline: float | None) -> Answer:
         excluded = set(request.exclude_item_ids)
         if request.context.item_id:
             excluded.add(request.context.item_id)
@@ -175,6 +178,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             return await self._degraded(request.k, excluded, reason)
         stage = time.perf_counter()
         ranked = self._top(model.decode(ids, scores), request.k, excluded)
+        self.drift.observe(variant, model, items, ranked[0][1] if ranked else None)
         self.metrics.stage.labels("postprocess").observe(time.perf_counter() - stage)
         return Answer(ranked, model.name, model.version)
 

@@ -24,9 +24,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from vitrine.contracts import topics
 from vitrine.export.validate import validate_repository
 from vitrine.services.stack import health
-from vitrine.settings import Settings
+from vitrine.settings import REPO_ROOT, Settings
 
 Probe = Callable[[Settings], Awaitable[str | None]]
+ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
 
 
 class SetupMissing(RuntimeError):
@@ -231,6 +232,7 @@ def prometheus(settings: Settings) -> Component:
                 triton_metrics_target=f"{settings.triton.host}:{settings.triton.metrics_port}",
                 features_target=f"{settings.features.metrics_host}:{settings.features.metrics_port}",
                 gateway_target=f"{settings.gateway.metrics_host}:{settings.gateway.metrics_port}",
+                rules_file=str(ALERT_RULES),
             ),
         )
 
