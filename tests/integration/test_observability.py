@@ -15,6 +15,7 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -32,6 +33,7 @@ from vitrine.services.gateway import metrics as gateway_metrics
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.services.stack import Stack
 from vitrine.services.stack.components import ALERT_RULES
+from vitrine.v1 import recommender_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "max", "min", "or", "vector", "le", "on", "without", "and",
@@ -56,7 +58,7 @@ async def _query(stack: Stack, expr: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-async def traffic(stack: Stack) -> dict[str, float]:
+async def traffic(stack: Stack) -> AsyncIterator[dict[str, float]]:
     """Drive every kind of traffic the dashboards show; returns the drift PSI seen before the drifted part."""
     bootstrap = stack.settings.kafka.bootstrap_servers
     table = synthetic.generate(synthetic.preset("default"))
@@ -72,6 +74,11 @@ async def traffic(stack: Stack) -> dict[str, float]:
     await producer.send_and_wait(topics.EVENTS, b"{not json")
     await producer.stop()
     users = sorted({e.user_id for e in normal})[:300]
+    # Pin the shipped versions (trained on this storefront): other tests may have exported newer ones on tiny data.
+    async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-experimenter") as admin:
+        await admin.set_experiment(pb.Experiment(name="default", salt="vitrine", variants=[
+            pb.Variant(name="control", model_name="gru4rec", model_version="1", weight=50),
+            pb.Variant(name="treatment", model_name="sasrec", model_version="1", weight=50)]))
     async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-storefront") as client:
         async def warmed() -> bool | None:
             return True if (await client.recommend(users[-1])).model_name in ("gru4rec", "sasrec") else None
@@ -98,10 +105,13 @@ async def traffic(stack: Stack) -> dict[str, float]:
             return True if (await client.recommend(f"{tag}-drift-199")).model_name in ("gru4rec", "sasrec") else None
 
         await eventually(drift_ready, 20, "features of the drifted users")
-        for round_ in range(3):
+        for _ in range(3):
             for u in range(200):
                 await client.recommend(f"{tag}-drift-{u}", k=10)
-    return psi_before
+    yield psi_before
+    async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-experimenter") as admin:
+        await admin.set_experiment(pb.Experiment(name="default", salt="vitrine", variants=[
+            pb.Variant(name="control", model_name="gru4rec", weight=50), pb.Variant(name="treatment", model_name="sasrec", weight=50)]))
 
 
 async def _gateway_psi(stack: Stack) -> dict[str, float]:
