@@ -442,6 +442,33 @@ def bench_features(
     typer.echo(render(result))
 
 
+@bench_app.command("gateway")
+def bench_gateway(
+    rates: Annotated[str, typer.Option(help="Comma-separated rates (req/s) for gateway vs direct Triton.")] = "50,200",
+    duration: Annotated[float, typer.Option(min=1, max=600, help="Seconds measured per run (after warm-up).")] = 8,
+    slo_ms: Annotated[float, typer.Option(min=1, max=10_000, help="p99 target for the capacity ramps.")] = 25,
+    start_rate: Annotated[float, typer.Option(min=1, max=100_000, help="First rate of each ramp.")] = 100,
+    out: Annotated[Path | None, typer.Option(dir_okay=False, help="Also write the raw summary as JSON.")] = None,
+) -> None:
+    """Gateway vs direct Triton at equal load, and capacity at p99 ≤ SLO with batching on/off and a plain server."""
+    from vitrine.loadtest.serving_bench import bench, render
+
+    try:
+        rate_list = [float(r) for r in rates.split(",") if r.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"not a comma-separated list of numbers: {rates!r}", param_hint="--rates") from exc
+    if not rate_list or any(not 0 < r <= 100_000 for r in rate_list):
+        raise typer.BadParameter("rates must lie in (0, 100000]", param_hint="--rates")
+    _quiet_client_logs()
+    try:
+        results = asyncio.run(bench(_settings(), rate_list, duration, slo_ms, start_rate, report=typer.echo))
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(RuntimeError(f"benchmark failed ({type(exc).__name__}: {exc}); is the stack up?")) from exc
+    if out is not None:
+        out.write_text(json.dumps(results, indent=2, default=float))
+    typer.echo(render(results))
+
+
 def _newest_runs(runs_dir: Path) -> list[Path]:
     newest: dict[str, Path] = {}
     for run in sorted(p for p in runs_dir.glob("*/run.json")):

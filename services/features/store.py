@@ -130,6 +130,16 @@ return applied
 """
 
 
+# One user's features in one command (all three keys share the user's hash slot).
+# KEYS: recent, windows, purchased. ARGV: recent_events, then the window fields to read.
+_READ_USER: Final = r"""
+local recent = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1, 'WITHSCORES')
+local counts = redis.call('HMGET', KEYS[2], unpack(ARGV, 2))
+local purchased = redis.call('ZRANGE', KEYS[3], 0, -1)
+return {recent, counts, purchased}
+"""
+
+
 @dataclass(frozen=True)
 class RecentEvent:
     item_id: str
@@ -172,6 +182,7 @@ class FeatureStore:
         self.settings = settings
         self.ns = settings.namespace
         self._apply = client.register_script(_APPLY_BATCH)
+        self._read_user = client.register_script(_READ_USER)
         self._static_args = [
             settings.recent_events, settings.purchased_max, settings.dedupe_window_s * 1000, settings.user_ttl_s * 1000,
             settings.trending_half_life_s * 1000, settings.popular_max_items,
@@ -210,36 +221,37 @@ class FeatureStore:
         return {int(k.removeprefix(prefix)): int(v) for k, v in _decoded(raw).items() if k.startswith(prefix)}
 
     # --- reading ------------------------------------------------------------------------------
-    def _queue_user(self, pipe: aioredis.client.Pipeline, user_id: str, now_ms: int) -> None:
-        u = user_prefix(self.ns, user_id)
-        pipe.zrange(f"{u}:recent", -self.settings.recent_events, -1, withscores=True)
-        pipe.hmget(f"{u}:windows", self._window_fields(now_ms))
-        pipe.zrange(f"{u}:purchased", 0, -1)
-
     def _window_fields(self, now_ms: int) -> list[str]:
         return [f"{w}:{now_ms // (w * 1000)}:{t.value}" for w in self.settings.windows_s for t in _TYPES]
 
-    def _parse_user(self, user_id: str, replies: list) -> UserFeatures:  # noqa: ANN001
+    def _user_call(self, user_id: str, now_ms: int) -> tuple[list[str], list[object]]:
+        u = user_prefix(self.ns, user_id)
+        return [f"{u}:recent", f"{u}:windows", f"{u}:purchased"], [self.settings.recent_events, *self._window_fields(now_ms)]
+
+    def _parse_user(self, user_id: str, reply: list) -> UserFeatures:  # noqa: ANN001
+        flat = reply[0]
         recent = []
-        for member, score in replies[0]:
+        for member, score in zip(flat[::2], flat[1::2], strict=True):
             item, kind, event_id = _text(member).split(SEP, 2)
-            recent.append(RecentEvent(item_id=item, type=EventType(kind), ts_ms=int(score), event_id=event_id))
-        values = iter(replies[1])
+            recent.append(RecentEvent(item_id=item, type=EventType(kind), ts_ms=int(float(score)), event_id=event_id))
+        values = iter(reply[1])
         counts = {window: {t: int(v) for t in _TYPES if (v := next(values)) is not None} for window in self.settings.windows_s}
-        return UserFeatures(user_id, tuple(recent), counts, frozenset(_text(i) for i in replies[2]))
+        return UserFeatures(user_id, tuple(recent), counts, frozenset(_text(i) for i in reply[2]))
 
     async def user_features(self, user_id: str, now_ms: int) -> UserFeatures:
-        return (await self.many_user_features([user_id], now_ms))[0]
+        """One user's features: one script call, one round trip (the gateway's hot path)."""
+        keys, args = self._user_call(user_id, now_ms)
+        return self._parse_user(user_id, await self._read_user(keys=keys, args=args))
 
     async def many_user_features(self, user_ids: Iterable[str], now_ms: int) -> list[UserFeatures]:
-        """Features of several users in one pipelined round trip (no transaction: reads only)."""
+        """Features of several users in one pipelined round trip."""
         users = list(user_ids)
-        per_user = 3
         async with self.client.pipeline(transaction=False) as pipe:
             for user in users:
-                self._queue_user(pipe, user, now_ms)
+                keys, args = self._user_call(user, now_ms)
+                await self._read_user(keys=keys, args=args, client=pipe)
             replies = await pipe.execute()
-        return [self._parse_user(user, replies[i * per_user : (i + 1) * per_user]) for i, user in enumerate(users)]
+        return [self._parse_user(user, reply) for user, reply in zip(users, replies, strict=True)]
 
     async def popular(self, n: int) -> list[tuple[str, float]]:
         """The global top-n by popularity weight: the cold-start and fallback answer."""

@@ -1,0 +1,220 @@
+"""`vitrine bench gateway`: the serving figures, as ratios measured in one run on one machine.
+
+1. Gateway end-to-end vs. a direct `tritonclient` call to the same model (gru4rec, newest version)
+   at the same open-loop rate: p50 and p99 of each, and the ratios.
+2. The highest rate at p99 ≤ SLO (default 25 ms): the stack's gateway (micro-batching on), a second
+   gateway process with `max_batch=1` (batching off), and the plain one-request-one-inference
+   baseline server (`loadtest/baseline_server.py`), each ramped with the same generator.
+
+Traffic: Zipf-distributed users over shoppers whose histories were published first, a cold-start
+share of new users, page contexts; every request has a deadline. The experiment is pinned to 100 %
+gru4rec during the run and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc.aio as triton
+
+from vitrine.contracts import ranker, topics
+from vitrine.export.data import synthetic
+from vitrine.export.triton_repository import versions
+from vitrine.loadtest.load_generator import LoadResult, Outcome, highest_rate, run
+from vitrine.services.events.publisher import publish
+from vitrine.services.gateway.client import GatewayClient
+from vitrine.services.gateway.ranking import ServedModel
+from vitrine.services.stack.components import settings_env
+from vitrine.settings import Settings
+from vitrine.v1 import recommender_pb2 as pb
+
+STOREFRONT_KEY = "vitrine-demo-storefront"
+EXPERIMENTER_KEY = "vitrine-demo-experimenter"
+PAGES = ("home", "pdp", "cart", "search")
+DEADLINE_S = 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class UserMix:
+    warm: list[str]
+    cold_share: float
+    zipf: float = 1.1
+
+    def picker(self, seed: int) -> Callable[[int], tuple[str, str]]:
+        rng = np.random.default_rng(seed)
+        ranks = np.arange(1, len(self.warm) + 1, dtype=float) ** -self.zipf
+        cumulative = np.cumsum(ranks / ranks.sum())
+
+        def pick(n: int) -> tuple[str, str]:
+            page = PAGES[n % len(PAGES)]
+            if rng.random() < self.cold_share:
+                return f"cold-{seed}-{n}", page
+            return self.warm[int(np.searchsorted(cumulative, rng.random()))], page
+
+        return pick
+
+
+async def prepare_users(settings: Settings, count: int) -> list[str]:
+    """Publish real sessions for `count` shoppers (timestamped now) and return their ids."""
+    table = synthetic.generate(synthetic.preset("small", seed=99))
+    events = list(table.events())
+    users = sorted({e.user_id for e in events})[:count]
+    keep = set(users)
+    tag = f"bench{int(time.time())}"
+    chosen = [e.model_copy(update={"user_id": f"{tag}-{e.user_id}", "event_id": f"{tag}-{e.event_id}"}) for e in events if e.user_id in keep]
+    await publish(chosen, settings.kafka.bootstrap_servers, topics.EVENTS, retime=True)
+    return [f"{tag}-{u}" for u in users]
+
+
+def gateway_sender(client: GatewayClient, pick: Callable[[int], tuple[str, str]]):  # noqa: ANN201
+    async def send(n: int) -> Outcome:
+        user, page = pick(n)
+        reply = await client.recommend(user, k=10, page=page, timeout_s=DEADLINE_S)
+        return Outcome(degraded=reply.degraded, variant=reply.variant)
+
+    return send
+
+
+def triton_sender(client: triton.InferenceServerClient, model: ServedModel, exclude_width: int, seed: int):  # noqa: ANN201
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(model.first_item_id, model.first_item_id + len(model.item_ids), size=(1, model.max_len)) for _ in range(64)]
+
+    async def send(n: int) -> Outcome:
+        inputs = []
+        items = rows[n % len(rows)]
+        for name, array in ((ranker.ITEM_IDS, items), (ranker.EVENT_TYPES, np.ones_like(items)),
+                            (ranker.EXCLUDE_IDS, np.zeros((1, exclude_width), dtype=np.int64))):
+            tensor = triton.InferInput(name, list(array.shape), "INT64")
+            tensor.set_data_from_numpy(array.astype(np.int64))
+            inputs.append(tensor)
+        await client.infer(model.name, inputs, model_version=model.version, client_timeout=DEADLINE_S,
+                           outputs=[triton.InferRequestedOutput(o) for o in ranker.OUTPUTS])
+        return Outcome(variant="direct")
+
+    return send
+
+
+async def _pin_experiment(settings: Settings, model: str) -> pb.Experiment:
+    async with GatewayClient(settings.gateway.address, EXPERIMENTER_KEY) as admin:
+        before = await admin.get_experiment()
+        await admin.set_experiment(pb.Experiment(name=before.name, salt=before.salt,
+                                                 variants=[pb.Variant(name="bench", model_name=model, weight=100)]))
+        return before
+
+
+async def _restore_experiment(settings: Settings, before: pb.Experiment) -> None:
+    async with GatewayClient(settings.gateway.address, EXPERIMENTER_KEY) as admin:
+        await admin.set_experiment(pb.Experiment(name=before.name, salt=before.salt, variants=before.variants))
+
+
+def _start(command: list[str], settings: Settings) -> subprocess.Popen:
+    return subprocess.Popen(command, env={**os.environ, **settings_env(settings)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def _wait_answering(address: str, key: str | None, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with GatewayClient(address, key) as client:
+        while True:
+            try:
+                await client.recommend("probe", k=1, timeout_s=1)
+                return
+            except Exception:  # noqa: BLE001
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+
+async def bench(settings: Settings, rates: list[float], duration_s: float, slo_ms: float, start_rate: float,
+                report: Callable[[str], None] = print) -> dict[str, object]:
+    model_name = "gru4rec"
+    folder = settings.triton.model_repository / model_name
+    model = ServedModel.load(settings.triton.model_repository, model_name, str(versions(folder)[-1]))
+    report("preparing shoppers …")
+    warm = await prepare_users(settings, 400)
+    mix = UserMix(warm=warm, cold_share=0.1)
+    before = await _pin_experiment(settings, model_name)
+    no_batch = settings.model_copy(update={"gateway": settings.gateway.model_copy(update={
+        "port": _free_port(), "metrics_port": _free_port(), "max_batch": 1})})
+    baseline_port = _free_port()
+    extra = [
+        _start([sys.executable, "-m", "vitrine", "gateway", "run"], no_batch),
+        _start([sys.executable, "-m", "vitrine.loadtest.baseline_server", "--model", model_name, "--port", str(baseline_port)], settings),
+    ]
+    results: dict[str, object] = {"slo_ms": slo_ms, "duration_s": duration_s}
+    try:
+        await _wait_answering(no_batch.gateway.address, STOREFRONT_KEY)
+        await _wait_answering(f"127.0.0.1:{baseline_port}", None)
+        await asyncio.sleep(1.5)  # the features of the last shoppers reach Redis
+        comparison = []
+        async with GatewayClient(settings.gateway.address, STOREFRONT_KEY) as gateway:
+            direct = triton.InferenceServerClient(settings.triton.grpc_url)
+            try:
+                for rate in rates:
+                    g = await run(gateway_sender(gateway, mix.picker(1)), rate, duration_s, warmup_s=2)
+                    d = await run(triton_sender(direct, model, settings.gateway.exclude_width, 1), rate, duration_s, warmup_s=2)
+                    comparison.append({"rate": rate, "gateway": g.summary(), "direct_triton": d.summary(),
+                                       "p50_ratio": g.percentile_ms(50) / d.percentile_ms(50), "p99_ratio": g.percentile_ms(99) / d.percentile_ms(99)})
+                    report(f"  {rate:g}/s: gateway p50 {g.percentile_ms(50):.2f} ms p99 {g.percentile_ms(99):.2f} ms | "
+                           f"direct Triton p50 {d.percentile_ms(50):.2f} ms p99 {d.percentile_ms(99):.2f} ms")
+            finally:
+                await direct.close()
+        results["comparison"] = comparison
+
+        async def ramp(address: str, key: str | None, label: str) -> tuple[float, list[LoadResult]]:
+            async with GatewayClient(address, key) as client:
+                async def measure(rate: float) -> LoadResult:
+                    result = await run(gateway_sender(client, mix.picker(2)), rate, duration_s, warmup_s=1, arrivals="poisson", seed=int(rate))
+                    report(f"  {label} {rate:,.0f}/s → p99 {result.percentile_ms(99):.1f} ms, errors {result.errors}, "
+                           f"achieved {result.achieved_rate:,.0f}/s{' (generator fell behind)' if result.fell_behind else ''}")
+                    return result
+
+                return await highest_rate(measure, slo_ms, start_rate)
+
+        capacity = {}
+        for label, address, key in (("batching on", settings.gateway.address, STOREFRONT_KEY),
+                                     ("batching off", no_batch.gateway.address, STOREFRONT_KEY),
+                                     ("plain baseline", f"127.0.0.1:{baseline_port}", None)):
+            report(f"ramping {label} …")
+            best, runs = await ramp(address, key, label)
+            capacity[label] = {"highest_rate": best, "runs": [r.summary() for r in runs],
+                               "generator_fell_behind": any(r.fell_behind for r in runs)}
+        results["capacity"] = capacity
+    finally:
+        for process in extra:
+            process.terminate()
+            process.wait(timeout=20)
+        await _restore_experiment(settings, before)
+    return results
+
+
+def render(results: dict) -> str:
+    lines = ["| measure | gateway | direct Triton | ratio |", "| --- | ---: | ---: | ---: |"]
+    for row in results["comparison"]:
+        g, d = row["gateway"], row["direct_triton"]
+        lines.append(f"| p50 at {row['rate']:g}/s | {g['p50_ms']:.2f} ms | {d['p50_ms']:.2f} ms | {row['p50_ratio']:.2f}× |")
+        lines.append(f"| p99 at {row['rate']:g}/s | {g['p99_ms']:.2f} ms | {d['p99_ms']:.2f} ms | {row['p99_ratio']:.2f}× |")
+    capacity = results["capacity"]
+    on, off, plain = (capacity[k]["highest_rate"] for k in ("batching on", "batching off", "plain baseline"))
+    lines += ["", f"| highest rate at p99 ≤ {results['slo_ms']:g} ms | req/s |", "| --- | ---: |",
+              f"| gateway, micro-batching on | {on:,.0f} |", f"| gateway, micro-batching off | {off:,.0f} |",
+              f"| plain one-request-one-inference server | {plain:,.0f} |",
+              f"| batching on ÷ off | {on / off:.2f}× |" if off else "| batching on ÷ off | n/a |",
+              f"| gateway ÷ plain server | {on / plain:.2f}× |" if plain else "| gateway ÷ plain server | n/a |"]
+    behind = [k for k, v in capacity.items() if v["generator_fell_behind"]]
+    if behind:
+        lines.append(f"\nThe load generator fell behind its schedule during: {', '.join(behind)} (figures there are client-bound).")
+    return "\n".join(lines)
