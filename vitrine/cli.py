@@ -476,6 +476,32 @@ def _newest_runs(runs_dir: Path) -> list[Path]:
     return list(newest.values())
 
 
+@app.command("loadtest")
+def loadtest(
+    rate: Annotated[float, typer.Option(min=0.1, max=100_000, help="Target requests per second (open loop).")] = 100,
+    duration: Annotated[float, typer.Option(min=1, max=3600, help="Measured seconds (after warm-up).")] = 20,
+    warmup: Annotated[float, typer.Option(min=0, max=600)] = 3,
+    arrivals: Annotated[str, typer.Option(help="constant or poisson")] = "poisson",
+    cold_share: Annotated[float, typer.Option(min=0, max=1, help="Share of requests for users without history.")] = 0.1,
+    events_rate: Annotated[float | None, typer.Option(min=1, max=1_000_000, help="Also publish events at this rate (features churn).")] = None,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    out: Annotated[Path | None, typer.Option(dir_okay=False, help="JSON summary.")] = None,
+    png: Annotated[Path | None, typer.Option(dir_okay=False, help="Latency over time and histogram.")] = None,
+) -> None:
+    """Open-loop gRPC load on the gateway: Zipf users, cold starts, pages; percentiles per variant."""
+    from vitrine.loadtest.gateway_load import load, render, write_outputs
+
+    if arrivals not in ("constant", "poisson"):
+        raise typer.BadParameter("choose constant or poisson", param_hint="--arrivals")
+    _quiet_client_logs()
+    try:
+        result = asyncio.run(load(_settings(), rate, duration, warmup, arrivals, cold_share, events_rate, seed))
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(RuntimeError(f"load test failed ({type(exc).__name__}: {exc}); is the stack up?")) from exc
+    write_outputs(result, out, png)
+    typer.echo(render(result))
+
+
 @app.command("report")
 def report(
     out: Annotated[Path, typer.Option(dir_okay=False, help="PNG to write.")] = Path("docs/report.png"),
