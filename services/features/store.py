@@ -37,6 +37,7 @@ DAY_MS: Final = 86_400_000
 POPULARITY_WEIGHT: Final = {EventType.VIEW: 1, EventType.CLICK: 2, EventType.ADD_TO_CART: 3, EventType.PURCHASE: 5}
 """How much one event of each type adds to an item's popularity and trending scores."""
 _TYPES: Final = tuple(EventType)
+_TYPE_BY_NAME: Final = {t.value: t for t in EventType}
 
 # KEYS: none (the single-Redis path builds keys from the namespace; see the module docstring).
 # ARGV: ns, group, n_events, n_offsets, recent_max, purchased_max, dedupe_ms, user_ttl_ms,
@@ -233,7 +234,7 @@ class FeatureStore:
         recent = []
         for member, score in zip(flat[::2], flat[1::2], strict=True):
             item, kind, event_id = _text(member).split(SEP, 2)
-            recent.append(RecentEvent(item_id=item, type=EventType(kind), ts_ms=int(float(score)), event_id=event_id))
+            recent.append(RecentEvent(item, _TYPE_BY_NAME[kind], int(float(score)), event_id))
         values = iter(reply[1])
         counts = {window: {t: int(v) for t in _TYPES if (v := next(values)) is not None} for window in self.settings.windows_s}
         return UserFeatures(user_id, tuple(recent), counts, frozenset(_text(i) for i in reply[2]))

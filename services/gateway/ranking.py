@@ -58,9 +58,10 @@ class ServedModel:
         return np.array(known + [PAD] * (width - len(known)), dtype=np.int64)
 
     def decode(self, ids: np.ndarray, scores: np.ndarray) -> Ranked:
-        first = self.first_item_id
-        return [(self.item_ids[int(i) - first], float(s)) for i, s in zip(ids, scores, strict=True)
-                if s > ranker.EXCLUDED_SCORE and int(i) >= first]
+        first, items = self.first_item_id, self.item_ids
+        # Plain Python ints/floats first: per-element numpy scalars cost ~3 µs each on the hot path.
+        return [(items[i - first], s) for i, s in zip(ids.tolist(), scores.tolist(), strict=True)
+                if s > ranker.EXCLUDED_SCORE and i >= first]
 
 
 class ModelCatalog:
