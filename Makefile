@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 VITRINE := $(VENV)/bin/vitrine
 
-.PHONY: setup demo test test-unit test-integration up down status clean proto dashboards
+.PHONY: setup demo test test-unit test-integration up down status clean proto dashboards ghz
 
 setup:  ## install everything this machine lacks (Debian packages, .venv, Kafka jars, Triton binary)
 	@bash deploy/setup.sh
@@ -38,3 +38,6 @@ proto:  ## regenerate vitrine/v1/*_pb2*.py from proto/ (committed; tests check t
 
 dashboards:  ## regenerate grafana/dashboards/*.json from grafana/build.py (committed; tests check they are current)
 	@$(VENV)/bin/python grafana/build.py
+
+ghz:  ## install ghz (a Go gRPC load tool) into the cache, for loadtest/ghz_crosscheck.py
+	@GOBIN=$${VITRINE_CACHE:-$$HOME/.cache/vitrine}/go/bin go install github.com/bojand/ghz/cmd/ghz@v0.120.0

@@ -469,6 +469,47 @@ def bench_gateway(
     typer.echo(render(results))
 
 
+@bench_app.command("all")
+def bench_all(
+    out: Annotated[Path | None, typer.Option(dir_okay=False, help="Raw figures of every part as JSON.")] = None,
+) -> None:
+    """Every benchmark in one run, then one table of ratios (models, features, gateway); ≈ 7 minutes."""
+    from vitrine.loadtest.feature_throughput import run as run_features
+    from vitrine.loadtest.model_latency import bench_model
+    from vitrine.loadtest.serving_bench import bench as run_gateway
+
+    settings = _settings()
+    _quiet_client_logs()
+    try:
+        typer.echo("models …")
+        models = bench_model(settings, "gru4rec", calls=400, warmup=50)
+        typer.echo("features …")
+        features = asyncio.run(run_features(settings, 100_000, 10, report=typer.echo))
+        typer.echo("gateway …")
+        gateway = asyncio.run(run_gateway(settings, [100.0], 8, 25, 100, report=typer.echo))
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(RuntimeError(f"benchmark failed ({type(exc).__name__}: {exc}); is the stack up?")) from exc
+    by = {(m.batch_size, m.path.startswith("Triton")): m for m in models}
+    row = gateway["comparison"][0]
+    capacity = {k: v["highest_rate"] for k, v in gateway["capacity"].items()}
+    lines = ["| ratio (one run, this machine) | value |", "| --- | ---: |",
+             f"| gateway ÷ direct Triton, p50 at {row['rate']:g}/s | {row['p50_ratio']:.2f}× |",
+             f"| gateway ÷ direct Triton, p99 at {row['rate']:g}/s | {row['p99_ratio']:.2f}× |",
+             f"| highest rate at p99 ≤ 25 ms, micro-batching on ÷ off | {capacity['batching on'] / max(capacity['batching off'], 1e-9):.2f}× ({capacity['batching on']:,.0f} vs {capacity['batching off']:,.0f}/s) |",
+             f"| highest rate at p99 ≤ 25 ms, gateway ÷ plain one-request-one-inference server | {capacity['batching on'] / max(capacity['plain baseline'], 1e-9):.2f}× ({capacity['plain baseline']:,.0f}/s) |",
+             f"| Triton ÷ onnxruntime in-process, p50, batch 1 | {by[(1, True)].p50_ms / by[(1, False)].p50_ms:.1f}× |",
+             f"| Triton ÷ onnxruntime in-process, p50, batch 128 | {by[(128, True)].p50_ms / by[(128, False)].p50_ms:.1f}× |",
+             f"| Triton cost per item, batch 1 ÷ batch 128 | {by[(1, True)].per_item_us / by[(128, True)].per_item_us:.0f}× |",
+             f"| feature consumer: events/s (backlog) | {features.events_per_s:,.0f} |",
+             f"| feature consumer: events per CPU-second (consumer + Redis) | {features.events / max(features.cpu_seconds + features.redis_cpu_seconds, 1e-9):,.0f} |",
+             f"| freshness p99 at half that rate | {features.freshness_p99_ms:.1f} ms |"]
+    if out is not None:
+        from dataclasses import asdict
+
+        out.write_text(json.dumps({"models": [asdict(m) for m in models], "features": asdict(features), "gateway": gateway}, indent=2, default=float))
+    typer.echo("\n".join(lines))
+
+
 def _newest_runs(runs_dir: Path) -> list[Path]:
     newest: dict[str, Path] = {}
     for run in sorted(p for p in runs_dir.glob("*/run.json")):

@@ -214,3 +214,21 @@ def test_generated_protobuf_code_is_current(tmp_path: Path) -> None:
                     f"--grpc_python_out={tmp_path}", "proto/vitrine/v1/recommender.proto"], cwd=REPO_ROOT, check=True)
     for name in ("recommender_pb2.py", "recommender_pb2.pyi", "recommender_pb2_grpc.py"):
         assert filecmp.cmp(tmp_path / "vitrine" / "v1" / name, REPO_ROOT / "vitrine" / "v1" / name, shallow=False), name
+
+
+@pytest.mark.timeout(10)
+async def test_exposures_never_block_serving_and_drops_beyond_the_buffer_are_counted() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from vitrine.contracts.exposures import Exposure
+    from vitrine.services.gateway.exposures import ExposureLog
+    from vitrine.services.gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics(CollectorRegistry())
+    log = ExposureLog("127.0.0.1:1", capacity=3, metrics=metrics)  # no Kafka there, and the sender not started
+    record = Exposure(request_id="r", user_id="u", ts_ms=1, variant="a", model_name="m", model_version="1",
+                      item_ids=["i"], scores=[1.0], latency_ms=1.0, degraded=False)
+    for _ in range(5):
+        log.record(record)  # returns at once: serving never waits on Kafka
+    assert log.buffer.qsize() == 3
+    assert metrics.exposures_dropped._value.get() == 2
