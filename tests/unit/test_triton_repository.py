@@ -69,3 +69,10 @@ def test_smoke_model_has_a_dynamic_batch_axis() -> None:
     for rows in (1, 5):
         (scores,) = session.run(None, {smoke.INPUT: np.ones((rows, smoke.FEATURES), np.float32)})
         assert scores.shape == (rows, smoke.OUTPUTS) and np.all(np.abs(scores) <= 1)
+
+
+def test_every_served_model_py_is_the_exported_runner() -> None:
+    copies = list((REPO_ROOT / "model_repository").glob("*/[0-9]*/model.py"))
+    assert len(copies) >= 3
+    for copy in copies:
+        assert filecmp.cmp(copy, PYTHON_MODEL_SOURCE, shallow=False), copy
