@@ -38,6 +38,41 @@ async def load(settings: Settings, rate: float, duration_s: float, warmup_s: flo
             await churn
 
 
+def _worker(args: tuple) -> dict:
+    """One load process (spawned): its share of the rate, raw samples back to the parent."""
+    rate, duration_s, warmup_s, arrivals, cold_share, events_rate, seed = args
+    result = asyncio.run(load(Settings(), rate, duration_s, warmup_s, arrivals, cold_share, events_rate, seed))
+    return {"latencies": result.latencies_s.tolist(), "codes": dict(result.codes), "degraded": result.degraded,
+            "by_variant": {v: s.tolist() for v, s in result.by_variant.items()}, "behind": result.behind_s.tolist(),
+            "timeline": result.timeline.tolist()}
+
+
+def load_in_processes(processes: int, rate: float, duration_s: float, warmup_s: float, arrivals: str, cold_share: float,
+                      events_rate: float | None, seed: int) -> LoadResult:
+    """The same open-loop load from `processes` processes (rate split evenly, seeds distinct), samples merged:
+    for rates one Python process cannot hold on its own."""
+    import multiprocessing
+    from collections import Counter
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(rate / processes, duration_s, warmup_s, arrivals, cold_share, events_rate if n == 0 else None, seed + n)
+            for n in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_worker, jobs))
+    by_variant: dict[str, list[float]] = {}
+    codes: Counter = Counter()
+    for part in parts:
+        codes.update(part["codes"])
+        for variant, samples in part["by_variant"].items():
+            by_variant.setdefault(variant, []).extend(samples)
+    return LoadResult(
+        target_rate=rate, duration_s=duration_s, latencies_s=np.concatenate([np.array(p["latencies"]) for p in parts]),
+        codes=codes, degraded=sum(p["degraded"] for p in parts), by_variant={v: np.array(s) for v, s in by_variant.items()},
+        behind_s=np.concatenate([np.array(p["behind"]) for p in parts]),
+        timeline=np.concatenate([np.array(p["timeline"]) for p in parts]),
+    )
+
+
 def write_outputs(result: LoadResult, json_path: Path | None, png_path: Path | None) -> None:
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

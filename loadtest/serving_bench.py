@@ -193,6 +193,15 @@ async def bench(settings: Settings, rates: list[float], duration_s: float, slo_m
             capacity[label] = {"highest_rate": best, "runs": [r.summary() for r in runs],
                                "generator_fell_behind": any(r.fell_behind for r in runs)}
         results["capacity"] = capacity
+        # Headroom: at 70 % of the gateway's highest rate, the tail must stay close to the median.
+        rate = 0.7 * capacity["batching on"]["highest_rate"]
+        if rate > 0:
+            async with GatewayClient(settings.gateway.address, STOREFRONT_KEY) as client:
+                steady = await run(gateway_sender(client, mix.picker(3)), rate, duration_s * 2, warmup_s=2, arrivals="poisson", seed=7)
+            results["at_70_percent"] = {**steady.summary(), "p99_over_p50": steady.percentile_ms(99) / steady.percentile_ms(50)}
+            results["_at_70_percent_result"] = steady
+            report(f"  70 % of capacity ({rate:,.0f}/s): p50 {steady.percentile_ms(50):.1f} ms, p99 {steady.percentile_ms(99):.1f} ms, "
+                   f"errors {steady.errors}")
     finally:
         for process in extra:
             process.terminate()
@@ -214,6 +223,11 @@ def render(results: dict) -> str:
               f"| plain one-request-one-inference server | {plain:,.0f} |",
               f"| batching on ÷ off | {on / off:.2f}× |" if off else "| batching on ÷ off | n/a |",
               f"| gateway ÷ plain server | {on / plain:.2f}× |" if plain else "| gateway ÷ plain server | n/a |"]
+    steady = results.get("at_70_percent")
+    if steady:
+        verdict = "holds" if steady["p99_over_p50"] <= 3 and not steady["errors"] else "does not hold"
+        lines += [f"| at 70 % of that rate ({steady['target_rate']:,.0f}/s): p99 ÷ p50, failed requests | "
+                  f"{steady['p99_over_p50']:.1f}×, {sum(steady['errors'].values())} ({verdict}: aim ≤ 3×, none) |"]
     behind = [k for k, v in capacity.items() if v["generator_fell_behind"]]
     if behind:
         lines.append(f"\nThe load generator fell behind its schedule during: {', '.join(behind)} (figures there are client-bound).")

@@ -401,8 +401,16 @@ def recommend(
     typer.echo("  " + ", ".join(f"{i.item_id} ({i.score:.2f})" for i in reply.items))
 
 
-bench_app = typer.Typer(help="Benchmarks that print figures (ratios measured in one run).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print figures (ratios measured in one run); without a sub-command: all.",
+                        invoke_without_command=True)
 app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
+def bench_default(ctx: typer.Context) -> None:
+    """`vitrine bench` alone runs every benchmark and prints one table of ratios (as `vitrine bench all`)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(bench_all, out=Path("docs/bench-all.json"))
 
 
 @bench_app.command("models")
@@ -464,9 +472,20 @@ def bench_gateway(
         results = asyncio.run(bench(_settings(), rate_list, duration, slo_ms, start_rate, report=typer.echo))
     except Exception as exc:  # noqa: BLE001
         raise _fail(RuntimeError(f"benchmark failed ({type(exc).__name__}: {exc}); is the stack up?")) from exc
-    if out is not None:
-        out.write_text(json.dumps(results, indent=2, default=float))
+    _write_bench_outputs(results, out)
     typer.echo(render(results))
+
+
+def _write_bench_outputs(gateway: dict, out: Path | None) -> None:
+    """JSON of the figures, and beside it a PNG of the 70 %-of-capacity run (latency over time, histogram)."""
+    from vitrine.loadtest.gateway_load import write_outputs
+
+    steady = gateway.pop("_at_70_percent_result", None)
+    if out is None:
+        return
+    out.write_text(json.dumps(gateway, indent=2, default=float))
+    if steady is not None:
+        write_outputs(steady, None, out.with_suffix(".png"))
 
 
 @bench_app.command("all")
@@ -503,6 +522,11 @@ def bench_all(
              f"| feature consumer: events/s (backlog) | {features.events_per_s:,.0f} |",
              f"| feature consumer: events per CPU-second (consumer + Redis) | {features.events / max(features.cpu_seconds + features.redis_cpu_seconds, 1e-9):,.0f} |",
              f"| freshness p99 at half that rate | {features.freshness_p99_ms:.1f} ms |"]
+    steady = gateway.get("at_70_percent")
+    if steady:
+        lines.append(f"| at 70 % of the gateway's highest rate: p99 ÷ p50 (aim ≤ 3×), failed requests | "
+                     f"{steady['p99_over_p50']:.1f}×, {sum(steady['errors'].values())} |")
+    _write_bench_outputs(gateway, out)
     if out is not None:
         from dataclasses import asdict
 
@@ -526,17 +550,21 @@ def loadtest(
     cold_share: Annotated[float, typer.Option(min=0, max=1, help="Share of requests for users without history.")] = 0.1,
     events_rate: Annotated[float | None, typer.Option(min=1, max=1_000_000, help="Also publish events at this rate (features churn).")] = None,
     seed: Annotated[int, typer.Option(min=0)] = 0,
+    processes: Annotated[int, typer.Option(min=1, max=64, help="Load processes (the rate is split between them).")] = 1,
     out: Annotated[Path | None, typer.Option(dir_okay=False, help="JSON summary.")] = None,
     png: Annotated[Path | None, typer.Option(dir_okay=False, help="Latency over time and histogram.")] = None,
 ) -> None:
     """Open-loop gRPC load on the gateway: Zipf users, cold starts, pages; percentiles per variant."""
-    from vitrine.loadtest.gateway_load import load, render, write_outputs
+    from vitrine.loadtest.gateway_load import load, load_in_processes, render, write_outputs
 
     if arrivals not in ("constant", "poisson"):
         raise typer.BadParameter("choose constant or poisson", param_hint="--arrivals")
     _quiet_client_logs()
     try:
-        result = asyncio.run(load(_settings(), rate, duration, warmup, arrivals, cold_share, events_rate, seed))
+        if processes > 1:
+            result = load_in_processes(processes, rate, duration, warmup, arrivals, cold_share, events_rate, seed)
+        else:
+            result = asyncio.run(load(_settings(), rate, duration, warmup, arrivals, cold_share, events_rate, seed))
     except Exception as exc:  # noqa: BLE001
         raise _fail(RuntimeError(f"load test failed ({type(exc).__name__}: {exc}); is the stack up?")) from exc
     write_outputs(result, out, png)

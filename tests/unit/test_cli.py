@@ -77,3 +77,15 @@ def test_publishing_without_kafka_fails_with_one_clear_line() -> None:
     result = runner.invoke(app, ["events", "generate", "--preset", "tiny", "--count", "5"],
                            env={"VITRINE_KAFKA__PORT": "1"})
     assert result.exit_code == 1 and "is the stack up?" in result.output
+
+
+def test_bench_gateway_rejects_bad_rates() -> None:
+    result = runner.invoke(app, ["bench", "gateway", "--rates", "10,fast"])
+    assert result.exit_code == 2 and "comma-separated" in result.output
+    result = runner.invoke(app, ["bench", "gateway", "--rates", "0"])
+    assert result.exit_code == 2 and "(0, 100000]" in result.output
+
+
+def test_loadtest_rejects_unknown_arrivals() -> None:
+    result = runner.invoke(app, ["loadtest", "--arrivals", "bursty"])
+    assert result.exit_code == 2 and "constant or poisson" in result.output
