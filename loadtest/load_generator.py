@@ -81,9 +81,11 @@ def schedule(rate: float, duration_s: float, arrivals: Arrivals, seed: int) -> n
         raise ValueError("rate and duration must be positive")
     if arrivals == "constant":
         return np.arange(0, duration_s, 1 / rate)
-    gaps = np.random.default_rng(seed).exponential(1 / rate, size=int(rate * duration_s * 1.5) + 10)
-    times = np.cumsum(gaps)
-    return times[times < duration_s]
+    # A Poisson process conditioned on its count: round(rate × duration) instants, uniform and sorted (gaps
+    # still exponential). Drawing the count too would offer ±5 % of the target by chance (1 σ at 400
+    # requests), and a capacity step would pass or fail on the draw instead of on the server.
+    count = max(1, round(rate * duration_s))
+    return np.sort(np.random.default_rng(seed).uniform(0, duration_s, size=count))
 
 
 async def run(
@@ -101,7 +103,10 @@ async def run(
     `max_outstanding` requests are in flight, a due request is counted as "CLIENT_OVERLOAD" instead
     of being sent, so the generator never turns closed-loop without saying so.
     """
-    due = schedule(rate, warmup_s + duration_s, arrivals, seed)
+    # Warm-up and measured window scheduled apart, so the measured window offers exactly rate × duration_s.
+    due = schedule(rate, duration_s, arrivals, seed) + warmup_s
+    if warmup_s > 0:
+        due = np.concatenate([schedule(rate, warmup_s, arrivals, seed + 1), due])
     latencies = np.full(len(due), np.nan)
     behind = np.zeros(len(due))
     outcomes: list[Outcome | None] = [None] * len(due)
