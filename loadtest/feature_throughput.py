@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from vitrine.services.events.publisher import publish
 from vitrine.services.features.metrics import FRESHNESS
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.stack.components import settings_env
+from vitrine.services.stack.launcher import free_port
 from vitrine.services.stack.health import features_ready
 from vitrine.settings import Settings
 
@@ -54,12 +54,6 @@ class FeatureBenchResult:
     mean_batch_ms: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
     """Prometheus' histogram_quantile over cumulative (upper bound, count) pairs, linear within a bucket."""
     total = buckets[-1][1]
@@ -79,7 +73,7 @@ class _Lane:
     def __init__(self, settings: Settings, tag: str) -> None:
         features = settings.features.model_copy(update={
             "events_topic": f"events.bench-{tag}", "group_id": f"bench-{tag}", "namespace": f"b{tag}",
-            "metrics_port": _free_port(),
+            "metrics_port": free_port(),
         })
         self.settings = settings.model_copy(update={"features": features})
         self.redis = aioredis.Redis(host=settings.redis.host, port=settings.redis.port)

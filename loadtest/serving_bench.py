@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from vitrine.services.events.publisher import publish
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.services.gateway.ranking import ServedModel
 from vitrine.services.stack.components import settings_env
+from vitrine.services.stack.launcher import free_port
 from vitrine.settings import Settings
 from vitrine.v1 import recommender_pb2 as pb
 
@@ -40,12 +40,6 @@ STOREFRONT_KEY = "vitrine-demo-storefront"
 EXPERIMENTER_KEY = "vitrine-demo-experimenter"
 PAGES = ("home", "pdp", "cart", "search")
 DEADLINE_S = 1.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -148,8 +142,8 @@ async def bench(settings: Settings, rates: list[float], duration_s: float, slo_m
     mix = UserMix(warm=warm, cold_share=0.1)
     before = await _pin_experiment(settings, model_name)
     no_batch = settings.model_copy(update={"gateway": settings.gateway.model_copy(update={
-        "port": _free_port(), "metrics_port": _free_port(), "max_batch": 1})})
-    baseline_port = _free_port()
+        "port": free_port(), "metrics_port": free_port(), "max_batch": 1})})
+    baseline_port = free_port()
     extra = [
         _start([sys.executable, "-m", "vitrine", "gateway", "run"], no_batch),
         _start([sys.executable, "-m", "vitrine.loadtest.baseline_server", "--model", model_name, "--port", str(baseline_port)], settings),

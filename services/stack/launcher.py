@@ -49,6 +49,13 @@ def tail(path: Path, lines: int) -> str:
         return f"(no log at {path})\n"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS considers free right now (for extra processes started beside the stack)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,17 +31,12 @@ from vitrine.services.events.publisher import publish
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.stack import Stack
 from vitrine.services.stack.components import settings_env
+from vitrine.services.stack.launcher import free_port
 from vitrine.services.stack.health import features_ready
 from vitrine.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 PARTITIONS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -57,7 +51,7 @@ class Lane:
         return self.settings.features.events_topic
 
     def consumer_settings(self, **overrides: object) -> Settings:
-        features = self.settings.features.model_copy(update={"metrics_port": _free_port(), **overrides})
+        features = self.settings.features.model_copy(update={"metrics_port": free_port(), **overrides})
         return self.settings.model_copy(update={"features": features})
 
     def start_consumer(self, **overrides: object) -> tuple[subprocess.Popen, Settings]:

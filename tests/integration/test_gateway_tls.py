@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +15,9 @@ from tests.integration.invariants import eventually
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.services.stack import Stack
 from vitrine.services.stack.components import settings_env
+from vitrine.services.stack.launcher import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:
@@ -39,7 +33,7 @@ def _self_signed(folder: Path) -> tuple[Path, Path]:
 async def test_tls_gateway_serves_trusting_clients_and_refuses_plaintext(stack: Stack, tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     gateway = stack.settings.gateway.model_copy(update={
-        "port": _free_port(), "metrics_port": _free_port(), "tls_cert": cert, "tls_key": key})
+        "port": free_port(), "metrics_port": free_port(), "tls_cert": cert, "tls_key": key})
     settings = stack.settings.model_copy(update={"gateway": gateway})
     process = subprocess.Popen([sys.executable, "-m", "vitrine", "gateway", "run"], env={**os.environ, **settings_env(settings)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
