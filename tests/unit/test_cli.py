@@ -89,3 +89,18 @@ def test_bench_gateway_rejects_bad_rates() -> None:
 def test_loadtest_rejects_unknown_arrivals() -> None:
     result = runner.invoke(app, ["loadtest", "--arrivals", "bursty"])
     assert result.exit_code == 2 and "constant or poisson" in result.output
+
+
+def test_ab_set_rejects_a_malformed_variant() -> None:
+    result = runner.invoke(app, ["ab", "set", "-v", "control:gru4rec:70"])
+    assert result.exit_code == 2 and "NAME=MODEL[:VERSION]=WEIGHT" in result.output
+
+
+def test_ab_set_rejects_weights_that_do_not_sum_to_100() -> None:
+    result = runner.invoke(app, ["ab", "set", "-v", "a=gru4rec=60", "-v", "b=sasrec=30"])
+    assert result.exit_code == 2 and "sum to 90" in result.output
+
+
+def test_recommend_without_a_gateway_fails_with_one_clear_line() -> None:
+    result = runner.invoke(app, ["recommend", "u1", "--key", "k"], env={"VITRINE_GATEWAY__PORT": "1"})
+    assert result.exit_code == 1 and "UNAVAILABLE" in result.output
