@@ -177,6 +177,9 @@ class GatewaySettings(_Section):
     breaker_reset_s: float = Field(2.0, gt=0, le=600, description="Open circuit: time before one trial call.")
     refresh_s: float = Field(1.0, gt=0, le=60, description="Popularity/trending copies and model readiness refresh period.")
     exposure_buffer: int = Field(10_000, ge=1, le=10_000_000)
+    exposure_linger_ms: float = Field(
+        50, ge=0, le=10_000,
+        description="How long the exposure producer gathers records into one Kafka request (not on the answer's path).")
     experiment_poll_s: float = Field(5.0, gt=0, le=3600, description="Safety re-read of the experiment besides pub/sub.")
     drift_window: int = Field(5000, ge=10, le=1_000_000, description="Recent requests per variant compared with the reference.")
     drift_interval_s: float = Field(5.0, gt=0, le=3600)

@@ -9,6 +9,7 @@ Redis Cluster slot; see docs/redis-layout.md):
     ns:{u:<user>}:purchased          ZSET  item → ts_ms of the last purchase; newest `purchased_max`
     ns:{u:<user>}:seen               ZSET  event_id → ts_ms; the dedupe window (event time)
     ns:trending:<day>                ZSET  item → Σ weight·2^((ts − day start)/half-life)  (forward decay)
+    ns:trending:merged:<uuid>        ZSET  scratch: the two days merged for a top-n read, deleted in the same MULTI
     ns:popular                       ZSET  item → Σ weight; the top `popular_max_items`
     ns:offsets:<group>               HASH  "<topic>:<partition>" → next offset to read
 
@@ -23,6 +24,7 @@ is a per-user script (dedupe mark in the user's slot) plus per-partition offset 
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -263,9 +265,14 @@ class FeatureStore:
         today = now_ms // DAY_MS
         half_life_ms = self.settings.trending_half_life_s * 1000
         weights = {self.trending_key(day): math.pow(2, -(now_ms - day * DAY_MS) / half_life_ms) for day in (today, today - 1)}
-        merged = await self.client.zunion(weights, withscores=True)
-        ranked = sorted(((_text(item), float(score)) for item, score in merged), key=lambda pair: (-pair[1], pair[0]))
-        return ranked[:n]
+        # Merged and cut inside Redis: only n items cross the wire, not the whole catalogue every refresh.
+        scratch = f"{self.ns}:trending:merged:{uuid.uuid4().hex}"
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.zunionstore(scratch, weights)
+            pipe.zrevrange(scratch, 0, n - 1, withscores=True)
+            pipe.delete(scratch)
+            _, top, _ = await pipe.execute()
+        return sorted(((_text(item), float(score)) for item, score in top), key=lambda pair: (-pair[1], pair[0]))
 
 
 def _text(value: bytes | str) -> str:

@@ -20,8 +20,9 @@ RETRY_S = 1.0
 
 
 class ExposureLog:
-    def __init__(self, bootstrap_servers: str, capacity: int, metrics: GatewayMetrics) -> None:
+    def __init__(self, bootstrap_servers: str, capacity: int, metrics: GatewayMetrics, linger_ms: float = 50) -> None:
         self.bootstrap_servers = bootstrap_servers
+        self.linger_ms = linger_ms
         self.buffer: asyncio.Queue[Exposure] = asyncio.Queue(maxsize=capacity)
         self.metrics = metrics
         self._task: asyncio.Task | None = None
@@ -49,7 +50,7 @@ class ExposureLog:
 
     async def _send_forever(self) -> None:
         while True:
-            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, linger_ms=5, acks=1)
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, linger_ms=self.linger_ms, acks=1)
             try:
                 await producer.start()
                 while True:

@@ -46,7 +46,7 @@ class Gateway:
         self.rankers = RankerPool(cfg, self.triton, self.metrics)
         depth = cfg.max_k + cfg.max_exclusions + settings.features.purchased_max
         self.fallback = PopularityFallback(self.store, depth, cfg.refresh_s, cfg.redis_timeout_ms / 1000)
-        self.exposures = ExposureLog(settings.kafka.bootstrap_servers, cfg.exposure_buffer, self.metrics)
+        self.exposures = ExposureLog(settings.kafka.bootstrap_servers, cfg.exposure_buffer, self.metrics, cfg.exposure_linger_ms)
         self.experiments = ExperimentStore(self.redis, settings.features.namespace)
         self.drift = DriftMonitor(self.metrics, cfg.drift_window, cfg.drift_interval_s, cfg.drift_min_observations)
         self.health = health.aio.HealthServicer()
