@@ -155,21 +155,79 @@ async def run(
     )
 
 
+@dataclass
+class RampStep:
+    """One rate of a ramp, measured `repeats` times; judged by the majority, so one disturbed run cannot decide it."""
+
+    rate: float
+    runs: list[LoadResult]
+    meets: bool
+    client_bound: bool
+    """The generator fell behind its schedule in most runs of a failing step: the client, not the server, may be the limit."""
+
+    @property
+    def p99_ms(self) -> float:
+        """Median of the runs' p99s."""
+        return float(np.median([r.percentile_ms(99) for r in self.runs]))
+
+    def summary(self) -> dict[str, object]:
+        return {"rate": self.rate, "meets": self.meets, "client_bound": self.client_bound, "p99_ms_median": self.p99_ms,
+                "p99_ms_runs": [r.percentile_ms(99) for r in self.runs], "runs": [r.summary() for r in self.runs]}
+
+
+@dataclass
+class Ramp:
+    highest_rate: float
+    steps: list[RampStep]
+
+    @property
+    def client_bound(self) -> bool:
+        """The lowest failing rate failed with the generator behind: the figure is a lower bound on the server."""
+        failing = [s for s in self.steps if not s.meets]
+        return bool(failing) and min(failing, key=lambda s: s.rate).client_bound
+
+    def summary(self) -> dict[str, object]:
+        return {"highest_rate": self.highest_rate, "client_bound": self.client_bound, "steps": [s.summary() for s in self.steps]}
+
+
+def meets_slo(result: LoadResult, slo_p99_ms: float) -> bool:
+    """No errors, at least 95 % of the target rate achieved, p99 within the SLO."""
+    return result.errors == 0 and result.achieved_rate >= 0.95 * result.target_rate and result.percentile_ms(99) <= slo_p99_ms
+
+
+async def measure_step(measure: Callable[[float], Awaitable[LoadResult]], rate: float, slo_p99_ms: float, repeats: int) -> RampStep:
+    """Run `rate` until a majority of `repeats` runs agrees (two of three, usually)."""
+    needed = repeats // 2 + 1
+    runs: list[LoadResult] = []
+    good = bad = 0
+    while good < needed and bad < needed:
+        result = await measure(rate)
+        runs.append(result)
+        if meets_slo(result, slo_p99_ms):
+            good += 1
+        else:
+            bad += 1
+    meets = good >= needed
+    behind = sum(r.fell_behind for r in runs)
+    return RampStep(rate, runs, meets, client_bound=not meets and behind * 2 > len(runs))
+
+
 async def highest_rate(
     measure: Callable[[float], Awaitable[LoadResult]], slo_p99_ms: float, start_rate: float, factor: float = 1.5,
-    max_rate: float = 20_000, refine_steps: int = 3,
-) -> tuple[float, list[LoadResult]]:
-    """Ramp the rate geometrically, then bisect: the highest rate with p99 ≤ SLO, no errors, ≥ 95 % of it achieved."""
-    def meets(result: LoadResult) -> bool:
-        return result.errors == 0 and result.achieved_rate >= 0.95 * result.target_rate and result.percentile_ms(99) <= slo_p99_ms
+    max_rate: float = 20_000, refine_steps: int = 3, repeats: int = 3,
+) -> Ramp:
+    """Ramp the rate geometrically, then bisect: the highest rate whose runs mostly meet the SLO (`meets_slo`).
 
-    runs: list[LoadResult] = []
+    Every step is measured up to `repeats` times and decided by the majority. A failing step where the
+    generator fell behind is still a failing step, but the ramp says so (`Ramp.client_bound`).
+    """
+    steps: list[RampStep] = []
     good, bad = 0.0, None
     rate = start_rate
     while rate <= max_rate:
-        result = await measure(rate)
-        runs.append(result)
-        if not meets(result):
+        step = await measure_step(measure, rate, slo_p99_ms, repeats)
+        steps.append(step)
+        if not step.meets:
             bad = rate
             break
         good = rate
@@ -178,8 +236,8 @@ async def highest_rate(
         low, high = good, bad
         for _ in range(refine_steps):
             mid = (low + high) / 2
-            result = await measure(mid)
-            runs.append(result)
-            low, high = (mid, high) if meets(result) else (low, mid)
+            step = await measure_step(measure, mid, slo_p99_ms, repeats)
+            steps.append(step)
+            low, high = (mid, high) if step.meets else (low, mid)
         good = low
-    return good, runs
+    return Ramp(good, steps)

@@ -2,9 +2,14 @@
 
 1. Gateway end-to-end vs. a direct `tritonclient` call to the same model (gru4rec, newest version)
    at the same open-loop rate: p50 and p99 of each, and the ratios.
-2. The highest rate at p99 ≤ SLO (default 25 ms): the stack's gateway (micro-batching on), a second
-   gateway process with `max_batch=1` (batching off), and the plain one-request-one-inference
-   baseline server (`loadtest/baseline_server.py`), each ramped with the same generator.
+2. The highest rate at p99 ≤ SLO (default 25 ms): a gateway with micro-batching on, one with
+   `max_batch=1` (batching off), and the plain one-request-one-inference baseline server
+   (`loadtest/baseline_server.py`), each ramped with the same generator.
+
+Like for like: both gateways are fresh processes started here from the same code and settings (the
+stack's own gateway may be older and is not measured). Every figure is repeated — comparisons
+alternate gateway and direct calls `repeats` times and report medians; each ramp step is decided by
+the majority of its runs — and the machine is let settle (CPU mostly idle) before each part.
 
 Traffic: Zipf-distributed users over shoppers whose histories were published first, a cold-start
 share of new users, page contexts; every request has a deadline. The experiment is pinned to 100 %
@@ -22,13 +27,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
 import redis.asyncio as aioredis
 import tritonclient.grpc.aio as triton
 
 from vitrine.contracts import ranker, topics
 from vitrine.export.data import synthetic
 from vitrine.export.triton_repository import versions
-from vitrine.loadtest.load_generator import LoadResult, Outcome, highest_rate, run
+from vitrine.loadtest.load_generator import LoadResult, Outcome, Ramp, highest_rate, run
 from vitrine.services.events.publisher import publish
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.client import GatewayClient
@@ -148,8 +154,46 @@ async def _wait_answering(address: str, key: str | None, timeout_s: float = 60) 
                 await asyncio.sleep(0.2)
 
 
+async def settle(report: Callable[[str], None], max_busy: float = 0.25, timeout_s: float = 30) -> float:
+    """Wait until the machine is quiet (CPU busy over one second ≤ `max_busy`), so one part's tail
+    (Kafka flushing exposures, a consumer catching up) does not land in the next part's figures."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = await asyncio.to_thread(psutil.cpu_percent, 1.0) / 100
+        if busy <= max_busy:
+            return busy
+        if time.monotonic() > deadline:
+            report(f"  (the machine stayed {busy:.0%} busy; measuring anyway)")
+            return busy
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+async def compare_with_direct(gateway: GatewayClient, direct: triton.InferenceServerClient, model: ServedModel,
+                              mix: UserMix, exclude_width: int, rate: float, duration_s: float, repeats: int) -> dict[str, object]:
+    """Gateway and direct Triton at one rate, alternating `repeats` times; ratios of the medians."""
+    pairs = []
+    for i in range(repeats):
+        g = await run(gateway_sender(gateway, mix.picker(1 + i)), rate, duration_s, warmup_s=2)
+        d = await run(triton_sender(direct, model, exclude_width, 1 + i), rate, duration_s, warmup_s=2)
+        pairs.append((g, d))
+    row: dict[str, object] = {"rate": rate, "repeats": repeats}
+    for side, index in (("gateway", 0), ("direct_triton", 1)):
+        runs = [pair[index] for pair in pairs]
+        row[side] = {"p50_ms": _median([r.percentile_ms(50) for r in runs]), "p99_ms": _median([r.percentile_ms(99) for r in runs]),
+                     "generator_fell_behind": any(r.fell_behind for r in runs), "runs": [r.summary() for r in runs]}
+    g, d = row["gateway"], row["direct_triton"]
+    row["p50_ratio"] = g["p50_ms"] / d["p50_ms"]  # type: ignore[index]
+    row["p99_ratio"] = g["p99_ms"] / d["p99_ms"]  # type: ignore[index]
+    row["p50_ratio_runs"] = [a.percentile_ms(50) / b.percentile_ms(50) for a, b in pairs]
+    return row
+
+
 async def bench(settings: Settings, rates: list[float], duration_s: float, slo_ms: float, start_rate: float,
-                report: Callable[[str], None] = print) -> dict[str, object]:
+                report: Callable[[str], None] = print, repeats: int = 3, max_rate: float = 20_000,
+                settle_timeout_s: float = 30) -> dict[str, object]:
     model_name = "gru4rec"
     folder = settings.triton.model_repository / model_name
     model = ServedModel.load(settings.triton.model_repository, model_name, str(versions(folder)[-1]))
@@ -157,33 +201,40 @@ async def bench(settings: Settings, rates: list[float], duration_s: float, slo_m
     warm = await prepare_users(settings, 400)
     mix = UserMix(warm=warm, cold_share=0.1)
     before = await _pin_experiment(settings, model_name)
-    no_batch = settings.model_copy(update={"gateway": settings.gateway.model_copy(update={
-        "port": free_port(), "metrics_port": free_port(), "max_batch": 1})})
+
+    def gateway_settings(**changes: object) -> Settings:
+        return settings.model_copy(update={"gateway": settings.gateway.model_copy(update={
+            "port": free_port(), "metrics_port": free_port(), **changes})})
+
+    batching_on, batching_off = gateway_settings(), gateway_settings(max_batch=1)
     baseline_port = free_port()
     extra = [
-        _start([sys.executable, "-m", "vitrine", "gateway", "run"], no_batch),
+        _start([sys.executable, "-m", "vitrine", "gateway", "run"], batching_on),
+        _start([sys.executable, "-m", "vitrine", "gateway", "run"], batching_off),
         _start([sys.executable, "-m", "vitrine.loadtest.baseline_server", "--model", model_name, "--port", str(baseline_port)], settings),
     ]
-    results: dict[str, object] = {"slo_ms": slo_ms, "duration_s": duration_s}
+    results: dict[str, object] = {"slo_ms": slo_ms, "duration_s": duration_s, "repeats": repeats}
     try:
-        await _wait_answering(no_batch.gateway.address, STOREFRONT_KEY)
+        for address in (batching_on.gateway.address, batching_off.gateway.address):
+            await _wait_answering(address, STOREFRONT_KEY)
         await _wait_answering(f"127.0.0.1:{baseline_port}", None)
         comparison = []
-        async with GatewayClient(settings.gateway.address, STOREFRONT_KEY) as gateway:
+        async with GatewayClient(batching_on.gateway.address, STOREFRONT_KEY) as gateway:
             direct = triton.InferenceServerClient(settings.triton.grpc_url)
             try:
                 for rate in rates:
-                    g = await run(gateway_sender(gateway, mix.picker(1)), rate, duration_s, warmup_s=2)
-                    d = await run(triton_sender(direct, model, settings.gateway.exclude_width, 1), rate, duration_s, warmup_s=2)
-                    comparison.append({"rate": rate, "gateway": g.summary(), "direct_triton": d.summary(),
-                                       "p50_ratio": g.percentile_ms(50) / d.percentile_ms(50), "p99_ratio": g.percentile_ms(99) / d.percentile_ms(99)})
-                    report(f"  {rate:g}/s: gateway p50 {g.percentile_ms(50):.2f} ms p99 {g.percentile_ms(99):.2f} ms | "
-                           f"direct Triton p50 {d.percentile_ms(50):.2f} ms p99 {d.percentile_ms(99):.2f} ms")
+                    await settle(report, timeout_s=settle_timeout_s)
+                    row = await compare_with_direct(gateway, direct, model, mix, settings.gateway.exclude_width, rate, duration_s, repeats)
+                    comparison.append(row)
+                    g, d = row["gateway"], row["direct_triton"]
+                    report(f"  {rate:g}/s (median of {repeats}): gateway p50 {g['p50_ms']:.2f} ms p99 {g['p99_ms']:.2f} ms | "
+                           f"direct Triton p50 {d['p50_ms']:.2f} ms p99 {d['p99_ms']:.2f} ms | "
+                           f"p50 ratio per run {', '.join(f'{x:.2f}' for x in row['p50_ratio_runs'])}")
             finally:
                 await direct.close()
         results["comparison"] = comparison
 
-        async def ramp(address: str, key: str | None, label: str) -> tuple[float, list[LoadResult]]:
+        async def ramp(address: str, key: str | None, label: str) -> Ramp:
             async with GatewayClient(address, key) as client:
                 async def measure(rate: float) -> LoadResult:
                     result = await run(gateway_sender(client, mix.picker(2)), rate, duration_s, warmup_s=1, arrivals="poisson", seed=int(rate))
@@ -191,21 +242,21 @@ async def bench(settings: Settings, rates: list[float], duration_s: float, slo_m
                            f"achieved {result.achieved_rate:,.0f}/s{' (generator fell behind)' if result.fell_behind else ''}")
                     return result
 
-                return await highest_rate(measure, slo_ms, start_rate)
+                return await highest_rate(measure, slo_ms, start_rate, max_rate=max_rate, repeats=repeats)
 
         capacity = {}
-        for label, address, key in (("batching on", settings.gateway.address, STOREFRONT_KEY),
-                                     ("batching off", no_batch.gateway.address, STOREFRONT_KEY),
+        for label, address, key in (("batching on", batching_on.gateway.address, STOREFRONT_KEY),
+                                     ("batching off", batching_off.gateway.address, STOREFRONT_KEY),
                                      ("plain baseline", f"127.0.0.1:{baseline_port}", None)):
+            await settle(report, timeout_s=settle_timeout_s)
             report(f"ramping {label} …")
-            best, runs = await ramp(address, key, label)
-            capacity[label] = {"highest_rate": best, "runs": [r.summary() for r in runs],
-                               "generator_fell_behind": any(r.fell_behind for r in runs)}
+            capacity[label] = (await ramp(address, key, label)).summary()
         results["capacity"] = capacity
         # Headroom: at 70 % of the gateway's highest rate, the tail must stay close to the median.
         rate = 0.7 * capacity["batching on"]["highest_rate"]
         if rate > 0:
-            async with GatewayClient(settings.gateway.address, STOREFRONT_KEY) as client:
+            await settle(report, timeout_s=settle_timeout_s)
+            async with GatewayClient(batching_on.gateway.address, STOREFRONT_KEY) as client:
                 steady = await run(gateway_sender(client, mix.picker(3)), rate, duration_s * 2, warmup_s=2, arrivals="poisson", seed=7)
             results["at_70_percent"] = {**steady.summary(), "p99_over_p50": steady.percentile_ms(99) / steady.percentile_ms(50)}
             results["_at_70_percent_result"] = steady
@@ -225,8 +276,9 @@ def render(results: dict) -> str:
         g, d = row["gateway"], row["direct_triton"]
         if g["generator_fell_behind"] or d["generator_fell_behind"]:
             lines.append(f"| (at {row['rate']:g}/s the load generator fell behind: client-bound figures) | | | |")
-        lines.append(f"| p50 at {row['rate']:g}/s | {g['p50_ms']:.2f} ms | {d['p50_ms']:.2f} ms | {row['p50_ratio']:.2f}× |")
-        lines.append(f"| p99 at {row['rate']:g}/s | {g['p99_ms']:.2f} ms | {d['p99_ms']:.2f} ms | {row['p99_ratio']:.2f}× |")
+        n = row.get("repeats", 1)
+        lines.append(f"| p50 at {row['rate']:g}/s (median of {n}) | {g['p50_ms']:.2f} ms | {d['p50_ms']:.2f} ms | {row['p50_ratio']:.2f}× |")
+        lines.append(f"| p99 at {row['rate']:g}/s (median of {n}) | {g['p99_ms']:.2f} ms | {d['p99_ms']:.2f} ms | {row['p99_ratio']:.2f}× |")
     capacity = results["capacity"]
     on, off, plain = (capacity[k]["highest_rate"] for k in ("batching on", "batching off", "plain baseline"))
     lines += ["", f"| highest rate at p99 ≤ {results['slo_ms']:g} ms | req/s |", "| --- | ---: |",
@@ -239,7 +291,8 @@ def render(results: dict) -> str:
         verdict = "holds" if steady["p99_over_p50"] <= 3 and not steady["errors"] else "does not hold"
         lines += [f"| at 70 % of that rate ({steady['target_rate']:,.0f}/s): p99 ÷ p50, failed requests | "
                   f"{steady['p99_over_p50']:.1f}×, {sum(steady['errors'].values())} ({verdict}: aim ≤ 3×, none) |"]
-    behind = [k for k, v in capacity.items() if v["generator_fell_behind"]]
+    behind = [k for k, v in capacity.items() if v["client_bound"]]
     if behind:
-        lines.append(f"\nThe load generator fell behind its schedule during: {', '.join(behind)} (figures there are client-bound).")
+        lines.append(f"\nThe load generator fell behind at the first failing rate of: {', '.join(behind)} "
+                     "(those figures are lower bounds: the client may be the limit).")
     return "\n".join(lines)

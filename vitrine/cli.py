@@ -456,6 +456,8 @@ def bench_gateway(
     duration: Annotated[float, typer.Option(min=1, max=600, help="Seconds measured per run (after warm-up).")] = 8,
     slo_ms: Annotated[float, typer.Option(min=1, max=10_000, help="p99 target for the capacity ramps.")] = 25,
     start_rate: Annotated[float, typer.Option(min=1, max=100_000, help="First rate of each ramp.")] = 100,
+    max_rate: Annotated[float, typer.Option(min=1, max=100_000, help="No ramp goes beyond this rate.")] = 20_000,
+    repeats: Annotated[int, typer.Option(min=1, max=9, help="Runs per comparison and per ramp step (medians, majority).")] = 3,
     out: Annotated[Path | None, typer.Option(dir_okay=False, help="Also write the raw summary as JSON.")] = None,
 ) -> None:
     """Gateway vs direct Triton at equal load, and capacity at p99 ≤ SLO with batching on/off and a plain server."""
@@ -467,9 +469,11 @@ def bench_gateway(
         raise typer.BadParameter(f"not a comma-separated list of numbers: {rates!r}", param_hint="--rates") from exc
     if not rate_list or any(not 0 < r <= 100_000 for r in rate_list):
         raise typer.BadParameter("rates must lie in (0, 100000]", param_hint="--rates")
+    if max_rate < start_rate:
+        raise typer.BadParameter("must be at least --start-rate", param_hint="--max-rate")
     _quiet_client_logs()
     try:
-        results = asyncio.run(bench(_settings(), rate_list, duration, slo_ms, start_rate, report=typer.echo))
+        results = asyncio.run(bench(_settings(), rate_list, duration, slo_ms, start_rate, report=typer.echo, repeats=repeats, max_rate=max_rate))
     except Exception as exc:  # noqa: BLE001
         raise _fail(RuntimeError(f"benchmark failed ({type(exc).__name__}: {exc}); is the stack up?")) from exc
     _write_bench_outputs(results, out)

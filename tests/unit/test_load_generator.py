@@ -61,16 +61,44 @@ async def test_too_many_outstanding_requests_are_reported_not_skipped() -> None:
     assert result.codes["CLIENT_OVERLOAD"] >= 80 and result.codes["OK"] == 10
 
 
+def _synthetic(rate: float, p99_s: float, behind_s: float = 0.0) -> lg.LoadResult:
+    return lg.LoadResult(rate, 1.0, np.full(100, p99_s), lg.Counter({"OK": int(rate)}), 0, {}, np.full(100, behind_s), np.zeros(100))
+
+
 @pytest.mark.timeout(30)
 async def test_ramp_finds_the_highest_rate_under_the_slo() -> None:
     async def model(rate: float) -> lg.LoadResult:
-        # Synthetic server: p99 grows with load and crosses 25 ms at 1,000 req/s.
-        p99 = 0.025 * rate / 1000
-        samples = np.full(100, p99)
-        return lg.LoadResult(rate, 1.0, samples, lg.Counter({"OK": int(rate)}), 0, {}, np.zeros(100), np.zeros(100))
+        return _synthetic(rate, 0.025 * rate / 1000)  # p99 grows with load and crosses 25 ms at 1,000 req/s
 
-    best, runs = await lg.highest_rate(model, slo_p99_ms=25, start_rate=100, factor=2, refine_steps=5)
-    assert 900 <= best <= 1000 and len(runs) >= 5
+    ramp = await lg.highest_rate(model, slo_p99_ms=25, start_rate=100, factor=2, refine_steps=5)
+    assert 900 <= ramp.highest_rate <= 1000 and len(ramp.steps) >= 5
+    assert not ramp.client_bound
+    # Runs that agree decide a step: two of three, the third is not needed.
+    assert all(len(step.runs) == 2 for step in ramp.steps)
+
+
+@pytest.mark.timeout(30)
+async def test_one_disturbed_run_does_not_decide_a_step() -> None:
+    calls: list[float] = []
+
+    async def hiccup(rate: float) -> lg.LoadResult:
+        calls.append(rate)
+        first_at_this_rate = calls.count(rate) == 1
+        return _synthetic(rate, 0.100 if first_at_this_rate else 0.005)  # every rate's first run hits a pause
+
+    step = await lg.measure_step(hiccup, 200, slo_p99_ms=25, repeats=3)
+    assert step.meets and len(step.runs) == 3 and step.p99_ms == pytest.approx(5)
+
+
+@pytest.mark.timeout(30)
+async def test_a_ramp_that_fails_with_the_generator_behind_says_it_is_client_bound() -> None:
+    async def client_limited(rate: float) -> lg.LoadResult:
+        # Above 400 req/s the generator cannot keep its schedule and the measured tail grows.
+        return _synthetic(rate, 0.005 if rate <= 400 else 0.040, behind_s=0.0 if rate <= 400 else 0.010)
+
+    ramp = await lg.highest_rate(client_limited, slo_p99_ms=25, start_rate=100, factor=2, refine_steps=2)
+    assert ramp.highest_rate == 400 and ramp.client_bound
+    assert ramp.summary()["client_bound"] is True
 
 
 def test_bad_schedules_are_refused() -> None:
