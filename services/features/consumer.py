@@ -32,6 +32,7 @@ from vitrine.contracts import topics
 from vitrine.contracts.events import Event, EventRejected, parse_event
 from vitrine.services.features.metrics import FeatureMetrics
 from vitrine.services.features.store import FeatureStore
+from vitrine.services.heap import freeze_startup_objects
 from vitrine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class FeatureConsumer:
         await self.producer.start()
         self.consumer.subscribe([self.cfg.events_topic], listener=_Rebalance(self))
         await self.consumer.start()
+        freeze_startup_objects()
         log.info("consuming %s as group %s", self.cfg.events_topic, self.cfg.group_id)
         try:
             while not stop.is_set():

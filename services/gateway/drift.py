@@ -1,34 +1,48 @@
 """Live input and output distributions per variant, compared with the model version's reference
 (`metadata.json`) by PSI every `interval_s`, exported as `vitrine_drift_psi{feature, variant}`.
 
-Observing is a few array operations per request on the hot path; PSI itself is computed in the
-background over the last `window` observations of each variant.
+Observing writes a few numbers into a fixed ring buffer per variant (no per-request objects, so the
+collector has nothing to chase); PSI is computed in the background over the last `window`
+observations with whole-array operations, so that it never holds the event loop for long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 
-from vitrine.export.drift import history_stats, popularity_counts, psi
+from vitrine.export.drift import POPULARITY_BUCKETS, history_stats, popularity_counts, psi
 from vitrine.services.gateway.metrics import GatewayMetrics
 from vitrine.services.gateway.ranking import ServedModel
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class _Observation:
-    model: ServedModel
-    length: int
-    unknown: int
-    real: int
-    popularity: np.ndarray
-    top1: float | None
+class _Ring:
+    """The last `size` observations of one variant, column by column."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.count = 0  # observations ever written; slot = count % size
+        self.model = np.full(size, -1, dtype=np.int64)  # index into DriftMonitor._models
+        self.length = np.zeros(size, dtype=np.int64)
+        self.unknown = np.zeros(size, dtype=np.int64)
+        self.real = np.zeros(size, dtype=np.int64)
+        self.popularity = np.zeros((size, len(POPULARITY_BUCKETS)), dtype=np.int64)
+        self.top1 = np.full(size, np.nan)
+
+    def write(self, model: int, length: int, unknown: int, real: int, popularity: np.ndarray, top1: float | None) -> None:
+        slot = self.count % self.size
+        self.model[slot], self.length[slot], self.unknown[slot], self.real[slot] = model, length, unknown, real
+        self.popularity[slot] = popularity
+        self.top1[slot] = np.nan if top1 is None else top1
+        self.count += 1
+
+    @property
+    def latest_model(self) -> int:
+        return int(self.model[(self.count - 1) % self.size])
 
 
 class DriftMonitor:
@@ -37,16 +51,24 @@ class DriftMonitor:
         self.window = window
         self.interval_s = interval_s
         self.min_observations = min_observations
-        self._recent: dict[str, deque[_Observation]] = {}
+        self._rings: dict[str, _Ring] = {}
+        self._models: list[ServedModel] = []
+        self._model_index: dict[int, int] = {}  # id(ServedModel) → position in _models
         self._task: asyncio.Task | None = None
 
     def observe(self, variant: str, model: ServedModel, items: np.ndarray, top1: float | None) -> None:
         if model.reference is None:
             return
-        lengths, unknown, real = history_stats(items)
-        popularity = popularity_counts(items, model.reference["popularity_mix"]["bucket_upper_index"])
-        queue = self._recent.setdefault(variant, deque(maxlen=self.window))
-        queue.append(_Observation(model, int(lengths), unknown, real, popularity, top1))
+        index = self._model_index.get(id(model))
+        if index is None:
+            index = self._model_index[id(model)] = len(self._models)
+            self._models.append(model)  # kept alive, so that its id is never reused
+        ring = self._rings.get(variant)
+        if ring is None:
+            ring = self._rings[variant] = _Ring(self.window)
+        length, unknown, real = history_stats(items)
+        ring.write(index, int(length), unknown, real,
+                   popularity_counts(items, model.reference["popularity_mix"]["bucket_upper_index"]), top1)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
@@ -66,26 +88,27 @@ class DriftMonitor:
 
     def compute(self) -> dict[tuple[str, str], float]:
         result: dict[tuple[str, str], float] = {}
-        for variant, observations in self._recent.items():
-            if len(observations) < self.min_observations:
+        for variant, ring in self._rings.items():
+            if ring.count < self.min_observations:
                 continue
-            model = observations[-1].model  # the version serving now; older observations of others are skipped
-            reference = model.reference
+            latest = ring.latest_model  # the version serving now; observations of older versions are skipped
+            same = ring.model == latest
+            if int(same.sum()) < self.min_observations:
+                continue
+            reference = self._models[latest].reference
             assert reference is not None
-            same = [o for o in observations if o.model is model]
-            if len(same) < self.min_observations:
-                continue
-            lengths = np.array([o.length for o in same])
+            lengths = ring.length[same]
             seq_ref = reference["sequence_length"]
-            unknown, real = sum(o.unknown for o in same), sum(o.real for o in same)
+            unknown, real = int(ring.unknown[same].sum()), int(ring.real[same].sum())
             empty = float(np.mean(lengths == 0))
             result[("sequence_length", variant)] = psi(seq_ref["counts"], np.histogram(lengths, bins=seq_ref["edges"])[0])
-            result[("popularity_mix", variant)] = psi(reference["popularity_mix"]["shares"], np.sum([o.popularity for o in same], axis=0))
+            result[("popularity_mix", variant)] = psi(reference["popularity_mix"]["shares"], ring.popularity[same].sum(axis=0))
             ref_unknown = reference["unknown_item_rate"]
             result[("unknown_item_rate", variant)] = psi([ref_unknown, 1 - ref_unknown], [unknown, max(real - unknown, 0)])
             ref_empty = reference["empty_history_rate"]
             result[("empty_history_rate", variant)] = psi([ref_empty, 1 - ref_empty], [empty, 1 - empty])
-            scores = [o.top1 for o in same if o.top1 is not None]
+            scores = ring.top1[same]
+            scores = scores[~np.isnan(scores)]
             if len(scores) >= self.min_observations:
                 top_ref = reference["top1_score"]
                 result[("top1_score", variant)] = psi(top_ref["counts"], np.histogram(scores, bins=top_ref["edges"])[0])

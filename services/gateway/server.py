@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 from vitrine.services.features.store import FeatureStore
+from vitrine.services.heap import freeze_startup_objects
 from vitrine.services.gateway.admin import ExperimentAdminService
 from vitrine.services.gateway.auth import AuthInterceptor
 from vitrine.services.gateway.drift import DriftMonitor
@@ -140,6 +141,7 @@ def main(settings: Settings) -> None:
     async def serve() -> None:
         gateway = Gateway(settings, registry)
         await gateway.start()
+        freeze_startup_objects()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
