@@ -41,6 +41,8 @@ class LoadResult:
     behind_s: np.ndarray
     timeline: np.ndarray = field(repr=False)
     """Due time (s since start) of every measured request, aligned with latencies_s."""
+    launched: int = 0
+    """Requests sent in all, warm-up included (what the servers really handled)."""
 
     @property
     def sent(self) -> int:
@@ -152,6 +154,7 @@ async def run(
         target_rate=rate, duration_s=duration_s, latencies_s=latencies[ok], codes=codes,
         degraded=sum(1 for o, m in zip(outcomes, measured, strict=True) if m and o is not None and o.degraded),
         by_variant={v: np.array(s) for v, s in by_variant.items()}, behind_s=behind[measured], timeline=due[ok] - warmup_s,
+        launched=sum(1 for o in outcomes if o is not None and o.code != "CLIENT_OVERLOAD"),
     )
 
 

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import psutil
@@ -34,6 +34,9 @@ import tritonclient.grpc.aio as triton
 from vitrine.contracts import ranker, topics
 from vitrine.export.data import synthetic
 from vitrine.export.triton_repository import versions
+from vitrine.loadtest.cpu_budget import SERVER, CpuBudget, stack_processes
+from vitrine.loadtest.cpu_budget import measure as measure_cpu
+from vitrine.loadtest.cpu_budget import render as render_budgets
 from vitrine.loadtest.load_generator import LoadResult, Outcome, Ramp, highest_rate, run
 from vitrine.services.events.publisher import publish
 from vitrine.services.features.store import FeatureStore
@@ -191,9 +194,35 @@ async def compare_with_direct(gateway: GatewayClient, direct: triton.InferenceSe
     return row
 
 
+async def cpu_budgets(settings: Settings, servers: list[subprocess.Popen], batching_on: Settings, batching_off: Settings,
+                      baseline_port: int, model: ServedModel, mix: UserMix, rate: float, duration_s: float) -> list[CpuBudget]:
+    """CPU ms per request per process for direct Triton, gateway (batching on/off) and the plain server at `rate`."""
+    stack = stack_processes(settings)
+    on, off, plain = (psutil.Process(p.pid) for p in servers)
+
+    async def gateway_at(address: str, key: str | None) -> LoadResult:
+        async with GatewayClient(address, key) as client:
+            return await run(gateway_sender(client, mix.picker(4)), rate, duration_s, warmup_s=1, arrivals="poisson", seed=11)
+
+    async def direct_at() -> LoadResult:
+        client = triton.InferenceServerClient(settings.triton.grpc_url)
+        try:
+            return await run(triton_sender(client, model, settings.gateway.exclude_width, 4), rate, duration_s, warmup_s=1, arrivals="poisson", seed=11)
+        finally:
+            await client.close()
+
+    budgets = [(await measure_cpu("direct Triton", stack, direct_at))[0]]
+    for label, process, address, key in (("gateway, batching on", on, batching_on.gateway.address, STOREFRONT_KEY),
+                                         ("gateway, batching off", off, batching_off.gateway.address, STOREFRONT_KEY),
+                                         ("plain server", plain, f"127.0.0.1:{baseline_port}", None)):
+        budget, _ = await measure_cpu(label, {**stack, SERVER: [process]}, lambda a=address, k=key: gateway_at(a, k))
+        budgets.append(budget)
+    return budgets
+
+
 async def bench(settings: Settings, rates: list[float], duration_s: float, slo_ms: float, start_rate: float,
                 report: Callable[[str], None] = print, repeats: int = 3, max_rate: float = 20_000,
-                settle_timeout_s: float = 30) -> dict[str, object]:
+                settle_timeout_s: float = 30, budget_rate: float | None = None) -> dict[str, object]:
     model_name = "gru4rec"
     folder = settings.triton.model_repository / model_name
     model = ServedModel.load(settings.triton.model_repository, model_name, str(versions(folder)[-1]))
@@ -252,6 +281,13 @@ async def bench(settings: Settings, rates: list[float], duration_s: float, slo_m
             report(f"ramping {label} …")
             capacity[label] = (await ramp(address, key, label)).summary()
         results["capacity"] = capacity
+        # Why the capacities differ: CPU per request of every process, each configuration at one common rate.
+        budget_rate = budget_rate or 0.5 * min(v["highest_rate"] for v in capacity.values())
+        if budget_rate > 0:
+            await settle(report, timeout_s=settle_timeout_s)
+            budgets = await cpu_budgets(settings, extra, batching_on, batching_off, baseline_port, model, mix, budget_rate, duration_s)
+            results["cpu_budget"] = {"rate": budget_rate, "by_configuration": [asdict(b) for b in budgets]}
+            report(f"CPU per request at {budget_rate:,.0f}/s:\n{render_budgets(budgets)}")
         # Headroom: at 70 % of the gateway's highest rate, the tail must stay close to the median.
         rate = 0.7 * capacity["batching on"]["highest_rate"]
         if rate > 0:
@@ -291,6 +327,15 @@ def render(results: dict) -> str:
         verdict = "holds" if steady["p99_over_p50"] <= 3 and not steady["errors"] else "does not hold"
         lines += [f"| at 70 % of that rate ({steady['target_rate']:,.0f}/s): p99 ÷ p50, failed requests | "
                   f"{steady['p99_over_p50']:.1f}×, {sum(steady['errors'].values())} ({verdict}: aim ≤ 3×, none) |"]
+    budget = results.get("cpu_budget")
+    if budget:
+        budgets = [CpuBudget(**b) for b in budget["by_configuration"]]
+        total = {b.label: b.total_ms for b in budgets}
+        lines += ["", f"CPU spent per request by every process, each configuration at {budget['rate']:,.0f}/s:", "",
+                  render_budgets(budgets), "",
+                  f"If CPU alone bounded the highest rate, batching on ÷ off could reach at most "
+                  f"{total['gateway, batching off'] / total['gateway, batching on']:.2f}× and the gateway ÷ the plain server "
+                  f"{total['plain server'] / total['gateway, batching on']:.2f}×."]
     behind = [k for k, v in capacity.items() if v["client_bound"]]
     if behind:
         lines.append(f"\nThe load generator fell behind at the first failing rate of: {', '.join(behind)} "

@@ -496,7 +496,7 @@ def _write_bench_outputs(gateway: dict, out: Path | None) -> None:
 def bench_all(
     out: Annotated[Path | None, typer.Option(dir_okay=False, help="Raw figures of every part as JSON.")] = None,
 ) -> None:
-    """Every benchmark in one run, then one table of ratios (models, features, gateway); ≈ 7 minutes."""
+    """Every benchmark in one run, then one table of ratios (models, features, gateway); ≈ 15 minutes."""
     from vitrine.loadtest.feature_throughput import run as run_features
     from vitrine.loadtest.model_latency import bench_model
     from vitrine.loadtest.serving_bench import bench as run_gateway
@@ -530,6 +530,13 @@ def bench_all(
     if steady:
         lines.append(f"| at 70 % of the gateway's highest rate: p99 ÷ p50 (aim ≤ 3×), failed requests | "
                      f"{steady['p99_over_p50']:.1f}×, {sum(steady['errors'].values())} |")
+    budget = gateway.get("cpu_budget")
+    if budget:
+        from vitrine.loadtest.cpu_budget import CpuBudget
+        from vitrine.loadtest.cpu_budget import render as render_budgets
+
+        lines += ["", f"CPU per request of every process at {budget['rate']:,.0f}/s (why the capacities differ):", "",
+                  render_budgets([CpuBudget(**b) for b in budget["by_configuration"]])]
     _write_bench_outputs(gateway, out)
     if out is not None:
         from dataclasses import asdict

@@ -40,7 +40,14 @@ async def test_bench_measures_all_three_servers_and_restores_the_experiment(stac
         assert ramp["highest_rate"] == 30 and not ramp["client_bound"], label
     steady = results["at_70_percent"]
     assert steady["target_rate"] == pytest.approx(21) and steady["errors"] == {}
+    budgets = {b["label"]: b for b in results["cpu_budget"]["by_configuration"]}
+    assert list(budgets) == ["direct Triton", "gateway, batching on", "gateway, batching off", "plain server"]
+    assert budgets["direct Triton"]["ms_per_request"]["Triton (server + python stub)"] > 0
+    for label in ("gateway, batching on", "gateway, batching off", "plain server"):
+        assert budgets[label]["ms_per_request"]["server under test"] > 0, label
+        assert budgets[label]["requests"] == 15 + 15  # 1 s of warm-up and 1 s measured at half the lowest capacity
     table = render({k: v for k, v in results.items() if not k.startswith("_")})
+    assert "CPU spent per request" in table
     assert "| batching on ÷ off | 1.00× |" in table
     async with GatewayClient(settings.gateway.address, EXPERIMENTER) as admin:
         after = await admin.get_experiment()
