@@ -2,7 +2,7 @@
 
 Modelled on ray's serve/batching.py: a bounded queue, one future per request, an event that says
 "a batch is full", and errors fanned out to every request of the failed batch. Policy:
-- idle (no batch in flight): send at once whatever is queued — a lone request never waits;
+- idle (no batch in flight, nothing queued): the request goes out at once from its own task;
 - busy: collect until the batch is full or the oldest request has waited `max_delay_s`;
 - at most `max_inflight` batches at Triton at a time; a full queue raises `QueueFull` at submit, so
   that the caller can shed load (a degraded answer) instead of queueing without bound.
@@ -68,6 +68,13 @@ class MicroBatcher(Generic[Row, Result]):
     async def submit(self, row: Row, deadline: float | None = None) -> Result:
         """Queue one row and wait for its result; `deadline` is a perf_counter() instant."""
         pending: _Pending[Row, Result] = _Pending(row, deadline, asyncio.get_running_loop().create_future())
+        if self._inflight == 0 and self._queue.empty():
+            # Idle: a batch of one, sent from the caller's own task — no hand-over to the batching loop
+            # and back (two event-loop turns and a task), which is most of a lone request's batching cost.
+            await self._slots.acquire()  # free while nothing is in flight: does not yield
+            self._inflight += 1
+            await self._send([pending])
+            return pending.future.result()
         try:
             self._queue.put_nowait(pending)
         except asyncio.QueueFull as exc:

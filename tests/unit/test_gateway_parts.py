@@ -59,6 +59,17 @@ async def test_a_lone_request_goes_out_at_once() -> None:
 
 
 @pytest.mark.timeout(10)
+async def test_an_idle_batcher_sends_a_lone_request_from_the_callers_own_task() -> None:
+    infer = _Recorder()
+    sizes: list[int] = []
+    batcher = MicroBatcher(infer, max_batch=8, max_delay_s=5.0, queue_size=100, max_inflight=1,
+                           on_batch=lambda size, waits: sizes.append(size))
+    # Not started: no batching loop exists, so only the caller's task can have sent it.
+    assert await asyncio.wait_for(batcher.submit(4), 1.0) == 40
+    assert infer.sizes == [1] and sizes == [1]
+
+
+@pytest.mark.timeout(10)
 async def test_requests_arriving_while_busy_share_batches_of_at_most_max_batch() -> None:
     infer = _Recorder()
     batcher = MicroBatcher(infer, max_batch=4, max_delay_s=0.05, queue_size=100, max_inflight=1)
