@@ -25,6 +25,8 @@ class CpuBudget:
     label: str
     requests: int
     ms_per_request: dict[str, float]
+    mean_batch: float | None = None
+    """Requests per Triton call during the run (gateways only)."""
 
     @property
     def total_ms(self) -> float:
@@ -88,4 +90,5 @@ def render(budgets: list[CpuBudget]) -> str:
     for group in groups:
         lines.append(f"| {group} | " + " | ".join(f"{b.ms_per_request.get(group, 0.0):.2f}" for b in budgets) + " |")
     lines.append("| **all processes** | " + " | ".join(f"**{b.total_ms:.2f}**" for b in budgets) + " |")
+    lines.append("| requests per Triton call | " + " | ".join("–" if b.mean_batch is None else f"{b.mean_batch:.2f}" for b in budgets) + " |")
     return "\n".join(lines)

@@ -24,12 +24,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+import httpx
 import numpy as np
 import psutil
 import redis.asyncio as aioredis
 import tritonclient.grpc.aio as triton
+from prometheus_client.parser import text_string_to_metric_families
 
 from vitrine.contracts import ranker, topics
 from vitrine.export.data import synthetic
@@ -41,6 +43,7 @@ from vitrine.loadtest.load_generator import LoadResult, Outcome, Ramp, highest_r
 from vitrine.services.events.publisher import publish
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.client import GatewayClient
+from vitrine.services.gateway.metrics import BATCH_SIZE
 from vitrine.services.gateway.ranking import ServedModel
 from vitrine.services.stack.components import settings_env
 from vitrine.services.stack.launcher import free_port
@@ -212,12 +215,33 @@ async def cpu_budgets(settings: Settings, servers: list[subprocess.Popen], batch
             await client.close()
 
     budgets = [(await measure_cpu("direct Triton", stack, direct_at))[0]]
-    for label, process, address, key in (("gateway, batching on", on, batching_on.gateway.address, STOREFRONT_KEY),
-                                         ("gateway, batching off", off, batching_off.gateway.address, STOREFRONT_KEY),
-                                         ("plain server", plain, f"127.0.0.1:{baseline_port}", None)):
+    for label, process, server, address, key in (
+            ("gateway, batching on", on, batching_on, batching_on.gateway.address, STOREFRONT_KEY),
+            ("gateway, batching off", off, batching_off, batching_off.gateway.address, STOREFRONT_KEY),
+            ("plain server", plain, None, f"127.0.0.1:{baseline_port}", None)):
+        before = await _batches(server) if server else None
         budget, _ = await measure_cpu(label, {**stack, SERVER: [process]}, lambda a=address, k=key: gateway_at(a, k))
+        if server and before:
+            after = await _batches(server)
+            calls = after[1] - before[1]
+            budget = replace(budget, mean_batch=(after[0] - before[0]) / calls if calls else None)
         budgets.append(budget)
     return budgets
+
+
+async def _batches(gateway: Settings) -> tuple[float, float]:
+    """(requests, Triton calls) so far, from the gateway's own batch-size histogram."""
+    cfg = gateway.gateway
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics")).text
+    total = {"_sum": 0.0, "_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == BATCH_SIZE:
+            for sample in family.samples:
+                for suffix in total:
+                    if sample.name == BATCH_SIZE + suffix:
+                        total[suffix] += sample.value
+    return total["_sum"], total["_count"]
 
 
 async def bench(settings: Settings, rates: list[float], duration_s: float, slo_ms: float, start_rate: float,
@@ -281,8 +305,9 @@ async def bench(settings: Settings, rates: list[float], duration_s: float, slo_m
             report(f"ramping {label} …")
             capacity[label] = (await ramp(address, key, label)).summary()
         results["capacity"] = capacity
-        # Why the capacities differ: CPU per request of every process, each configuration at one common rate.
-        budget_rate = budget_rate or 0.5 * min(v["highest_rate"] for v in capacity.values())
+        # Why the capacities differ: CPU per request of every process, each configuration at one common rate
+        # that all of them sustain (90 % of the lowest capacity), where batches can form.
+        budget_rate = budget_rate or 0.9 * min(v["highest_rate"] for v in capacity.values())
         if budget_rate > 0:
             await settle(report, timeout_s=settle_timeout_s)
             budgets = await cpu_budgets(settings, extra, batching_on, batching_off, baseline_port, model, mix, budget_rate, duration_s)

@@ -45,7 +45,10 @@ async def test_bench_measures_all_three_servers_and_restores_the_experiment(stac
     assert budgets["direct Triton"]["ms_per_request"]["Triton (server + python stub)"] > 0
     for label in ("gateway, batching on", "gateway, batching off", "plain server"):
         assert budgets[label]["ms_per_request"]["server under test"] > 0, label
-        assert budgets[label]["requests"] == 15 + 15  # 1 s of warm-up and 1 s measured at half the lowest capacity
+        assert budgets[label]["requests"] == 27 + 27  # 1 s of warm-up and 1 s measured at 90 % of the lowest capacity
+    assert budgets["gateway, batching off"]["mean_batch"] == 1.0
+    assert 1.0 <= budgets["gateway, batching on"]["mean_batch"] <= 2.0
+    assert budgets["plain server"]["mean_batch"] is None
     table = render({k: v for k, v in results.items() if not k.startswith("_")})
     assert "CPU spent per request" in table
     assert "| batching on ÷ off | 1.00× |" in table
