@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from vitrine.contracts import ranker
 from vitrine.export.triton_repository import versions
+from vitrine.loadtest.arguments import bounded_int
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.ranking import ServedModel
 from vitrine.settings import Settings
@@ -64,8 +65,8 @@ async def serve(settings: Settings, model: str, port: int, threads: int) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gru4rec", help="model folder in the repository")
-    parser.add_argument("--port", type=int, default=50199, choices=range(1024, 65536), metavar="PORT")
-    parser.add_argument("--threads", type=int, default=1, choices=range(1, 65), metavar="N", help="onnxruntime intra-op threads")
+    parser.add_argument("--port", type=bounded_int(1024, 65535), default=50199, metavar="PORT")
+    parser.add_argument("--threads", type=bounded_int(1, 64), default=1, metavar="N", help="onnxruntime intra-op threads")
     args = parser.parse_args()
     asyncio.run(serve(Settings(), args.model, args.port, args.threads))
 

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from vitrine.export.triton_repository import versions
+from vitrine.loadtest.arguments import bounded_int
 from vitrine.loadtest.serving_bench import STOREFRONT_KEY, prepare_users, triton_sender
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.client import GatewayClient
@@ -105,20 +106,10 @@ def render(results: dict[str, np.ndarray], stages: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _between(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        value = int(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must lie in {low}..{high}, got {value}")
-        return value
-
-    return parse
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=_between(10, 100_000), default=1000, help="timed calls per hop")
-    parser.add_argument("--warmup", type=_between(0, 10_000), default=100, help="untimed calls first")
+    parser.add_argument("--calls", type=bounded_int(10, 100_000), default=1000, help="timed calls per hop")
+    parser.add_argument("--warmup", type=bounded_int(0, 10_000), default=100, help="untimed calls first")
     args = parser.parse_args()
     results, stages = asyncio.run(measure(Settings(), args.calls, args.warmup))
     print(render(results, stages))
