@@ -84,6 +84,10 @@ def test_bench_gateway_rejects_bad_rates() -> None:
     assert result.exit_code == 2 and "comma-separated" in result.output
     result = runner.invoke(app, ["bench", "gateway", "--rates", "0"])
     assert result.exit_code == 2 and "(0, 100000]" in result.output
+    result = runner.invoke(app, ["bench", "gateway", "--start-rate", "200", "--max-rate", "100"])
+    assert result.exit_code == 2 and "--max-rate" in result.output and "at least --start-rate" in result.output
+    result = runner.invoke(app, ["bench", "gateway", "--repeats", "0"])
+    assert result.exit_code == 2 and "--repeats" in result.output
 
 
 def test_loadtest_rejects_unknown_arrivals() -> None:
