@@ -20,14 +20,14 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import httpx
 import psutil
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from vitrine.export.data import synthetic
+from vitrine.loadtest import scrape
 from vitrine.services.events.publisher import publish
-from vitrine.services.features.metrics import FRESHNESS
+from vitrine.services.features.metrics import BATCH_DURATION, BATCH_SIZE, FRESHNESS
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.stack.components import settings_env
 from vitrine.services.stack.launcher import free_port
@@ -104,18 +104,7 @@ class _Lane:
         return sum((await self.store.stored_offsets(cfg.group_id, cfg.events_topic)).values())
 
     async def metrics_text(self) -> str:
-        url = f"http://{self.settings.features.metrics_host}:{self.settings.features.metrics_port}/metrics"
-        async with httpx.AsyncClient(timeout=5) as client:
-            return (await client.get(url)).text
-
-    async def freshness_buckets(self) -> list[tuple[float, float]]:
-        text = await self.metrics_text()
-        buckets = []
-        for line in text.splitlines():
-            if line.startswith(f"{FRESHNESS}_bucket"):
-                bound = line.split('le="', 1)[1].split('"', 1)[0]
-                buckets.append((float(bound), float(line.rsplit(" ", 1)[1])))
-        return buckets
+        return await scrape.fetch(self.settings.features.metrics_host, self.settings.features.metrics_port)
 
     async def close(self) -> None:
         if self.process and self.process.poll() is None:
@@ -173,8 +162,9 @@ async def run(settings: Settings, events: int, freshness_seconds: float, freshne
                                   rate=half, duration_s=freshness_seconds, retime=True)
         while await fresh.processed() < published.sent:
             await asyncio.sleep(0.01)
-        buckets = await fresh.freshness_buckets()
-        sums = _sums(await fresh.metrics_text())
+        text = await fresh.metrics_text()
+        buckets = scrape.histogram_buckets(text, FRESHNESS)
+        batch_events, batch_seconds = (scrape.histogram_totals(text, name)[""] for name in (BATCH_SIZE, BATCH_DURATION))
     finally:
         await fresh.close()
     return FeatureBenchResult(
@@ -182,20 +172,14 @@ async def run(settings: Settings, events: int, freshness_seconds: float, freshne
         freshness_rate=published.achieved_rate, freshness_events=published.sent,
         freshness_p50_ms=histogram_quantile(0.5, buckets) * 1000, freshness_p99_ms=histogram_quantile(0.99, buckets) * 1000,
         publisher_behind_s=published.max_behind_s, redis_cpu_seconds=redis_cpu,
-        mean_batch_events=sums["vitrine_features_batch_size_events_sum"] / max(1, sums["vitrine_features_batch_size_events_count"]),
-        mean_batch_ms=1000 * sums["vitrine_features_batch_duration_seconds_sum"] / max(1, sums["vitrine_features_batch_duration_seconds_count"]),
+        mean_batch_events=batch_events[0] / max(1, batch_events[1]),
+        mean_batch_ms=1000 * batch_seconds[0] / max(1, batch_seconds[1]),
     )
 
 
 async def _redis_cpu(client: aioredis.Redis) -> float:
     info = await client.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def _sums(text: str) -> dict[str, float]:
-    wanted = ("vitrine_features_batch_size_events_sum", "vitrine_features_batch_size_events_count",
-              "vitrine_features_batch_duration_seconds_sum", "vitrine_features_batch_duration_seconds_count")
-    return {line.split(" ")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split(" ")[0] in wanted}
 
 
 def render(result: FeatureBenchResult) -> str:

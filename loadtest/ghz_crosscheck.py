@@ -1,9 +1,9 @@
 """Cross-check of our load generator with an independent client, ghz (github.com/bojand/ghz, Go).
 
 Both send the same Recommend request to the same gateway at the same constant rate, alternating
-(three pairs by default); the medians of their percentiles should agree within TOLERANCE. ghz paces with a token bucket over a worker
-pool and measures each call from when it left; ours is open-loop from the intended send time. At a
-load well below capacity the two measure the same thing. Install ghz with `make ghz`.
+(three pairs by default); the medians of their percentiles should agree within TOLERANCE. ghz paces
+with a token bucket over a worker pool and measures each call from when it left; ours is open-loop
+from the intended send time. At a load well below capacity the two measure the same thing. Install ghz with `make ghz`.
 Run: `python -m vitrine.loadtest.ghz_crosscheck --rate 100 --duration 15`.
 """
 

@@ -16,14 +16,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 import grpc
-import httpx
 import numpy as np
 import redis.asyncio as aioredis
 import tritonclient.grpc.aio as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from vitrine.export.triton_repository import versions
+from vitrine.loadtest import scrape
 from vitrine.loadtest.arguments import bounded_int
 from vitrine.loadtest.serving_bench import STOREFRONT_KEY, prepare_users, triton_sender
 from vitrine.services.features.store import FeatureStore
@@ -47,18 +46,7 @@ async def _time(call: Callable[[], Awaitable[object]], calls: int, warmup: int) 
 async def _stages(settings: Settings) -> dict[str, tuple[float, float]]:
     """stage → (sum seconds, count) from the gateway's metrics."""
     cfg = settings.gateway
-    async with httpx.AsyncClient(timeout=5) as client:
-        text = (await client.get(f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics")).text
-    out: dict[str, list[float]] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == STAGE_DURATION:
-            for sample in family.samples:
-                entry = out.setdefault(sample.labels["stage"], [0.0, 0.0])
-                if sample.name.endswith("_sum"):
-                    entry[0] += sample.value
-                elif sample.name.endswith("_count"):
-                    entry[1] += sample.value
-    return {stage: (s, c) for stage, (s, c) in out.items()}
+    return scrape.histogram_totals(await scrape.fetch(cfg.metrics_host, cfg.metrics_port), STAGE_DURATION, by="stage")
 
 
 async def measure(settings: Settings, calls: int, warmup: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:

@@ -26,16 +26,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
-import httpx
 import numpy as np
 import psutil
 import redis.asyncio as aioredis
 import tritonclient.grpc.aio as triton
-from prometheus_client.parser import text_string_to_metric_families
 
 from vitrine.contracts import ranker, topics
 from vitrine.export.data import synthetic
 from vitrine.export.triton_repository import versions
+from vitrine.loadtest import scrape
 from vitrine.loadtest.cpu_budget import SERVER, CpuBudget, stack_processes
 from vitrine.loadtest.cpu_budget import measure as measure_cpu
 from vitrine.loadtest.cpu_budget import render as render_budgets
@@ -221,7 +220,7 @@ async def cpu_budgets(settings: Settings, servers: list[subprocess.Popen], batch
             ("plain server", plain, None, f"127.0.0.1:{baseline_port}", None)):
         before = await _batches(server) if server else None
         budget, _ = await measure_cpu(label, {**stack, SERVER: [process]}, lambda a=address, k=key: gateway_at(a, k))
-        if server and before:
+        if server and before is not None:
             after = await _batches(server)
             calls = after[1] - before[1]
             budget = replace(budget, mean_batch=(after[0] - before[0]) / calls if calls else None)
@@ -232,16 +231,7 @@ async def cpu_budgets(settings: Settings, servers: list[subprocess.Popen], batch
 async def _batches(gateway: Settings) -> tuple[float, float]:
     """(requests, Triton calls) so far, from the gateway's own batch-size histogram."""
     cfg = gateway.gateway
-    async with httpx.AsyncClient(timeout=5) as client:
-        text = (await client.get(f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics")).text
-    total = {"_sum": 0.0, "_count": 0.0}
-    for family in text_string_to_metric_families(text):
-        if family.name == BATCH_SIZE:
-            for sample in family.samples:
-                for suffix in total:
-                    if sample.name == BATCH_SIZE + suffix:
-                        total[suffix] += sample.value
-    return total["_sum"], total["_count"]
+    return scrape.histogram_totals(await scrape.fetch(cfg.metrics_host, cfg.metrics_port), BATCH_SIZE).get("", (0.0, 0.0))
 
 
 async def bench(settings: Settings, rates: list[float], duration_s: float, slo_ms: float, start_rate: float,

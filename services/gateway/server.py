@@ -17,7 +17,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 from vitrine.services.features.store import FeatureStore
-from vitrine.services.heap import freeze_startup_objects
 from vitrine.services.gateway.admin import ExperimentAdminService
 from vitrine.services.gateway.auth import AuthInterceptor
 from vitrine.services.gateway.drift import DriftMonitor
@@ -27,6 +26,7 @@ from vitrine.services.gateway.fallback import PopularityFallback
 from vitrine.services.gateway.metrics import GatewayMetrics
 from vitrine.services.gateway.ranking import ModelCatalog, RankerPool
 from vitrine.services.gateway.service import RecommenderService
+from vitrine.services.heap import freeze_startup_objects
 from vitrine.settings import Settings
 from vitrine.v1 import recommender_pb2 as pb
 from vitrine.v1 import recommender_pb2_grpc as pb_grpc

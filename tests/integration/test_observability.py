@@ -126,6 +126,22 @@ async def _gateway_psi(stack: Stack) -> dict[str, float]:
     return values
 
 
+async def _until_all_have_data(stack: Stack, queries: dict, what: str) -> None:
+    """Every query (key → PromQL) returns data within 90 s; otherwise fail naming the keys still empty."""
+    pending = dict(queries)
+
+    async def all_have_data() -> bool | None:
+        for key in sorted(pending):
+            if await _query(stack, pending[key]):
+                del pending[key]
+        return True if not pending else None
+
+    try:
+        await eventually(all_have_data, 90, f"data for every one of the {what}", interval_s=2)
+    except AssertionError:
+        pytest.fail(f"{what} without data: {sorted(pending)}")
+
+
 async def test_drifted_traffic_raises_the_population_stability_index(stack: Stack, traffic: dict[str, float]) -> None:
     async def risen() -> dict[str, float] | None:
         now = await _gateway_psi(stack)
@@ -137,19 +153,10 @@ async def test_drifted_traffic_raises_the_population_stability_index(stack: Stac
 
 
 async def test_every_panel_query_returns_data(stack: Stack, traffic: dict[str, float]) -> None:
-    pending = {(name, p["title"], t["expr"]) for name, p in _panels() for t in p.get("targets", []) if p["title"] not in INTENTIONALLY_EMPTY}
-    assert len(pending) > 25
-
-    async def all_have_data() -> bool | None:
-        for item in sorted(pending):
-            if await _query(stack, expand(item[2])):
-                pending.discard(item)
-        return True if not pending else None
-
-    try:
-        await eventually(all_have_data, 90, "data for every panel", interval_s=2)
-    except AssertionError:
-        pytest.fail(f"panels without data: {sorted(pending)}")
+    queries = {(name, p["title"], t["expr"]): expand(t["expr"])
+               for name, p in _panels() for t in p.get("targets", []) if p["title"] not in INTENTIONALLY_EMPTY}
+    assert len(queries) > 25
+    await _until_all_have_data(stack, queries, "panels")
 
 
 async def test_every_alert_watches_a_series_that_has_data(stack: Stack, traffic: dict[str, float]) -> None:
@@ -159,18 +166,7 @@ async def test_every_alert_watches_a_series_that_has_data(stack: Stack, traffic:
     for alert in alerts:
         watched = re.match(r"^\s*([a-zA-Z_:][\w:]*)", alert["expr"]).group(1)
         assert watched in records or watched == "up", alert["alert"]
-    pending = set(records) | {"up"}
-
-    async def all_have_data() -> bool | None:
-        for name in sorted(pending):
-            if await _query(stack, name):
-                pending.discard(name)
-        return True if not pending else None
-
-    try:
-        await eventually(all_have_data, 90, "data for every recorded series", interval_s=2)
-    except AssertionError:
-        pytest.fail(f"recorded series without data: {sorted(pending)}")
+    await _until_all_have_data(stack, {name: name for name in {*records, "up"}}, "recorded series")
 
 
 async def test_every_metric_name_used_is_exported(stack: Stack, traffic: dict[str, float]) -> None:
