@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 VITRINE := $(VENV)/bin/vitrine
 
-.PHONY: setup demo test test-unit test-integration up down status clean proto dashboards ghz
+.PHONY: setup demo test test-unit test-random test-integration up down status clean proto dashboards ghz
 
 setup:  ## install everything this machine lacks (Debian packages, .venv, Kafka jars, Triton binary)
 	@bash deploy/setup.sh
@@ -17,6 +17,9 @@ test: setup  ## every test: unit tests, then integration tests on a real stack s
 
 test-unit: setup
 	@$(VENV)/bin/python -m pytest tests/unit
+
+test-random: setup  ## the unit tests in a random order (pytest-randomly; the seed is printed, repeat an order with --randomly-seed=N)
+	@$(VENV)/bin/python -m pytest tests/unit -p randomly
 
 test-integration: setup
 	@$(VENV)/bin/python -m pytest -m integration
