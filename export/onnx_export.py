@@ -24,7 +24,8 @@ from vitrine.contracts import ranker
 from vitrine.contracts.events import NUM_EVENT_TYPES
 from vitrine.export.data.sequences import FIRST_ITEM, OOV, PAD
 from vitrine.export.drift import POPULARITY_BUCKETS, history_stats, popularity_counts, popularity_upper_index
-from vitrine.export.models import ServingRanker
+from vitrine.export.models import NEG, ServingRanker
+from vitrine.export.topk import unexplained_id_differences
 from vitrine.export.train import VALIDATION_SAMPLE, load_run
 from vitrine.export.triton_repository import (
     ModelSpec,
@@ -125,15 +126,14 @@ def check_parity(serving: ServingRanker, onnx_bytes: bytes, max_len: int, seed: 
         worst = max(worst, diff)
         if diff > SCORE_TOLERANCE:
             raise ParityError(f"batch {batch}: top-k scores differ by {diff:.2e} > {SCORE_TOLERANCE:g}")
-        mismatch = ids_o != ids_t
-        # Different ids are acceptable only where their scores tie within tolerance.
-        if np.any(mismatch):
-            rows, cols = np.nonzero(mismatch)
-            full = serving.model.logits(serving.model.encode(torch.from_numpy(feed[ranker.ITEM_IDS]), torch.from_numpy(feed[ranker.EVENT_TYPES]))[:, -1])
-            full = full.scatter(1, torch.from_numpy(feed[ranker.EXCLUDE_IDS]), -1e9).detach().numpy()
-            gaps = np.abs(full[rows, ids_o[rows, cols]] - full[rows, ids_t[rows, cols]])
-            if np.any(gaps > SCORE_TOLERANCE):
-                raise ParityError(f"batch {batch}: {int(np.sum(gaps > SCORE_TOLERANCE))} top-k ids differ without a tie")
+        # Different ids are acceptable only where their full-catalogue scores tie within tolerance.
+        if np.any(ids_o != ids_t):
+            with torch.no_grad():
+                full = serving.model.logits(serving.model.encode(torch.from_numpy(feed[ranker.ITEM_IDS]), torch.from_numpy(feed[ranker.EVENT_TYPES]))[:, -1])
+            full = full.scatter(1, torch.from_numpy(feed[ranker.EXCLUDE_IDS]), NEG).numpy()  # as ServingRanker does
+            bad = unexplained_id_differences(ids_t, scores_t, ids_o, SCORE_TOLERANCE, full_scores=full)
+            if np.any(bad):
+                raise ParityError(f"batch {batch}: {int(bad.sum())} top-k ids differ without a tie")
     return worst
 
 

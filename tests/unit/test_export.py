@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from vitrine.contracts import ranker
-from vitrine.export import onnx_export
+from vitrine.export import onnx_export, serving_check
 from vitrine.export.data import sequences, synthetic
 from vitrine.export.models import ServingRanker
+from vitrine.export.topk import unexplained_id_differences
 from vitrine.export.train import TrainConfig, load_run, train
 from vitrine.export.validate import ModelFolderError, validate_model_folder, validate_repository
 from vitrine.services.stack.components import triton
@@ -44,6 +45,9 @@ def test_export_passes_parity_and_onnxruntime_matches_torch_on_fresh_inputs(run_
             ids_t, scores_t = serving(*(torch.from_numpy(feed[n]) for n in ranker.INPUTS))
         np.testing.assert_allclose(scores, scores_t.numpy(), atol=1e-4, rtol=0)
         assert ids.shape == (batch, 10)
+        # The same items as torch's top-k, slot by slot, except where torch's scores of the two items tie.
+        wrong = unexplained_id_differences(ids_t.numpy(), scores_t.numpy(), ids, onnx_export.SCORE_TOLERANCE)
+        assert not wrong.any(), f"batch {batch}: onnxruntime ids {ids[wrong]} where torch has {ids_t.numpy()[wrong]}"
         excluded = feed[ranker.EXCLUDE_IDS]
         for row in range(batch):
             kept = scores[row] > ranker.EXCLUDED_SCORE
@@ -85,6 +89,80 @@ def test_a_broken_graph_fails_the_parity_check(run_dirs) -> None:
         model.embed.items.weight[2:] += 0.5  # torch now disagrees with the exported graph
     with pytest.raises(onnx_export.ParityError, match="differ"):
         onnx_export.check_parity(serving, onnx_bytes, 8)
+
+
+TOLERANCE = 1e-4
+
+
+def test_top_k_ids_may_differ_only_where_the_reference_scores_tie() -> None:
+    ids = np.array([[10, 11, 12, 13, 14]])
+    scores = np.array([[9.0, 7.0, 5.0, 5.0, 3.0]])
+    assert not unexplained_id_differences(ids, scores, ids, TOLERANCE).any()
+    assert not unexplained_id_differences(ids, scores, ids[:, [0, 1, 3, 2, 4]], TOLERANCE).any()  # 12 and 13 tie at 5.0
+    # An item outside the reference top-k scored at most 3.0 (the k-th): it can tie with the last slot only.
+    assert not unexplained_id_differences(ids, scores, np.array([[10, 11, 12, 13, 99]]), TOLERANCE).any()
+    assert unexplained_id_differences(ids, scores, np.array([[10, 11, 99, 13, 14]]), TOLERANCE).tolist() == [[False, False, True, False, False]]
+    # A top-k never names an item twice.
+    assert unexplained_id_differences(ids, scores, np.array([[10, 11, 12, 13, 13]]), TOLERANCE).tolist() == [[False] * 4 + [True]]
+    # With the reference's score of every item, an item outside the top-k may replace any slot it ties with.
+    full = np.full((1, 100), -1.0)
+    full[0, ids[0]] = scores[0]
+    full[0, 99] = 7.0
+    assert not unexplained_id_differences(ids, scores, np.array([[10, 99, 12, 13, 14]]), TOLERANCE, full_scores=full).any()
+    assert unexplained_id_differences(ids, scores, np.array([[99, 11, 12, 13, 14]]), TOLERANCE, full_scores=full)[0, 0]
+
+
+def test_a_server_that_returns_the_right_scores_with_permuted_ids_is_caught() -> None:
+    """The planted bug the old check (ids differ & ~isclose(served scores, local scores)) let through."""
+    local_ids = np.array([[10, 11, 12, 13], [20, 21, 22, 23]])
+    local_scores = np.array([[4.0, 3.0, 2.0, 1.0], [8.0, 6.0, 6.0, 5.0]])
+    served_ids, served_scores = np.roll(local_ids, 1, axis=1), local_scores.copy()
+    old_check_failed = np.any((served_ids != local_ids) & ~np.isclose(served_scores, local_scores, atol=TOLERANCE))
+    assert not old_check_failed
+    # Every moved id is caught, except 21 in 22's slot: both score 6.0, a tie.
+    assert unexplained_id_differences(local_ids, local_scores, served_ids, TOLERANCE).tolist() == [[True] * 4, [True, True, False, True]]
+
+
+class _RolledIds(torch.nn.Module):
+    """A planted bug in the exported graph: every slot keeps its score, the ids move one slot to the right."""
+
+    def __init__(self, serving: ServingRanker) -> None:
+        super().__init__()
+        self.serving = serving
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, scores = self.serving(*inputs)
+        return ids.roll(1, dims=1), scores
+
+
+def test_a_graph_with_the_right_scores_and_wrong_ids_fails_the_parity_check(run_dirs) -> None:
+    model, _, _ = load_run(run_dirs["sasrec"])
+    serving = ServingRanker(model, k=10)
+    with pytest.raises(onnx_export.ParityError, match="ids differ without a tie"):
+        onnx_export.check_parity(serving, onnx_export.to_onnx(_RolledIds(serving), 8), 8)
+
+
+class _ReadyTriton:
+    """Stands in for the Triton client in `verify_served`; the answers come from the patched `infer_ranker`."""
+
+    async def is_model_ready(self, model: str, version: str) -> bool:
+        return True
+
+
+async def test_the_serving_check_refuses_wrong_ids_with_the_right_scores(run_dirs, tmp_path: Path, monkeypatch) -> None:
+    result = onnx_export.export_run(run_dirs["gru4rec"], tmp_path, max_k=10)
+    session = ort.InferenceSession(str(result.folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    planted = {"roll": 0}
+
+    async def served(client, model: str, version: int | None, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        ids, scores = session.run(list(ranker.OUTPUTS), feed)
+        return np.roll(ids, planted["roll"], axis=1), scores
+
+    monkeypatch.setattr(serving_check, "infer_ranker", served)
+    await serving_check.verify_served(_ReadyTriton(), "gru4rec", result.folder)  # honest server: passes
+    planted["roll"] = 1
+    with pytest.raises(serving_check.ServingMismatch, match="ids differ from onnxruntime in-process without a tie"):
+        await serving_check.verify_served(_ReadyTriton(), "gru4rec", result.folder)
 
 
 @pytest.fixture
