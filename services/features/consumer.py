@@ -2,9 +2,16 @@
 
 Per batch (at most `max_batch` records from `getmany`):
 1. every record is validated against the event schema; rejects go to `events.dlq` with the reason
-   and their origin (awaited: a record is never dropped silently);
+   and their origin (awaited: a record is never dropped silently). A send is tried
+   `dlq_send_attempts` times (once for errors the broker calls permanent, such as a record too large
+   for the DLQ); a record the DLQ will not take is appended to a local spill file (JSON lines,
+   fsync'd) and logged with its coordinates before it is skipped, so a DLQ problem can neither wedge
+   the consumer (and with it the group's rebalances) nor lose a record;
 2. the valid events and the partitions' next offsets are written to Redis in one atomic script;
-   duplicates (by event_id, within the dedupe window) change nothing;
+   duplicates (by event_id, within the dedupe window) change nothing. If Redis's stored offset for a
+   partition is behind what this consumer last stored (Redis rolled back, e.g. lost its last second
+   of AOF), the script writes nothing and the consumer seeks back to the stored offsets and re-reads;
+   while idle, the stored offsets are compared every `offset_check_interval_s` for the same reason;
 3. every `commit_interval_s` (and before a rebalance or exit) the offsets are committed to Kafka as
    well, a hint for lag tooling: on assignment the consumer seeks to the offsets stored in Redis,
    which always match the features.
@@ -17,27 +24,34 @@ loop after the current batch, commits and closes. Redis or Kafka being down paus
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import BrokerResponseError
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
-from vitrine.contracts import topics
 from vitrine.contracts.events import Event, EventRejected, parse_event
 from vitrine.services.features.metrics import FeatureMetrics
-from vitrine.services.features.store import FeatureStore
+from vitrine.services.features.store import FeatureStore, WriteResult
 from vitrine.services.heap import freeze_startup_objects
 from vitrine.settings import Settings
 
 log = logging.getLogger(__name__)
 DLQ_DETAIL_MAX = 1000
 RETRYABLE = (aioredis.ConnectionError, aioredis.TimeoutError, ConnectionError, OSError)
+RETRY_BACKOFF_S = 0.05
+"""First back-off step (doubling up to the configured ceiling) for Redis writes and DLQ sends."""
+Rejects = Sequence[tuple[ConsumerRecord, EventRejected]]
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -73,12 +87,18 @@ class FeatureConsumer:
         )
         self.producer = AIOKafkaProducer(
             bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", enable_idempotence=True,
-            client_id=f"{self.cfg.group_id}-dlq",
+            client_id=f"{self.cfg.group_id}-dlq", request_timeout_ms=self.cfg.dlq_send_timeout_ms,
         )
         self.batch_lock = asyncio.Lock()
         self.processed: dict[TopicPartition, int] = {}
+        """Next offset per owned partition as stored in Redis by (or sought to from) this consumer."""
         self.lag_labels: set[tuple[str, str]] = set()
         self.last_commit = 0.0
+        self.last_offset_check = time.monotonic()
+
+    @property
+    def spill_path(self) -> Path:
+        return self.cfg.dlq_spill_dir / f"{self.cfg.group_id}.jsonl"
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
@@ -93,6 +113,9 @@ class FeatureConsumer:
                 if batch:
                     async with self.batch_lock:
                         await self.process(batch)
+                elif time.monotonic() - self.last_offset_check >= self.cfg.offset_check_interval_s:
+                    async with self.batch_lock:
+                        await self.rewind_if_redis_behind()
                 self._update_gauges()
         finally:
             async with self.batch_lock:
@@ -108,6 +131,36 @@ class FeatureConsumer:
             if tp.partition in stored:
                 self.consumer.seek(tp, stored[tp.partition])
                 self.processed[tp] = stored[tp.partition]
+
+    async def rewind_if_redis_behind(self) -> None:
+        """Idle check: Redis may have rolled back while no batch arrived to notice (see `process`)."""
+        self.last_offset_check = time.monotonic()
+        stored = await self._with_redis_retry(lambda: self.store.stored_offsets(self.cfg.group_id, self.cfg.events_topic))
+        behind = {
+            (tp.topic, tp.partition): stored.get(tp.partition, -1)
+            for tp in self.consumer.assignment()
+            if tp in self.processed and stored.get(tp.partition, -1) < self.processed[tp]
+        }
+        if behind:
+            await self._rewind(behind, {})
+
+    async def _rewind(self, behind: dict[tuple[str, int], int], batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Seek back after a refused write: a partition where Redis is behind goes to its stored offset (the
+        beginning if Redis has none), the batch's other partitions to their first unapplied record."""
+        for tp, records in batch.items():
+            if (tp.topic, tp.partition) not in behind:
+                self.consumer.seek(tp, records[0].offset)
+        for (topic, partition), stored in behind.items():
+            tp = TopicPartition(topic, partition)
+            log.warning("Redis holds offset %d for %s:%d, behind this consumer's %s (Redis lost writes): re-reading",
+                        stored, topic, partition, self.processed.get(tp))
+            self.metrics.offset_rewinds.inc()
+            if stored >= 0:
+                self.consumer.seek(tp, stored)
+                self.processed[tp] = stored
+            else:
+                await self.consumer.seek_to_beginning(tp)
+                self.processed.pop(tp, None)
 
     async def commit_processed(self, partitions: set[TopicPartition]) -> None:
         offsets = {tp: self.processed[tp] for tp in partitions if tp in self.processed}
@@ -137,14 +190,12 @@ class FeatureConsumer:
         if rejects:
             await self._dead_letter(rejects)
         next_offsets = {(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in batch.items()}
-        result = await self._with_redis_retry(lambda: self.store.apply(events, self.cfg.group_id, next_offsets))
-        visible_s = time.time()
-        for event, applied in zip(events, result.applied, strict=True):
-            if applied:
-                self.metrics.applied.labels(event.type.value).inc()
-                self.metrics.freshness.observe(max(0.0, visible_s - event.ts_ms / 1000))
-            else:
-                self.metrics.deduplicated.labels(event.type.value).inc()
+        expected = {(tp.topic, tp.partition): self.processed.get(tp, -1) for tp in batch}
+        result = await self._with_redis_retry(lambda: self.store.apply(events, self.cfg.group_id, next_offsets, expected))
+        if result.refused:
+            await self._rewind(result.behind, batch)
+            return
+        self._count_applied(events, result)
         for tp, records in batch.items():
             self.processed[tp] = records[-1].offset + 1
         if time.monotonic() - self.last_commit >= self.cfg.commit_interval_s:
@@ -152,30 +203,93 @@ class FeatureConsumer:
         self.metrics.batch_size.observe(sum(len(r) for r in batch.values()))
         self.metrics.batch_duration.observe(time.perf_counter() - started)
 
-    async def _dead_letter(self, rejects: Sequence[tuple[ConsumerRecord, EventRejected]]) -> None:
-        async for attempt in self._retrying(Exception):
-            with attempt:
-                sends = []
-                for record, rejected in rejects:
-                    headers = [
-                        ("reason", rejected.reason.encode()),
-                        ("detail", rejected.detail[:DLQ_DETAIL_MAX].encode()),
-                        ("source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
-                    ]
-                    sends.append(await self.producer.send(topics.EVENTS_DLQ, value=record.value or b"", key=record.key, headers=headers))
-                await asyncio.gather(*sends)
+    def _count_applied(self, events: Sequence[Event], result: WriteResult) -> None:
+        visible_s = time.time()
+        for event, applied in zip(events, result.applied, strict=True):
+            if applied:
+                self.metrics.applied.labels(event.type.value).inc()
+                self.metrics.freshness.observe(max(0.0, visible_s - event.ts_ms / 1000))
+            else:
+                self.metrics.deduplicated.labels(event.type.value).inc()
+
+    # --- the DLQ --------------------------------------------------------------------------------
+    async def _dead_letter(self, rejects: Rejects) -> None:
+        """Send rejects to the DLQ with bounded retries; spill what it will not take, then count them all.
+
+        Bounded because the batch lock is held: endless retries would wedge this consumer and every
+        rebalance of its group. Permanent errors are not retried at all.
+        """
+        failed = await self._send_to_dlq(rejects)
+        attempt = 1
+        while any(not _permanent(exc) for _, _, exc in failed) and attempt < self.cfg.dlq_send_attempts:
+            self.metrics.write_retries.inc()
+            log.warning("retrying %d DLQ sends after %s (attempt %d)", len(failed), failed[0][2], attempt)
+            await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), self.cfg.redis_retry_max_s))
+            failed = await self._send_to_dlq([(record, rejected) for record, rejected, _ in failed])
+            attempt += 1
+        if failed:
+            await asyncio.to_thread(self._spill, failed)
         for _, rejected in rejects:
             self.metrics.rejected.labels(rejected.reason).inc()
 
+    @staticmethod
+    def _dlq_headers(record: ConsumerRecord, rejected: EventRejected) -> list[tuple[str, bytes]]:
+        return [
+            ("reason", rejected.reason.encode()),
+            ("detail", rejected.detail[:DLQ_DETAIL_MAX].encode()),
+            ("source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
+        ]
+
+    async def _send_to_dlq(self, rejects: Rejects) -> list[tuple[ConsumerRecord, EventRejected, BaseException]]:
+        """One try per reject, all in flight together; returns the ones that failed, with their error."""
+        failed: list[tuple[ConsumerRecord, EventRejected, BaseException]] = []
+        in_flight = []
+        for record, rejected in rejects:
+            try:
+                future = await self.producer.send(
+                    self.cfg.dlq_topic, value=record.value or b"", key=record.key, headers=self._dlq_headers(record, rejected))
+            except Exception as exc:  # noqa: BLE001 - any failure is retried or spilled, never dropped
+                failed.append((record, rejected, exc))
+            else:
+                in_flight.append((record, rejected, future))
+        outcomes = await asyncio.gather(*(future for _, _, future in in_flight), return_exceptions=True)
+        for (record, rejected, _), outcome in zip(in_flight, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                failed.append((record, rejected, outcome))
+        return failed
+
+    def _spill(self, failed: Sequence[tuple[ConsumerRecord, EventRejected, BaseException]]) -> None:
+        """Append the records to the spill file and fsync it before the batch may skip them.
+
+        A failure here propagates: the batch is not stored, the process ends and is restarted, and the
+        records are read again. Each line holds what a replay into the DLQ needs.
+        """
+        path = self.spill_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        created = not path.exists()
+        lines = [_spill_line(record, rejected, exc, self.cfg.dlq_topic, self._dlq_headers(record, rejected))
+                 for record, rejected, exc in failed]
+        with path.open("ab") as spill:
+            spill.write("".join(lines).encode())
+            spill.flush()
+            os.fsync(spill.fileno())
+        if created:
+            _fsync_dir(path.parent)
+        for record, rejected, exc in failed:
+            self.metrics.dlq_spilled.labels(rejected.reason).inc()
+            log.error("DLQ refused %s:%d:%d (%s: %s); spilled to %s and skipped",
+                      record.topic, record.partition, record.offset, type(exc).__name__, exc, path)
+
     # --- helpers --------------------------------------------------------------------------------
     def _retrying(self, *kinds: type[BaseException]) -> AsyncRetrying:
+        """Redis writes: retried for as long as Redis is unreachable (pausing is safe; skipping is not)."""
         def count(state) -> None:  # noqa: ANN001 - tenacity's RetryCallState
             self.metrics.write_retries.inc()
             log.warning("retrying after %s (attempt %d)", state.outcome.exception(), state.attempt_number)
 
         return AsyncRetrying(
             retry=retry_if_exception_type(kinds or RETRYABLE),
-            wait=wait_exponential(multiplier=0.05, max=self.cfg.redis_retry_max_s),
+            wait=wait_exponential(multiplier=RETRY_BACKOFF_S, max=self.cfg.redis_retry_max_s),
             before_sleep=count,
             reraise=True,
         )
@@ -208,6 +322,36 @@ class FeatureConsumer:
             labels = (tp.topic, str(tp.partition))
             self.metrics.lag.labels(*labels).set(max(0, high - position))
             self.lag_labels.add(labels)
+
+
+def _permanent(exc: BaseException) -> bool:
+    """An error the broker says a retry cannot fix (too large, invalid topic, not authorised)."""
+    return isinstance(exc, BrokerResponseError) and not exc.retriable
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode()
+
+
+def _spill_line(record: ConsumerRecord, rejected: EventRejected, exc: BaseException, dlq_topic: str,
+                headers: list[tuple[str, bytes]]) -> str:
+    entry = {
+        "topic": record.topic, "partition": record.partition, "offset": record.offset, "timestamp_ms": record.timestamp,
+        "key": _b64(record.key), "value": _b64(record.value),
+        "headers": [[name, _b64(value)] for name, value in headers],
+        "record_headers": [[name, _b64(value)] for name, value in (record.headers or ())],
+        "dlq_topic": dlq_topic, "error": f"{type(exc).__name__}: {exc}", "spilled_at_ms": int(time.time() * 1000),
+    }
+    return json.dumps(entry, separators=(",", ":")) + "\n"
+
+
+def _fsync_dir(path: Path) -> None:
+    """A new file's directory entry is durable only once the directory itself is fsync'd."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def main(settings: Settings) -> None:

@@ -15,9 +15,12 @@ Redis Cluster slot; see docs/redis-layout.md):
 
 Writes happen in one Lua script per batch: every event is checked against its user's dedupe set,
 applied, and the batch's next offsets are stored, all atomically. On partition assignment the
-consumer seeks to the offsets stored here, so features and offsets can never disagree, even when
-Redis itself rolls back its last second (AOF everysec): both roll back together and the events are
-replayed. This is the single-Redis path; on Redis Cluster one script cannot span slots, and the plan
+consumer seeks to the offsets stored here, so features and offsets never disagree. When Redis itself
+rolls back its last second (AOF everysec), both roll back together, but a running consumer's fetch
+position is still ahead: so the script first compares each stored offset with the one the consumer
+last stored (or sought to) and, if Redis is behind, writes nothing and returns the stored offsets;
+the consumer seeks back and the lost events are replayed. Check and write are one script, so no
+write can slip in between. This is the single-Redis path; on Redis Cluster one script cannot span slots, and the plan
 is a per-user script (dedupe mark in the user's slot) plus per-partition offset keys.
 """
 
@@ -44,8 +47,12 @@ _TYPE_BY_NAME: Final = {t.value: t for t in EventType}
 # KEYS: none (the single-Redis path builds keys from the namespace; see the module docstring).
 # ARGV: ns, group, n_events, n_offsets, recent_max, purchased_max, dedupe_ms, user_ttl_ms,
 #       half_life_ms, popular_max, windows (comma-separated seconds), weights (comma-separated, by type),
-#       then n_events × (event_id, user_id, item_id, type_index, ts_ms), then n_offsets × (field, offset).
-# Returns: one 0/1 per event (1 = applied, 0 = duplicate).
+#       then n_events × (event_id, user_id, item_id, type_index, ts_ms),
+#       then n_offsets × (field, expected stored offset or -1 when unknown, next offset).
+# Returns {flags, behind}: flags = one 0/1 per event (1 = applied, 0 = duplicate) and behind = {};
+# or, when any stored offset is below what the consumer expects (Redis rolled back), nothing is
+# written and the reply is {{}, behind} with behind = field, stored offset (-1 = none), ... for
+# every such partition.
 _APPLY_BATCH: Final = r"""
 local ns, group = ARGV[1], ARGV[2]
 local n_events, n_offsets = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -57,6 +64,20 @@ for w in string.gmatch(ARGV[11], '[^,]+') do windows[#windows + 1] = tonumber(w)
 for w in string.gmatch(ARGV[12], '[^,]+') do weights[#weights + 1] = tonumber(w) end
 local types = {'view', 'click', 'add_to_cart', 'purchase'}
 local housekeeping_every = 4
+-- A stored offset behind the consumer's own last write means Redis lost writes: refuse the batch
+-- before touching anything, so that the consumer re-reads from the stored offset.
+local offsets_key = ns .. ':offsets:' .. group
+local offsets_base = 12 + 5 * n_events
+local behind = {}
+for i = 0, n_offsets - 1 do
+  local field, expected = ARGV[offsets_base + 3 * i + 1], tonumber(ARGV[offsets_base + 3 * i + 2])
+  local current = tonumber(redis.call('HGET', offsets_key, field) or '-1')
+  if current < expected then
+    behind[#behind + 1] = field
+    behind[#behind + 1] = current
+  end
+end
+if #behind > 0 then return {{}, behind} end
 local applied, touched, newest, bought, popular, trending = {}, {}, {}, {}, {}, {}
 local base = 12
 for i = 0, n_events - 1 do
@@ -122,14 +143,12 @@ for key, expire_at in pairs(touched) do
   end
 end
 if n_events > 0 then redis.call('ZREMRANGEBYRANK', ns .. ':popular', 0, -popular_max - 1) end
-local offsets_key = ns .. ':offsets:' .. group
 for i = 0, n_offsets - 1 do
-  local field, offset = ARGV[base + 1], tonumber(ARGV[base + 2])
-  base = base + 2
+  local field, offset = ARGV[offsets_base + 3 * i + 1], tonumber(ARGV[offsets_base + 3 * i + 3])
   local current = tonumber(redis.call('HGET', offsets_key, field) or '-1')
   if offset > current then redis.call('HSET', offsets_key, field, offset) end
 end
-return applied
+return {applied, {}}
 """
 
 
@@ -170,7 +189,14 @@ class UserFeatures:
 @dataclass(frozen=True)
 class WriteResult:
     applied: list[bool]
+    """One flag per event: False = a duplicate. Empty when the batch was refused."""
     duplicates: int = field(default=0)
+    behind: dict[tuple[str, int], int] = field(default_factory=dict)
+    """(topic, partition) → stored offset (-1 = none) where Redis is behind the consumer: nothing was written."""
+
+    @property
+    def refused(self) -> bool:
+        return bool(self.behind)
 
 
 def user_prefix(namespace: str, user_id: str) -> str:
@@ -207,16 +233,35 @@ class FeatureStore:
         return f"{topic}:{partition}"
 
     # --- writing ------------------------------------------------------------------------------
-    async def apply(self, events: Sequence[Event], group: str, next_offsets: dict[tuple[str, int], int]) -> WriteResult:
-        """Apply a batch and store the partitions' next offsets, atomically. Duplicates change nothing."""
+    async def apply(
+        self, events: Sequence[Event], group: str, next_offsets: dict[tuple[str, int], int],
+        expected_offsets: dict[tuple[str, int], int] | None = None,
+    ) -> WriteResult:
+        """Apply a batch and store the partitions' next offsets, atomically. Duplicates change nothing.
+
+        `expected_offsets` are the offsets the caller believes are stored (what it last wrote or sought
+        to; missing or -1 = unknown). If Redis holds less for any partition, it lost writes (a rollback):
+        nothing is written and `WriteResult.behind` says where Redis stands, so the caller can re-read.
+        """
+        expected = expected_offsets or {}
         args: list[object] = [self.ns, group, len(events), len(next_offsets), *self._static_args]
         for event in events:
             args += [event.event_id, event.user_id, event.item_id, event.type.strength, event.ts_ms]
         for (topic, partition), offset in next_offsets.items():
-            args += [self.offset_field(topic, partition), offset]
-        flags = await self._apply(keys=[], args=args)
+            args += [self.offset_field(topic, partition), expected.get((topic, partition), -1), offset]
+        flags, behind = await self._apply(keys=[], args=args)
+        if behind:
+            return WriteResult(applied=[], behind=self._parse_behind(behind))
         applied = [bool(f) for f in flags]
         return WriteResult(applied=applied, duplicates=applied.count(False))
+
+    @staticmethod
+    def _parse_behind(flat: list) -> dict[tuple[str, int], int]:  # noqa: ANN001 - the script's reply
+        behind = {}
+        for raw_field, stored in zip(flat[::2], flat[1::2], strict=True):
+            topic, partition = _text(raw_field).rsplit(":", 1)
+            behind[(topic, int(partition))] = int(stored)
+        return behind
 
     async def stored_offsets(self, group: str, topic: str) -> dict[int, int]:
         raw = await self.client.hgetall(self.offsets_key(group))

@@ -10,12 +10,14 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -32,7 +34,7 @@ from vitrine.services.features.store import FeatureStore
 from vitrine.services.stack import Stack
 from vitrine.services.stack.components import settings_env
 from vitrine.services.stack.launcher import free_port
-from vitrine.services.stack.health import features_ready
+from vitrine.services.stack.health import features_ready, redis_ready
 from vitrine.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -286,3 +288,58 @@ async def test_two_consumers_in_one_group_share_the_partitions(lane: Lane) -> No
     finally:
         _stop(a)
         _stop(b)
+
+
+async def _restart_redis_from(stack: Stack, snapshot: Path) -> None:
+    """Stop the stack's Redis, put an older copy of its AOF in place and start it again: what Redis does
+    after a machine crash with `appendfsync everysec` (the last second of writes is gone)."""
+    aof = stack.settings.stack.home / "redis" / "appendonlydir"
+    await asyncio.to_thread(stack.supervisor.rpc_stop, "redis")
+    shutil.rmtree(aof)
+    shutil.copytree(snapshot, aof)
+    await _start_redis(stack)
+
+
+async def _start_redis(stack: Stack) -> None:
+    """Only Redis, through the stack's supervisor, ready when it answers PING (not `stack.up()`: the other
+    components are not this test's business)."""
+    await asyncio.to_thread(stack.supervisor.start, "redis")
+
+    async def answers() -> bool | None:
+        return True if await redis_ready(stack.settings) is None else None
+
+    await eventually(answers, 30, "Redis to answer again")
+
+
+@pytest.mark.parametrize("noticed_by", ["the next batch", "the idle check"])
+async def test_a_redis_rollback_under_a_running_consumer_is_replayed_not_skipped(
+    lane: Lane, stack: Stack, tmp_path: Path, noticed_by: str,
+) -> None:
+    """Redis restarts from an older AOF while the consumer runs: the events it lost are read again.
+
+    "the next batch": the idle check is off, so the apply script must notice (its atomic offset check);
+    "the idle check": no event follows the rollback, so only the periodic comparison can notice.
+    """
+    now_ms = int(time.time() * 1000)
+    before, lost, after = (_events(800, now_ms, seed=seed) for seed in (6, 7, 8))
+    if noticed_by == "the idle check":
+        after = []
+    process, settings = lane.start_consumer(offset_check_interval_s=3600 if after else 0.2)
+    try:
+        await _ready(process, settings, PARTITIONS)
+        await _publish(lane, before)
+        await lane.wait_processed(len(before))
+        # Redis writes its AOF before it answers, so the consumer being idle means the files hold `before`.
+        snapshot = shutil.copytree(stack.settings.stack.home / "redis" / "appendonlydir", tmp_path / "aof")
+        await _publish(lane, lost)
+        await lane.wait_processed(len(before) + len(lost))
+        await _restart_redis_from(stack, snapshot)
+        await lane.store.client.connection_pool.disconnect()  # the test's own connections died with Redis
+        if after:
+            assert await lane.processed() == len(before), "Redis did not come back with the older state; the test proves nothing"
+            await _publish(lane, after)
+        await lane.wait_processed(len(before) + len(lost) + len(after))
+        await _assert_matches_reference(lane, before + lost + after, now_ms)
+        assert await _metric(settings, "vitrine_features_offset_rewinds_total") >= 1
+    finally:
+        _stop(process)
