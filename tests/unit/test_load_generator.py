@@ -53,12 +53,31 @@ async def test_errors_are_counted_by_code_and_warmup_is_not_measured() -> None:
 
 @pytest.mark.timeout(30)
 async def test_too_many_outstanding_requests_are_reported_not_skipped() -> None:
-    async def never(n: int) -> lg.Outcome:
-        await asyncio.sleep(0.5)
+    # The first 10 requests are held until the schedule (100 requests due in [0, 0.495 s]) is over. The
+    # release is a timer due after the last request's, and the generator sends every overdue request
+    # without yielding, so however late the loop runs, the release comes after the last due request was
+    # handled: exactly 10 sent, 90 counted, no timing margin.
+    release = asyncio.Event()
+    in_flight = most_in_flight = 0
+
+    async def release_after_the_schedule() -> None:
+        await asyncio.sleep(0.5 + 0.1)
+        release.set()
+
+    async def held(n: int) -> lg.Outcome:
+        nonlocal in_flight, most_in_flight
+        if n == 0:  # `run` has taken its start time: the timer is due after every request
+            releaser.append(asyncio.create_task(release_after_the_schedule()))
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        await release.wait()
+        in_flight -= 1
         return lg.Outcome()
 
-    result = await lg.run(never, rate=200, duration_s=0.5, warmup_s=0.0, max_outstanding=10)
-    assert result.codes["CLIENT_OVERLOAD"] >= 80 and result.codes["OK"] == 10
+    releaser: list[asyncio.Task] = []
+    result = await lg.run(held, rate=200, duration_s=0.5, warmup_s=0.0, max_outstanding=10)
+    await asyncio.gather(*releaser)
+    assert result.codes == {"OK": 10, "CLIENT_OVERLOAD": 90} and most_in_flight == 10 and result.launched == 10
 
 
 def _synthetic(rate: float, p99_s: float, behind_s: float = 0.0) -> lg.LoadResult:
