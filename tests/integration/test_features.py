@@ -7,6 +7,7 @@ Consumers run as `vitrine features run` subprocesses, configured through the env
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import random
@@ -24,6 +25,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from tests.integration import feature_reference
 from tests.integration.invariants import assert_exactly_once, eventually
@@ -343,3 +345,69 @@ async def test_a_redis_rollback_under_a_running_consumer_is_replayed_not_skipped
         assert await _metric(settings, "vitrine_features_offset_rewinds_total") >= 1
     finally:
         _stop(process)
+
+
+MESSAGE_LIMIT = 4096
+"""max.message.bytes of both topics in the DLQ test: a record just under it fits the input topic, not the DLQ once
+the consumer adds its headers."""
+
+
+async def _read_all(bootstrap: str, topic: str, expected: int, timeout_s: float = 20) -> list:
+    """Every record of `topic` from the beginning, once `expected` have arrived."""
+    reader = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await reader.start()
+    messages: list = []
+    try:
+        async def arrived() -> bool | None:
+            messages.extend(m for ms in (await reader.getmany(timeout_ms=200)).values() for m in ms)
+            return True if len(messages) >= expected else None
+
+        await eventually(arrived, timeout_s, f"{expected} records on {topic}", interval_s=0)
+    finally:
+        await reader.stop()
+    return messages
+
+
+async def test_a_record_the_dlq_will_not_take_is_spilled_logged_counted_and_skipped(lane: Lane, tmp_path: Path) -> None:
+    """Before bounded retries, a permanent DLQ error was retried forever under the batch lock: the consumer stopped."""
+    bootstrap = lane.settings.kafka.bootstrap_servers
+    dlq_topic = f"{lane.topic}.dlq"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    limit = {"max.message.bytes": str(MESSAGE_LIMIT)}
+    await admin.create_topics([NewTopic(dlq_topic, num_partitions=1, replication_factor=1, topic_configs=limit)])
+    await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, lane.topic, limit)])
+    now_ms = int(time.time() * 1000)
+    good = _events(200, now_ms, seed=9)
+    too_big, small_bad = b"<" * (MESSAGE_LIMIT - 100), b"not json either"
+    spill_dir = tmp_path / "spill"
+    process, settings = lane.start_consumer(dlq_topic=dlq_topic, dlq_spill_dir=spill_dir, dlq_send_attempts=3)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        await _ready(process, settings)
+        values = [e.to_json() for e in good]
+        values[100:100] = [too_big, small_bad]
+        offsets = {}
+        for value in values:  # one key: one partition, the bad records between good ones
+            offsets[value] = await (await producer.send(lane.topic, value=value, key=b"k"))
+        await lane.wait_processed(len(values), timeout_s=30)
+        await _assert_matches_reference(lane, good, now_ms)
+        [dead] = await _read_all(bootstrap, dlq_topic, 1)
+        assert dead.value == small_bad and dict(dead.headers)["reason"] == b"not_json"
+        [line] = (spill_dir / f"{settings.features.group_id}.jsonl").read_text().splitlines()
+        spilled = json.loads(line)
+        where = offsets[too_big]
+        assert (spilled["topic"], spilled["partition"], spilled["offset"]) == (where.topic, where.partition, where.offset)
+        assert base64.b64decode(spilled["value"]) == too_big
+        headers = {name: base64.b64decode(value) for name, value in spilled["headers"]}
+        assert headers["reason"] == b"not_json" and headers["source"] == f"{where.topic}:{where.partition}:{where.offset}".encode()
+        assert "MessageSizeTooLarge" in spilled["error"]
+        assert await _metric(settings, "vitrine_features_dlq_spilled_total", 'reason="not_json"') == 1
+        assert await _metric(settings, "vitrine_features_events_rejected_total", 'reason="not_json"') == 2
+    finally:
+        await producer.stop()
+        _stop(process)
+        await admin.delete_topics([dlq_topic])
+        await admin.close()
+    assert f"{where.topic}:{where.partition}:{where.offset}" in process.stderr.read().decode()
