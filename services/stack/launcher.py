@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import random
 import socket
 import time
 from collections import deque
@@ -49,9 +50,38 @@ def tail(path: Path, lines: int) -> str:
         return f"(no log at {path})\n"
 
 
+FREE_PORT_LOW = 27_000
+"""Lowest port `free_port` hands out: above the stack's own ports (default and shifted by up to ~7,000)."""
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS considers free right now (for extra processes started beside the stack)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    """A free port for an extra process started beside the stack, one nothing else is likely to take first.
+
+    The OS's own pick (bind to port 0) comes from the ephemeral range, which the kernel also draws from
+    for the local end of every outgoing connection (the Kafka, Redis and gRPC clients on this machine)
+    and for every other bind to 0: any of them can take that port between this call and the child's
+    bind. So the port is drawn at random from [FREE_PORT_LOW, start of the ephemeral range), which
+    neither of those uses, is never handed out twice by one process, and is free when returned. Another
+    process may still bind it explicitly first: a caller that starts a child on it should start again on
+    a new port when the child reports the address in use.
+    """
+    low, high = FREE_PORT_LOW, _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200) if high - low > 1000 else ():
+        port = rng.randrange(low, high)
+        if port not in _handed_out and not port_in_use(host, port):
+            _handed_out.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:  # no room below the ephemeral range
         probe.bind((host, 0))
         return probe.getsockname()[1]
 
