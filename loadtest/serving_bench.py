@@ -44,7 +44,7 @@ from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.services.gateway.metrics import BATCH_SIZE
 from vitrine.services.gateway.ranking import ServedModel
-from vitrine.services.stack.components import settings_env
+from vitrine.services.stack.components import local_gateway_settings, settings_env
 from vitrine.services.stack.launcher import free_port
 from vitrine.settings import Settings
 from vitrine.v1 import recommender_pb2 as pb
@@ -143,7 +143,7 @@ async def _restore_experiment(settings: Settings, before: pb.Experiment) -> None
 
 
 def _start(command: list[str], settings: Settings) -> subprocess.Popen:
-    return subprocess.Popen(command, env={**os.environ, **settings_env(settings)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(command, env={**os.environ, **settings_env(local_gateway_settings(settings))}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 async def _wait_answering(address: str, key: str | None, timeout_s: float = 60) -> None:

@@ -30,7 +30,12 @@ def _quiet_client_logs() -> None:
 def _settings() -> Settings:
     try:
         return Settings()
-    except (ValidationError, FileNotFoundError, ValueError) as exc:
+    except ValidationError as exc:
+        # Field and message only: pydantic's own text repeats the input value, which may be a secret.
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors(include_input=False, include_url=False)]
+        typer.secho("invalid configuration:\n" + "\n".join(lines), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    except (FileNotFoundError, ValueError) as exc:
         typer.secho(f"invalid configuration:\n{exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from exc
 

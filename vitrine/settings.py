@@ -123,6 +123,19 @@ class FeaturesSettings(_Section):
     metrics_host: Host = "127.0.0.1"
     metrics_port: Port = 19400
     redis_retry_max_s: float = Field(5.0, gt=0, le=300, description="Back-off ceiling while Redis is unreachable.")
+    offset_check_interval_s: float = Field(
+        1.0, gt=0, le=3600,
+        description="While idle, how often the stored offsets are compared with the consumer's position "
+                    "(a Redis rollback is replayed even when no new events arrive).")
+    dlq_topic: str = Field(topics.EVENTS_DLQ, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Where rejected records go.")
+    dlq_send_attempts: int = Field(
+        5, ge=1, le=100,
+        description="Tries per rejected record before it is spilled to `dlq_spill_dir` and skipped (errors the "
+                    "broker calls permanent, e.g. a record too large for the DLQ, are spilled at once).")
+    dlq_send_timeout_ms: int = Field(10_000, ge=100, le=300_000, description="Bound on one DLQ send (metadata wait included).")
+    dlq_spill_dir: Path = Field(
+        Path(os.environ.get("VITRINE_CACHE", Path.home() / ".cache" / "vitrine")) / "dlq-spill",
+        description="Rejected records the DLQ would not take: `<group_id>.jsonl`, one fsync'd JSON line each.")
 
     @field_validator("windows_s")
     @classmethod
@@ -147,6 +160,11 @@ def _demo_keys() -> dict[str, ApiKey]:
         hashlib.sha256(f"vitrine-demo-{role}".encode()).hexdigest(): ApiKey(name=f"demo-{role}", role=role)
         for role in ("storefront", "experimenter", "admin")
     }
+
+
+def redact(secret: str) -> str:
+    """What may appear in a log about a secret: its length and the first hex digits of its sha256."""
+    return f"<redacted, sha256 {hashlib.sha256(secret.encode()).hexdigest()[:8]}…>"
 
 
 class VariantSettings(_Section):
@@ -174,7 +192,17 @@ class GatewaySettings(_Section):
     triton_timeout_ms: float = Field(250, gt=0, le=60_000, description="Cap on one Triton call (the client's deadline may be shorter).")
     redis_timeout_ms: float = Field(50, gt=0, le=60_000)
     breaker_threshold: int = Field(5, ge=1, le=1000, description="Consecutive Triton failures that open the circuit.")
-    breaker_reset_s: float = Field(2.0, gt=0, le=600, description="Open circuit: time before one trial call.")
+    breaker_reset_s: float = Field(2.0, gt=0, le=600, description="Open circuit: time before trial calls are let through.")
+    breaker_probes: int = Field(1, ge=1, le=1000, description="Half-open circuit: trial calls at a time; everybody else degrades until one decides.")
+    breaker_min_timeout_ms: float = Field(
+        50, gt=0, le=60_000,
+        description="A Triton call that timed out counts against the circuit only if it was given at least this long: "
+                    "a client's own 2 ms deadline says nothing about Triton's health.")
+    request_budget_ms: float = Field(
+        1000, gt=0, le=60_000,
+        description="Bound on the model path of a request that carries no deadline (readiness, vocabulary, queue, Triton); "
+                    "past it the answer is degraded, never late without bound.")
+    admin_timeout_ms: float = Field(1000, gt=0, le=60_000, description="Bound on Redis calls of experiment changes and of start-up.")
     refresh_s: float = Field(1.0, gt=0, le=60, description="Popularity/trending copies and model readiness refresh period.")
     exposure_buffer: int = Field(10_000, ge=1, le=10_000_000)
     exposure_linger_ms: float = Field(
@@ -188,17 +216,32 @@ class GatewaySettings(_Section):
         VariantSettings(name="control", model_name="gru4rec", weight=50),
         VariantSettings(name="treatment", model_name="sasrec", weight=50),
     )
-    api_keys: dict[str, ApiKey] = Field(default_factory=_demo_keys, description="sha256(key) → holder and role.")
+    api_keys: dict[str, ApiKey] = Field(default_factory=dict, description="sha256(key) → holder and role.")
+    demo_keys: bool = Field(
+        False,
+        description="Also accept the published demo keys (`vitrine-demo-<role>`). Only the local stack turns this on "
+                    "(stack.demo_keys); a gateway with neither keys nor this refuses to start.")
+    reflection: bool = Field(False, description="Serve gRPC server reflection (the local stack turns it on for grpcurl).")
+    error_log_interval_s: float = Field(10.0, ge=0, le=3600, description="The same error is logged at most once per this long.")
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
-    @field_validator("api_keys")
+    @field_validator("api_keys", mode="before")
     @classmethod
-    def _hashes_only(cls, keys: dict[str, ApiKey]) -> dict[str, ApiKey]:
-        for digest in keys:
-            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-                raise ValueError("api_keys are keyed by the lower-case hex sha256 of the key, never the key itself")
+    def _hashes_only(cls, keys: object) -> object:
+        # Before validation, so that a raw key pasted here is never echoed: pydantic's error would show
+        # the input value (and with it the secret) in logs; `redact` keeps only a short fingerprint.
+        if isinstance(keys, dict):
+            for digest in keys:
+                if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                    raise ValueError(f"api_keys are keyed by the lower-case hex sha256 of the key, never the key itself "
+                                     f"(got an entry of {len(str(digest))} characters, {redact(str(digest))})")
         return keys
+
+    @property
+    def accepted_keys(self) -> dict[str, ApiKey]:
+        """The configured keys, plus the demo keys when `demo_keys` is on."""
+        return {**(_demo_keys() if self.demo_keys else {}), **self.api_keys}
 
     @model_validator(mode="after")
     def _tls_pair(self) -> GatewaySettings:
@@ -225,6 +268,7 @@ class StackSettings(_Section):
     startup_timeout_s: float = Field(120.0, gt=0, le=1800, description="Upper bound for one component to turn healthy.")
     stop_timeout_s: float = Field(30.0, gt=0, le=600)
     log_tail_lines: int = Field(30, ge=1, le=10_000, description="Log lines shown when a component fails.")
+    demo_keys: bool = Field(True, description="The local stack's gateway accepts the published demo keys (README) and serves reflection.")
 
 
 class Settings(BaseSettings):

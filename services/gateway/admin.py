@@ -1,8 +1,18 @@
-"""ExperimentAdmin: read and change the A/B split at runtime (role experimenter or admin)."""
+"""ExperimentAdmin: read and change the A/B split at runtime (role experimenter or admin).
+
+Every Redis call here is bounded by `admin_timeout_ms`: with Redis away an experimenter gets
+UNAVAILABLE with a readable message at once, not a 4-second hang (redis-py's connect retries)
+ending in UNKNOWN and a traceback.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
 import grpc
+import redis.asyncio as aioredis
 from pydantic import ValidationError
 
 from vitrine.services.gateway.auth import identify
@@ -11,6 +21,8 @@ from vitrine.services.gateway.ranking import ModelCatalog
 from vitrine.settings import GatewaySettings
 from vitrine.v1 import recommender_pb2 as pb
 from vitrine.v1 import recommender_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 
 def to_proto(experiment: Experiment) -> pb.Experiment:
@@ -35,8 +47,18 @@ class ExperimentAdminService(pb_grpc.ExperimentAdminServicer):
         self.follower = follower
         self.catalog = catalog
 
+    async def _redis(self, call: Awaitable[T], context: grpc.aio.ServicerContext) -> T:
+        try:
+            async with asyncio.timeout(self.settings.admin_timeout_ms / 1000):
+                return await call
+        except (TimeoutError, aioredis.RedisError, OSError) as exc:
+            detail = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"the experiment store (Redis) is unavailable ({detail}); the split in force is unchanged, retry later")
+            raise AssertionError("unreachable") from exc
+
     async def GetExperiment(self, request: pb.GetExperimentRequest, context: grpc.aio.ServicerContext) -> pb.Experiment:  # noqa: N802
-        return to_proto((await self.store.load()) or self.follower.current)
+        return to_proto((await self._redis(self.store.load(), context)) or self.follower.current)
 
     async def SetExperiment(self, request: pb.SetExperimentRequest, context: grpc.aio.ServicerContext) -> pb.Experiment:  # noqa: N802
         try:
@@ -47,10 +69,15 @@ class ExperimentAdminService(pb_grpc.ExperimentAdminServicer):
                      for v in experiment.variants if not await self.catalog.is_ready(v.model_name, v.model_version)]
         if not_ready:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"models not ready in Triton: {', '.join(not_ready)}")
-        caller = identify(context.invocation_metadata(), self.settings.api_keys)
+        caller = identify(context.invocation_metadata(), self.settings.accepted_keys)
         try:
-            stored = await self.store.save(experiment, by=caller.name if caller else "unknown", expected_revision=request.expected_revision)
+            stored = await self._redis(
+                self.store.save(experiment, by=caller.name if caller else "unknown", expected_revision=request.expected_revision), context)
         except ConflictError as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
-        await self.follower.refresh()
+        try:
+            async with asyncio.timeout(self.settings.admin_timeout_ms / 1000):
+                await self.follower.refresh()
+        except (TimeoutError, aioredis.RedisError, OSError):
+            pass  # stored: pub/sub or the periodic re-read brings it to this gateway too
         return to_proto(stored)

@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from vitrine.export.drift import POPULARITY_BUCKETS, history_stats, popularity_counts, psi
-from vitrine.services.gateway.metrics import GatewayMetrics
+from vitrine.services.gateway.metrics import GatewayMetrics, label_sets
 from vitrine.services.gateway.ranking import ServedModel
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,25 @@ class DriftMonitor:
         length, unknown, real = history_stats(items)
         ring.write(index, int(length), unknown, real,
                    popularity_counts(items, model.reference["popularity_mix"]["bucket_upper_index"]), top1)
+
+    def forget(self, keep_variants: set[str]) -> None:
+        """Drop the rings and PSI series of variants that left the experiment, and the model versions
+        no ring refers to any more (indices in the rings are renumbered)."""
+        for variant in set(self._rings) - keep_variants:
+            del self._rings[variant]
+        for feature, variant in label_sets(self.metrics.drift_psi, ("feature", "variant")):
+            if variant not in keep_variants:
+                self.metrics.drift_psi.remove(feature, variant)
+        referenced = sorted({int(i) for ring in self._rings.values() for i in np.unique(ring.model) if i >= 0})
+        if len(referenced) == len(self._models):
+            return
+        renumber = np.full(max(len(self._models), 1), -1, dtype=np.int64)
+        renumber[referenced] = np.arange(len(referenced))
+        for ring in self._rings.values():
+            known = ring.model >= 0
+            ring.model[known] = renumber[ring.model[known]]
+        self._models = [self._models[i] for i in referenced]
+        self._model_index = {id(model): i for i, model in enumerate(self._models)}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 REQUESTS: Final = "vitrine_gateway_requests_total"
 REQUEST_DURATION: Final = "vitrine_gateway_request_duration_seconds"
@@ -24,11 +25,17 @@ VARIANT_WEIGHT: Final = "vitrine_gateway_variant_weight_percent"
 EXPERIMENT_REVISION: Final = "vitrine_gateway_experiment_revision"
 MODEL_READY: Final = "vitrine_gateway_model_ready"
 DRIFT_PSI: Final = "vitrine_drift_psi"
+BREAKER_STATE: Final = "vitrine_gateway_breaker_state"
+DEPENDENCY_UP: Final = "vitrine_gateway_dependency_up"
+MALFORMED: Final = "vitrine_gateway_malformed_requests_total"
 
 LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 SCORE_BUCKETS: Final = tuple(float(b) for b in range(-4, 25, 2))
 BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128)
 STAGES: Final = ("features", "queue", "triton", "postprocess")
+DEPENDENCIES: Final = ("redis", "triton")
+UNKNOWN_METHOD: Final = "unknown"
+"""The `method` label of calls to paths the gateway does not serve: labels stay a fixed set whatever callers send."""
 
 
 class GatewayMetrics:
@@ -53,5 +60,16 @@ class GatewayMetrics:
         self.model_ready = Gauge(MODEL_READY, "1 when the model version a variant uses is ready in Triton.", ("model_name", "model_version"), registry=registry)
         self.drift_psi = Gauge(DRIFT_PSI, "Population stability index of live inputs/outputs against the model version's reference.",
                                ("feature", "variant"), registry=registry)
+        self.breaker_state = Gauge(BREAKER_STATE, "Triton circuit per model: 0 closed, 1 half-open (trial calls), 2 open.",
+                                   ("model",), registry=registry)
+        self.dependency_up = Gauge(DEPENDENCY_UP, "1 while the dependency answers (the gateway still answers, degraded, when it does not).",
+                                   ("dependency",), registry=registry)
+        self.malformed = Counter(MALFORMED.removesuffix("_total"), "Requests whose body could not be decoded.", ("method",), registry=registry)
         for stage in STAGES:
             self.stage.labels(stage)
+
+
+def label_sets(metric: MetricWrapperBase, names: tuple[str, ...]) -> set[tuple[str, ...]]:
+    """The label values of every series `metric` exports now (read through the public collect())."""
+    return {tuple(sample.labels[n] for n in names) for family in metric.collect() for sample in family.samples
+            if all(n in sample.labels for n in names)}

@@ -4,27 +4,37 @@ inputs, and the micro-batched, circuit-broken Triton calls.
 The encoding is the one training used (`export/data/sequences.py`): a user's recent events collapse
 into steps, the newest `max_len` steps are left-padded, unknown items map to the unknown id; the
 vocabulary comes from the version's `metadata.json` in the model repository.
+
+Nothing here waits without a bound on the request path: Triton's readiness is asked with a timeout,
+once per model however many requests find the cache stale (they keep serving the cached version
+meanwhile); a version's vocabulary is parsed in a worker thread, once; callers bound their wait with
+the request's budget.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import tritonclient.grpc.aio as triton
-from purgatory import AsyncCircuitBreakerFactory
+from tritonclient.utils import InferenceServerException
 
 from vitrine.contracts import ranker
 from vitrine.export.data.sequences import OOV, PAD, collapse_runs, encode_history
 from vitrine.services.features.store import RecentEvent
 from vitrine.services.gateway.batcher import MicroBatcher
+from vitrine.services.gateway.breaker import CircuitBreaker
 from vitrine.services.gateway.metrics import GatewayMetrics
 from vitrine.settings import GatewaySettings
 
+log = logging.getLogger(__name__)
 Row = tuple[np.ndarray, np.ndarray, np.ndarray]
 Ranked = list[tuple[str, float]]
 
@@ -64,48 +74,104 @@ class ServedModel:
                 if s > ranker.EXCLUDED_SCORE and i >= first]
 
 
+ModelKey = tuple[str, str]
+
+
+def _remove_series(metric, *labels: str) -> None:  # noqa: ANN001 - any labelled prometheus metric
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass  # never observed
+T = TypeVar("T")
+
+
+def _shared(tasks: dict[Hashable, asyncio.Task], key: Hashable, work: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+    """One task per key however many callers ask; shielded, so a caller that gives up (its budget
+    ran out) does not cancel the work for the others."""
+    task = tasks.get(key)
+    if task is None:
+        task = asyncio.ensure_future(work())
+        tasks[key] = task
+        task.add_done_callback(lambda t: (tasks.pop(key, None), t.cancelled() or t.exception()))
+    return asyncio.shield(task)
+
+
 class ModelCatalog:
     """Resolves a variant's (model, version) to a ready `ServedModel`; an empty version means the
-    newest version Triton has ready, re-checked every `refresh_s`."""
+    newest version Triton has ready, re-checked every `refresh_s` in the background while requests
+    go on with the version last seen (so a Triton that stops answering changes nothing for them)."""
 
-    def __init__(self, client: triton.InferenceServerClient, repository: Path, refresh_s: float) -> None:
+    def __init__(self, client: triton.InferenceServerClient, repository: Path, refresh_s: float, call_timeout_s: float) -> None:
         self.client = client
         self.repository = repository
         self.refresh_s = refresh_s
-        self._models: dict[tuple[str, str], ServedModel] = {}
+        self.call_timeout_s = call_timeout_s
+        self._models: dict[ModelKey, ServedModel] = {}
         self._newest: dict[str, tuple[str, float]] = {}
+        self._refreshing: dict[Hashable, asyncio.Task] = {}
+        self._loading: dict[Hashable, asyncio.Task] = {}
 
     async def ready_versions(self, name: str) -> list[str]:
-        metadata = await self.client.get_model_metadata(name, as_json=True)
+        timeout = self.call_timeout_s
+        metadata = await self.client.get_model_metadata(name, as_json=True, client_timeout=timeout)
         versions = sorted(metadata.get("versions", []), key=int)
-        return [v for v in versions if await self.client.is_model_ready(name, v)]
+        ready = await asyncio.gather(*(self.client.is_model_ready(name, v, client_timeout=timeout) for v in versions))
+        return [v for v, ok in zip(versions, ready, strict=True) if ok]
+
+    async def _refresh_newest(self, name: str) -> str:
+        ready = await self.ready_versions(name)
+        if not ready:
+            raise LookupError(f"no ready version of model {name!r}")
+        self._newest[name] = (ready[-1], time.monotonic())
+        return ready[-1]
+
+    async def newest(self, name: str) -> str:
+        cached = self._newest.get(name)
+        if cached is None:
+            return await _shared(self._refreshing, name, lambda: self._refresh_newest(name))
+        if time.monotonic() - cached[1] > self.refresh_s:
+            _shared(self._refreshing, name, lambda: self._refresh_newest(name))  # in the background
+        return cached[0]
 
     async def resolve(self, name: str, version: str) -> ServedModel:
+        """The served model; the caller bounds the wait (asyncio.timeout) with the request's budget."""
         if not version:
-            cached = self._newest.get(name)
-            if cached is None or time.monotonic() - cached[1] > self.refresh_s:
-                try:
-                    ready = await self.ready_versions(name)
-                except Exception:
-                    if cached is None:
-                        raise
-                    ready = []  # Triton unreachable: keep the last answer; the call itself will fail fast
-                if ready:
-                    cached = (ready[-1], time.monotonic())
-                    self._newest[name] = cached
-                elif cached is None:
-                    raise LookupError(f"no ready version of model {name!r}")
-            version = cached[0]
+            version = await self.newest(name)
         key = (name, version)
-        if key not in self._models:
-            self._models[key] = ServedModel.load(self.repository, name, version)
-        return self._models[key]
+        model = self._models.get(key)
+        if model is None:
+            model = await _shared(self._loading, key, lambda: self._load(name, version))
+        return model
+
+    async def _load(self, name: str, version: str) -> ServedModel:
+        # Parsing a vocabulary of 100k items takes tens of ms: never on the event loop.
+        model = await asyncio.to_thread(ServedModel.load, self.repository, name, version)
+        self._models[(name, version)] = model
+        return model
 
     async def is_ready(self, name: str, version: str) -> bool:
         try:
-            return bool(await self.ready_versions(name)) if not version else await self.client.is_model_ready(name, version)
+            if not version:
+                return bool(await self.ready_versions(name))
+            return await self.client.is_model_ready(name, version, client_timeout=self.call_timeout_s)
         except Exception:  # noqa: BLE001 - unknown model or Triton away: not ready
             return False
+
+    def in_use(self, variants: Iterable[tuple[str, str]]) -> set[ModelKey]:
+        """The (model, version) pairs the given variants serve now ("" = the newest known)."""
+        keys = set()
+        for name, version in variants:
+            resolved = version or (self._newest[name][0] if name in self._newest else "")
+            if resolved:
+                keys.add((name, resolved))
+        return keys
+
+    def loaded(self) -> set[ModelKey]:
+        return set(self._models)
+
+    def evict(self, keys: Iterable[ModelKey]) -> None:
+        for key in keys:
+            self._models.pop(key, None)
 
 
 class RankerPool:
@@ -115,8 +181,16 @@ class RankerPool:
         self.settings = settings
         self.client = client
         self.metrics = metrics
-        self.breakers = AsyncCircuitBreakerFactory(default_threshold=settings.breaker_threshold, default_ttl=settings.breaker_reset_s)
-        self._batchers: dict[tuple[str, str], MicroBatcher[Row, tuple[np.ndarray, np.ndarray]]] = {}
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._batchers: dict[ModelKey, MicroBatcher[Row, tuple[np.ndarray, np.ndarray]]] = {}
+
+    def breaker(self, name: str) -> CircuitBreaker:
+        if name not in self._breakers:
+            gauge = self.metrics.breaker_state.labels(name)
+            self._breakers[name] = CircuitBreaker(
+                self.settings.breaker_threshold, self.settings.breaker_reset_s, self.settings.breaker_probes,
+                on_state=lambda state: gauge.set(int(state)))
+        return self._breakers[name]
 
     def batcher(self, model: ServedModel) -> MicroBatcher[Row, tuple[np.ndarray, np.ndarray]]:
         key = (model.name, model.version)
@@ -135,6 +209,16 @@ class RankerPool:
             self._batchers[key] = batcher
         return self._batchers[key]
 
+    def _blames_triton(self, exc: InferenceServerException, timeout_s: float) -> bool:
+        """Is this error Triton's own fault? A cancellation (the caller left) never is; a timeout only
+        when the call had at least `breaker_min_timeout_ms` — a 2 ms client deadline says nothing."""
+        status = exc.status() or ""
+        if status.endswith("CANCELLED"):
+            return False
+        if status.endswith("DEADLINE_EXCEEDED"):
+            return timeout_s * 1000 >= self.settings.breaker_min_timeout_ms
+        return True
+
     async def _infer(self, model: ServedModel, rows: Sequence[Row], timeout_s: float | None) -> list[tuple[np.ndarray, np.ndarray]]:
         arrays = [np.stack([row[i] for row in rows]) for i in range(3)]
         inputs = []
@@ -144,16 +228,36 @@ class RankerPool:
             inputs.append(tensor)
         cap = self.settings.triton_timeout_ms / 1000
         timeout = min(cap, timeout_s) if timeout_s is not None else cap
-        breaker = await self.breakers.get_breaker(f"triton:{model.name}")
         started = time.perf_counter()
-        async with breaker:
-            result = await self.client.infer(
-                model.name, inputs, model_version=model.version,
-                outputs=[triton.InferRequestedOutput(name) for name in ranker.OUTPUTS], client_timeout=timeout,
-            )
+        with self.breaker(model.name).call() as call:  # raises CircuitOpen: no call at all
+            try:
+                result = await self.client.infer(
+                    model.name, inputs, model_version=model.version,
+                    outputs=[triton.InferRequestedOutput(name) for name in ranker.OUTPUTS], client_timeout=timeout,
+                )
+            except InferenceServerException as exc:
+                if self._blames_triton(exc, timeout):
+                    call.failure()
+                raise
+            except (ConnectionError, OSError):
+                call.failure()
+                raise
+            call.success()
         self.metrics.stage.labels("triton").observe(time.perf_counter() - started)
         ids, scores = result.as_numpy(ranker.TOP_IDS), result.as_numpy(ranker.TOP_SCORES)
         return [(ids[i], scores[i]) for i in range(len(rows))]
+
+    def loaded(self) -> set[ModelKey]:
+        return set(self._batchers)
+
+    async def evict(self, keys: set[ModelKey]) -> None:
+        """Stop the batchers of versions no longer served (their batches in flight finish first)."""
+        for key in keys:
+            batcher = self._batchers.pop(key, None)
+            if batcher is not None:
+                await batcher.stop()
+        for name in {key[0] for key in keys} - {key[0] for key in self._batchers}:
+            _remove_series(self.metrics.batch_size, name)
 
     async def stop(self) -> None:
         for batcher in self._batchers.values():

@@ -1,6 +1,12 @@
 """Wiring of the gateway: gRPC server (auth, health, reflection, optional TLS), metrics, background tasks.
 
 `vitrine gateway run` runs `main`; `vitrine stack up` runs it as the `gateway` component.
+
+Health (grpc.health.v1): the overall status ("" and each Vitrine service) is SERVING while the gateway
+can answer — with Redis or Triton down it still answers, degraded and counted, so a readiness probe must
+not drain every gateway at once during such an outage; it turns NOT_SERVING only while shutting down.
+Each dependency has a health service name of its own (`DEPENDENCY_HEALTH`) and a gauge
+(`vitrine_gateway_dependency_up`), for dashboards, alerts and `vitrine stack up`'s readiness probe.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import signal
 
 import grpc
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 import tritonclient.grpc.aio as triton
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -23,7 +31,7 @@ from vitrine.services.gateway.drift import DriftMonitor
 from vitrine.services.gateway.experiment import Experiment, ExperimentFollower, ExperimentStore, Variant
 from vitrine.services.gateway.exposures import ExposureLog
 from vitrine.services.gateway.fallback import PopularityFallback
-from vitrine.services.gateway.metrics import GatewayMetrics
+from vitrine.services.gateway.metrics import GatewayMetrics, label_sets
 from vitrine.services.gateway.ranking import ModelCatalog, RankerPool
 from vitrine.services.gateway.service import RecommenderService
 from vitrine.services.heap import freeze_startup_objects
@@ -33,17 +41,33 @@ from vitrine.v1 import recommender_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 SERVICES = (pb.DESCRIPTOR.services_by_name["Recommender"].full_name, pb.DESCRIPTOR.services_by_name["ExperimentAdmin"].full_name)
+DEPENDENCY_HEALTH = {"redis": "vitrine.dependency.redis", "triton": "vitrine.dependency.triton"}
+"""Health service names that report one dependency each (Triton: every variant's model ready)."""
+EVICT_AFTER_SWEEPS = 2
+"""A model version unused for this many health sweeps (each `refresh_s`) has its per-version state freed."""
+
+
+class ConfigurationError(RuntimeError):
+    """The gateway cannot start with these settings (said in words an operator can act on)."""
 
 
 class Gateway:
     def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
         self.settings = settings
         cfg = settings.gateway
+        self.keys = cfg.accepted_keys
+        if not self.keys:
+            raise ConfigurationError(
+                "no API keys: set gateway.api_keys (sha256 of each key → name and role), or gateway.demo_keys = true "
+                "to accept the published demo keys (only for a local stack; `vitrine stack up` does this)")
         self.metrics = GatewayMetrics(registry)
-        self.redis = aioredis.Redis(host=settings.redis.host, port=settings.redis.port, socket_connect_timeout=1, socket_timeout=2)
+        # One quick retry (a pooled connection gone stale after a Redis restart), never a back-off: every
+        # call is bounded by the request's budget and degrades instead of waiting.
+        self.redis = aioredis.Redis(host=settings.redis.host, port=settings.redis.port, socket_connect_timeout=1, socket_timeout=2,
+                                    retry=Retry(NoBackoff(), 1))
         self.store = FeatureStore(self.redis, settings.features)
         self.triton = triton.InferenceServerClient(settings.triton.grpc_url)
-        self.catalog = ModelCatalog(self.triton, settings.triton.model_repository, cfg.refresh_s)
+        self.catalog = ModelCatalog(self.triton, settings.triton.model_repository, cfg.refresh_s, cfg.triton_timeout_ms / 1000)
         self.rankers = RankerPool(cfg, self.triton, self.metrics)
         depth = cfg.max_k + cfg.max_exclusions + settings.features.purchased_max
         self.fallback = PopularityFallback(self.store, depth, cfg.refresh_s, cfg.redis_timeout_ms / 1000)
@@ -54,6 +78,8 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self.follower: ExperimentFollower | None = None
         self._tasks: list[asyncio.Task] = []
+        self._unused_sweeps: dict[tuple[str, str], int] = {}
+        self._variant_labels: set[tuple[str, str]] = set()
 
     def _on_experiment(self, experiment: Experiment) -> None:
         self.metrics.variant_weight.clear()
@@ -63,7 +89,8 @@ class Gateway:
 
     async def _initial_experiment(self) -> Experiment:
         try:
-            return await self.experiments.seed(self.settings.gateway.default_variants)
+            async with asyncio.timeout(self.settings.gateway.admin_timeout_ms / 1000):
+                return await self.experiments.seed(self.settings.gateway.default_variants)
         except Exception as exc:  # noqa: BLE001 - Redis away at start: serve the configured default meanwhile
             log.warning("experiment store unavailable (%s); using the configured default until it answers", exc)
             return Experiment(salt="vitrine", variants=tuple(Variant(**v.model_dump()) for v in self.settings.gateway.default_variants))
@@ -76,8 +103,11 @@ class Gateway:
         self.exposures.start()
         self.drift.start()
         self._tasks.append(asyncio.create_task(self._watch_health()))
+        interceptor = AuthInterceptor(
+            self.keys, on_denied=lambda method, code: self.metrics.requests.labels(method, code.name, "").inc(),
+            on_malformed=lambda method: self.metrics.malformed.labels(method).inc(), error_log_interval_s=cfg.error_log_interval_s)
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(cfg.api_keys, lambda method, code: self.metrics.requests.labels(method, code.name, "").inc())],
+            interceptors=[interceptor],
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         )
         pb_grpc.add_RecommenderServicer_to_server(
@@ -85,7 +115,8 @@ class Gateway:
                                self.metrics, self.drift), server)
         pb_grpc.add_ExperimentAdminServicer_to_server(ExperimentAdminService(cfg, self.experiments, self.follower, self.catalog), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        if cfg.reflection:
+            reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         if cfg.tls_cert and cfg.tls_key:
             credentials = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())])
             bound = server.add_secure_port(cfg.address, credentials)
@@ -98,24 +129,74 @@ class Gateway:
         log.info("gateway listening on %s (%s)", cfg.address, "TLS" if cfg.tls_cert else "plaintext")
 
     async def _watch_health(self) -> None:
-        """SERVING while Redis answers and every variant's model is ready in Triton."""
         while True:
             try:
-                redis_ok = bool(await asyncio.wait_for(self.redis.ping(), 1.0))
-            except Exception:  # noqa: BLE001
-                redis_ok = False
-            models_ok = True
-            assert self.follower is not None
-            for v in self.follower.current.variants:
-                ready = await self.catalog.is_ready(v.model_name, v.model_version)
-                self.metrics.model_ready.labels(v.model_name, v.model_version or "newest").set(1 if ready else 0)
-                models_ok &= ready
-            status = health_pb2.HealthCheckResponse.SERVING if redis_ok and models_ok else health_pb2.HealthCheckResponse.NOT_SERVING
-            for service in ("", *SERVICES):
-                await self.health.set(service, status)
+                await self.check_health()
+                await self.evict_unused()
+            except Exception as exc:  # noqa: BLE001 - the watcher must outlive any one failure
+                log.warning("health sweep failed: %s", exc)
             await asyncio.sleep(self.settings.gateway.refresh_s)
 
+    async def check_health(self) -> dict[str, bool]:
+        """Overall SERVING (the gateway answers, degraded if it must); each dependency on its own."""
+        try:
+            redis_ok = bool(await asyncio.wait_for(self.redis.ping(), self.settings.gateway.admin_timeout_ms / 1000))
+        except Exception:  # noqa: BLE001
+            redis_ok = False
+        models_ok = True
+        assert self.follower is not None
+        for v in self.follower.current.variants:
+            ready = await self.catalog.is_ready(v.model_name, v.model_version)
+            self.metrics.model_ready.labels(v.model_name, v.model_version or "newest").set(1 if ready else 0)
+            models_ok &= ready
+        up = {"redis": redis_ok, "triton": models_ok}
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        for dependency, ok in up.items():
+            self.metrics.dependency_up.labels(dependency).set(1 if ok else 0)
+            await self.health.set(DEPENDENCY_HEALTH[dependency], serving if ok else not_serving)
+        for service in ("", *SERVICES):
+            await self.health.set(service, serving)
+        return up
+
+    async def evict_unused(self) -> None:
+        """Free what a model version no longer served holds (vocabulary, batcher, metric series), once
+        it has been unused for `EVICT_AFTER_SWEEPS` sweeps — requests resolved just before a switch finish first."""
+        assert self.follower is not None
+        variants = self.follower.current.variants
+        used = self.catalog.in_use((v.model_name, v.model_version) for v in variants)
+        held = self.catalog.loaded() | self.rankers.loaded()
+        for key in held - used:
+            self._unused_sweeps[key] = self._unused_sweeps.get(key, 0) + 1
+        for key in used:
+            self._unused_sweeps.pop(key, None)
+        stale = {key for key, sweeps in self._unused_sweeps.items() if sweeps >= EVICT_AFTER_SWEEPS}
+        if stale:
+            self.catalog.evict(stale)
+            await self.rankers.evict(stale)
+            for key in stale:
+                del self._unused_sweeps[key]
+            log.info("freed the state of model versions no longer served: %s", sorted(stale))
+        self.drift.forget(keep_variants={v.name for v in variants})
+        self._forget_series(variants, stale)
+
+    def _forget_series(self, variants: tuple[Variant, ...], stale: set[tuple[str, str]]) -> None:
+        """Series of variants that left the experiment, and of evicted versions, stop being exported."""
+        model_of = {v.name: v.model_name for v in variants}
+        for metric in (self.metrics.duration, self.metrics.top1, self.metrics.mean_topk):
+            for variant, version in label_sets(metric, ("variant", "model_version")):
+                if variant not in model_of or (model_of[variant], version) in stale:
+                    metric.remove(variant, version)
+        for reason, variant in label_sets(self.metrics.degraded, ("reason", "variant")):
+            if variant not in model_of:
+                self.metrics.degraded.remove(reason, variant)
+        live_models = {(v.model_name, v.model_version or "newest") for v in variants}
+        for labels in label_sets(self.metrics.model_ready, ("model_name", "model_version")):
+            if labels not in live_models:
+                self.metrics.model_ready.remove(*labels)
+
     async def stop(self, grace_s: float = 5.0) -> None:
+        # Readiness probes see NOT_SERVING first, so balancers stop sending before calls are refused.
+        await self.health.enter_graceful_shutdown()
         if self.server:
             await self.server.stop(grace_s)
         for task in self._tasks:
@@ -139,7 +220,11 @@ def main(settings: Settings) -> None:
     start_http_server(settings.gateway.metrics_port, settings.gateway.metrics_host, registry=registry)
 
     async def serve() -> None:
-        gateway = Gateway(settings, registry)
+        try:
+            gateway = Gateway(settings, registry)
+        except ConfigurationError as exc:
+            log.error("gateway cannot start: %s", exc)
+            raise SystemExit(2) from None
         await gateway.start()
         freeze_startup_objects()
         stop = asyncio.Event()

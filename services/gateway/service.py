@@ -2,7 +2,7 @@
 
 validate → assign the variant → the user's features (one Redis round trip) → model inputs →
 micro-batched Triton call → drop exclusions and purchases → answer, log the exposure.
-Everything is bounded by the client's deadline. Any failure behind the gateway becomes a degraded
+Everything is bounded by the client's deadline (without one, by `request_budget_ms`). Any failure behind the gateway becomes a degraded
 answer that says why (popularity from Redis, else from memory); only bad input and bad keys are errors.
 """
 
@@ -16,18 +16,20 @@ import uuid
 from dataclasses import dataclass
 
 import grpc
-from purgatory.domain.model import OpenedState
+from tritonclient.utils import InferenceServerException
 
 from vitrine.contracts.events import MAX_ID_LENGTH
 from vitrine.contracts.exposures import Exposure
 from vitrine.services.features.store import FeatureStore, UserFeatures
-from vitrine.services.gateway.batcher import QueueFull
+from vitrine.services.gateway.batcher import DeadlineExpired, QueueFull
+from vitrine.services.gateway.breaker import CircuitOpen
 from vitrine.services.gateway.drift import DriftMonitor
 from vitrine.services.gateway.experiment import ExperimentFollower
 from vitrine.services.gateway.exposures import ExposureLog
 from vitrine.services.gateway.fallback import PopularityFallback, Ranked
 from vitrine.services.gateway.metrics import GatewayMetrics
 from vitrine.services.gateway.ranking import ModelCatalog, RankerPool
+from vitrine.services.throttled_log import ThrottledLog
 from vitrine.settings import GatewaySettings
 from vitrine.v1 import recommender_pb2 as pb
 from vitrine.v1 import recommender_pb2_grpc as pb_grpc
@@ -75,6 +77,25 @@ def validate(request: pb.RecommendRequest, max_k: int, max_exclusions: int) -> N
         raise InvalidRequest(f"context.attributes holds at most {MAX_ATTRIBUTES} entries")
 
 
+class Rejected(Exception):
+    """A request that gets an error status instead of an answer (after validation)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """An answer not yet delivered: the exposure is logged and the metrics counted only once it is."""
+
+    response: pb.RecommendResponse
+    exposure: Exposure
+    answer: Answer
+    variant: str
+    elapsed_s: float
+
+
 class RecommenderService(pb_grpc.RecommenderServicer):
     def __init__(
         self,
@@ -97,61 +118,97 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self.exposures = exposures
         self.metrics = metrics
         self.drift = drift
+        self._errors = ThrottledLog(log, settings.error_log_interval_s)
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:  # noqa: N802
-        return await self._answer(request, context, "Recommend")
-
-    async def RecommendBatch(self, request: pb.RecommendBatchRequest, context: grpc.aio.ServicerContext) -> pb.RecommendBatchResponse:  # noqa: N802
-        if not 1 <= len(request.requests) <= MAX_BATCH_REQUESTS:
-            self.metrics.requests.labels("RecommendBatch", "INVALID_ARGUMENT", "").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requests must hold 1..{MAX_BATCH_REQUESTS} entries")
-        responses = await asyncio.gather(*(self._answer(r, context, "RecommendBatch") for r in request.requests))
-        return pb.RecommendBatchResponse(responses=responses)
-
-    async def _answer(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext, method: str) -> pb.RecommendResponse:
-        started = time.perf_counter()
+        method = "Recommend"
         try:
             validate(request, self.settings.max_k, self.settings.max_exclusions)
         except InvalidRequest as exc:
             self.metrics.requests.labels(method, "INVALID_ARGUMENT", "").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            reply = await self._reply(request, context.time_remaining())
+        except Rejected as exc:
+            self.metrics.requests.labels(method, exc.code.name, "").inc()
+            await context.abort(exc.code, str(exc))
+        self._deliver(method, reply)
+        return reply.response
+
+    async def RecommendBatch(self, request: pb.RecommendBatchRequest, context: grpc.aio.ServicerContext) -> pb.RecommendBatchResponse:  # noqa: N802
+        """All or nothing: every sub-request is validated before any is answered, and if one cannot be
+        answered the whole call fails with no exposure logged (the A/B data holds only what was delivered)."""
+        method = "RecommendBatch"
+        problem = None
+        if not 1 <= len(request.requests) <= MAX_BATCH_REQUESTS:
+            problem = f"requests must hold 1..{MAX_BATCH_REQUESTS} entries, got {len(request.requests)}"
+        else:
+            for index, sub in enumerate(request.requests):
+                try:
+                    validate(sub, self.settings.max_k, self.settings.max_exclusions)
+                except InvalidRequest as exc:
+                    problem = f"requests[{index}]: {exc}"
+                    break
+        if problem:
+            self.metrics.requests.labels(method, "INVALID_ARGUMENT", "").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         remaining = context.time_remaining()
-        deadline = started + remaining if remaining is not None else None
+        outcomes = await asyncio.gather(*(self._reply(sub, remaining) for sub in request.requests), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                code = outcome.code if isinstance(outcome, Rejected) else grpc.StatusCode.INTERNAL
+                self.metrics.requests.labels(method, code.name, "").inc()
+                if not isinstance(outcome, Rejected):
+                    self._errors.log(logging.ERROR, "batch:internal", "RecommendBatch sub-request failed: %r", outcome)
+                await context.abort(code, f"a sub-request could not be answered ({outcome}); none was")
+        for reply in outcomes:
+            self._deliver(method, reply)
+        return pb.RecommendBatchResponse(responses=[reply.response for reply in outcomes])
+
+    async def _reply(self, request: pb.RecommendRequest, time_remaining: float | None) -> _Reply:
+        """Answer one validated request. `time_remaining` is the client's deadline (None: none); the model
+        path is bounded by it or, without one, by `request_budget_ms`."""
+        started = time.perf_counter()
+        deadline = started + time_remaining if time_remaining is not None else None
+        budget = deadline if deadline is not None else started + self.settings.request_budget_ms / 1000
         variant = self.experiment.current.assign(request.user_id)
         self.metrics.inflight.inc()
         try:
-            answer = await self._rank(request, variant.name, variant.model_name, variant.model_version, deadline)
-        except QueueFull:
-            self.metrics.requests.labels(method, "RESOURCE_EXHAUSTED", variant.name).inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity; retry later")
+            answer = await self._rank(request, variant.name, variant.model_name, variant.model_version, budget)
+        except QueueFull as exc:
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity; retry later") from exc
         finally:
             self.metrics.inflight.dec()
         if deadline is not None and time.perf_counter() > deadline:
-            self.metrics.requests.labels(method, "DEADLINE_EXCEEDED", variant.name).inc()
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline passed")
+            raise Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline passed")
         request_id = request.request_id or uuid.uuid4().hex
         elapsed = time.perf_counter() - started
-        self._observe(method, variant.name, answer, elapsed)
-        self.exposures.record(Exposure(
+        exposure = Exposure(
             request_id=request_id, user_id=request.user_id, ts_ms=int(time.time() * 1000), variant=variant.name,
             model_name=answer.model_name, model_version=answer.model_version,
             item_ids=[i for i, _ in answer.items], scores=[s for _, s in answer.items], latency_ms=elapsed * 1000,
             degraded=bool(answer.degraded_reason), degraded_reason=answer.degraded_reason, page=request.context.page,
-        ))
-        return pb.RecommendResponse(
+        )
+        response = pb.RecommendResponse(
             items=[pb.ScoredItem(item_id=i, score=s) for i, s in answer.items], variant=variant.name,
             model_name=answer.model_name, model_version=answer.model_version,
             degraded=bool(answer.degraded_reason), degraded_reason=answer.degraded_reason, request_id=request_id,
         )
+        return _Reply(response, exposure, answer, variant.name, elapsed)
 
-    async def _rank(self, request: pb.RecommendRequest, variant: str, model_name: str, model_version: str, deadline: float | None) -> Answer:
+    def _deliver(self, method: str, reply: _Reply) -> None:
+        self._observe(method, reply.variant, reply.answer, reply.elapsed_s)
+        self.exposures.record(reply.exposure)
+
+    async def _rank(self, request: pb.RecommendRequest, variant: str, model_name: str, model_version: str, budget: float) -> Answer:
+        """`budget`: the perf_counter() instant past which the answer is degraded rather than late."""
         excluded = set(request.exclude_item_ids)
         if request.context.item_id:
             excluded.add(request.context.item_id)
         now_ms = int(time.time() * 1000)
         stage = time.perf_counter()
         try:
-            async with asyncio.timeout(self._budget(self.settings.redis_timeout_ms / 1000, deadline)):
+            async with asyncio.timeout(self._budget(self.settings.redis_timeout_ms / 1000, budget)):
                 features: UserFeatures = await self.store.user_features(request.user_id, now_ms)
         except Exception as exc:  # noqa: BLE001 - Redis away or slow: answer from the in-memory copy
             log.debug("features unavailable: %s", exc)
@@ -162,19 +219,23 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         if not features.has_history:
             return Answer(self._top(self.fallback.trending(), request.k, excluded), COLD_START_MODEL, "")
         try:
-            model = await self.catalog.resolve(model_name, model_version)
+            async with asyncio.timeout_at(self._loop_instant(budget)):
+                model = await self.catalog.resolve(model_name, model_version)
             items, types = model.history(features.recent)
             row = (items, types, model.exclusions(excluded, self.settings.exclude_width))
-            ids, scores = await self.rankers.batcher(model).submit(row, deadline)
+            ids, scores = await self.rankers.batcher(model).submit(row, budget)
         except QueueFull:
             if self.settings.shed_mode == "reject":
                 raise
             return await self._degraded(request.k, excluded, "overloaded")
-        except OpenedState:
+        except CircuitOpen:
             return await self._degraded(request.k, excluded, "circuit_open")
+        except (DeadlineExpired, TimeoutError):
+            return await self._degraded(request.k, excluded, "deadline")
         except Exception as exc:  # noqa: BLE001 - Triton failing, slow, or the model not ready
-            log.debug("model call failed: %s", exc)
-            reason = "triton_timeout" if "deadline" in str(exc).lower() else "triton_unavailable"
+            timed_out = isinstance(exc, InferenceServerException) and (exc.status() or "").endswith("DEADLINE_EXCEEDED")
+            reason = "triton_timeout" if timed_out else "triton_unavailable"
+            self._errors.log(logging.WARNING, f"model:{model_name}:{reason}", "model call to %s failed (%s): %s", model_name, reason, exc)
             return await self._degraded(request.k, excluded, reason)
         stage = time.perf_counter()
         ranked = self._top(model.decode(ids, scores), request.k, excluded)
@@ -202,8 +263,13 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         return out
 
     @staticmethod
-    def _budget(cap_s: float, deadline: float | None) -> float:
-        return max(0.0, min(cap_s, deadline - time.perf_counter())) if deadline is not None else cap_s
+    def _budget(cap_s: float, deadline: float) -> float:
+        return max(0.0, min(cap_s, deadline - time.perf_counter()))
+
+    @staticmethod
+    def _loop_instant(deadline: float) -> float:
+        """A perf_counter() instant on the event loop's clock (asyncio.timeout_at)."""
+        return asyncio.get_running_loop().time() + (deadline - time.perf_counter())
 
     def _observe(self, method: str, variant: str, answer: Answer, elapsed: float) -> None:
         self.metrics.requests.labels(method, "OK", variant).inc()

@@ -258,6 +258,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return {f"VITRINE_{name.upper()}": getattr(settings, name).model_dump_json() for name in type(settings).model_fields}
 
 
+def local_gateway_settings(settings: Settings) -> Settings:
+    """The local stack's gateway: the published demo keys and reflection on, when `stack.demo_keys` says so.
+    Outside the local stack both are off by default, and a gateway without keys refuses to start."""
+    if not settings.stack.demo_keys:
+        return settings
+    return settings.model_copy(update={"gateway": settings.gateway.model_copy(update={"demo_keys": True, "reflection": True})})
+
+
 def features(settings: Settings) -> Component:
     cfg = settings.features
     return Component(
@@ -278,7 +286,7 @@ def gateway(settings: Settings) -> Component:
         ports={"grpc": (cfg.host, cfg.port), "metrics": (cfg.metrics_host, cfg.metrics_port)},
         probe=health.gateway_ready,
         url=f"grpc://{cfg.address} (metrics http://{cfg.metrics_host}:{cfg.metrics_port}/metrics)",
-        env=settings_env(settings),
+        env=settings_env(local_gateway_settings(settings)),
     )
 
 

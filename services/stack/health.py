@@ -131,15 +131,21 @@ async def features_ready(settings: Settings) -> str | None:
 
 
 async def gateway_ready(settings: Settings) -> str | None:
-    """The standard gRPC health check answers SERVING (Redis reachable, every variant's model ready)."""
+    """The gateway answers SERVING, and so do its dependencies' health names (Redis reachable, every
+    variant's model ready): the stack is up when a request gets a model's answer, not a degraded one."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from vitrine.services.gateway.server import DEPENDENCY_HEALTH
+
     try:
         async with grpc.aio.insecure_channel(settings.gateway.address) as channel:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=PROBE_TIMEOUT_S)
+            stub = health_pb2_grpc.HealthStub(channel)
+            for service in ("", *DEPENDENCY_HEALTH.values()):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=PROBE_TIMEOUT_S)
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                    return f"health status {status}" + (f" for {service}" if service else "")
     except grpc.aio.AioRpcError as exc:
         return f"health check failed: {exc.code().name}"
-    if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        return f"health status {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
     return None

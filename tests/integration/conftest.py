@@ -20,7 +20,8 @@ import pytest
 from vitrine.services.stack import Stack
 from vitrine.settings import Settings
 
-TEST_PORT_OFFSET = 1000
+TEST_PORT_OFFSET = int(os.environ.get("VITRINE_TEST_PORT_OFFSET", "1000"))
+"""Ports of the test stack: the default ports + this (another value lets two test runs share a machine)."""
 REUSE_ENV = "VITRINE_TEST_REUSE_STACK"
 
 logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

@@ -14,7 +14,7 @@ import pytest
 from tests.integration.invariants import eventually
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.services.stack import Stack
-from vitrine.services.stack.components import settings_env
+from vitrine.services.stack.components import local_gateway_settings, settings_env
 from vitrine.services.stack.launcher import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -35,7 +35,7 @@ async def test_tls_gateway_serves_trusting_clients_and_refuses_plaintext(stack: 
     gateway = stack.settings.gateway.model_copy(update={
         "port": free_port(), "metrics_port": free_port(), "tls_cert": cert, "tls_key": key})
     settings = stack.settings.model_copy(update={"gateway": gateway})
-    process = subprocess.Popen([sys.executable, "-m", "vitrine", "gateway", "run"], env={**os.environ, **settings_env(settings)},
+    process = subprocess.Popen([sys.executable, "-m", "vitrine", "gateway", "run"], env={**os.environ, **settings_env(local_gateway_settings(settings))},
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         async with GatewayClient(gateway.address, "vitrine-demo-storefront", cert.read_bytes()) as client:

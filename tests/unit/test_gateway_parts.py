@@ -91,12 +91,21 @@ async def test_requests_arriving_while_busy_share_batches_of_at_most_max_batch()
 @pytest.mark.timeout(10)
 async def test_an_error_reaches_every_caller_of_the_batch_and_the_next_batch_works() -> None:
     infer = _Recorder()
-    batcher = MicroBatcher(infer, max_batch=8, max_delay_s=0.01, queue_size=100, max_inflight=2)
+    batcher = MicroBatcher(infer, max_batch=8, max_delay_s=0.01, queue_size=100, max_inflight=1)
     batcher.start()
     try:
+        infer.release.clear()
         infer.fail = True
-        outcomes = await asyncio.gather(*(batcher.submit(n) for n in range(5)), return_exceptions=True)
-        assert all(isinstance(o, RuntimeError) for o in outcomes)
+        first = asyncio.create_task(batcher.submit(0))  # idle: sent at once and held in flight
+        while not infer.sizes:
+            await asyncio.sleep(0)
+        rest = [asyncio.create_task(batcher.submit(n)) for n in range(1, 5)]  # busy: these queue up
+        await asyncio.sleep(0.02)
+        infer.release.set()
+        outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+        assert infer.sizes == [1, 4]  # a real batch of four was sent, and it failed
+        assert all(type(o) is RuntimeError and str(o) == "triton is down" for o in outcomes), outcomes
+        assert len({id(o) for o in outcomes[1:]}) == 1  # one error, handed to every member of the batch
         infer.fail = False
         assert await batcher.submit(7) == 70
     finally:
