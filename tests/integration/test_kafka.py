@@ -4,6 +4,7 @@ import uuid
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import UnknownTopicOrPartitionError
 
 from tests.integration.invariants import assert_exactly_once
 from vitrine.contracts import topics
@@ -76,13 +77,18 @@ async def test_consumer_group_reads_every_message_once_and_resumes_from_its_comm
 
 
 @pytest.mark.asyncio
-async def test_topics_are_not_created_by_accident(stack: Stack) -> None:
+async def test_topics_are_not_created_by_accident(admin: AIOKafkaAdminClient, stack: Stack) -> None:
+    """A producer asking for (and writing to) a misspelt topic gets UnknownTopicOrPartition, and afterwards
+    the broker still does not know the topic: auto-creation is off."""
+    typo = f"typo-{uuid.uuid4().hex[:8]}"
     producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka.bootstrap_servers, request_timeout_ms=3000)
     await producer.start()
     try:
-        partitions = await asyncio.wait_for(producer.partitions_for(f"typo-{uuid.uuid4().hex[:8]}"), 10)
-    except Exception:  # noqa: BLE001 - aiokafka reports an unknown topic by timing out or raising
-        partitions = None
+        with pytest.raises(UnknownTopicOrPartitionError):  # aiokafka waits request_timeout_ms for metadata
+            await asyncio.wait_for(producer.partitions_for(typo), 10)
+        with pytest.raises(UnknownTopicOrPartitionError):
+            await asyncio.wait_for(producer.send_and_wait(typo, b"lost?"), 10)
     finally:
         await producer.stop()
-    assert not partitions
+    [described] = await admin.describe_topics([typo])
+    assert (described["topic"], described["error_code"]) == (typo, UnknownTopicOrPartitionError.errno)

@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from vitrine.loadtest.feature_throughput import histogram_quantile
@@ -15,18 +16,40 @@ from vitrine.settings import FeaturesSettings, Settings
 
 
 def test_metric_names_follow_prometheus_conventions_and_are_all_exported() -> None:
+    """Every name in metrics.py is exported as a sample with the value recorded (a HELP line alone is not an
+    export), counters as counters ending in _total."""
     registry = CollectorRegistry()
     m = metrics.FeatureMetrics(registry)
-    m.consumed.labels("events").inc()
-    m.rejected.labels("not_json").inc()
-    text = generate_latest(registry).decode()
+    m.consumed.labels("events").inc(3)
+    m.applied.labels("view").inc(2)
+    m.deduplicated.labels("click").inc()
+    m.rejected.labels("not_json").inc(4)
+    m.write_retries.inc(5)
+    m.offset_rewinds.inc(6)
+    m.dlq_spilled.labels("not_json").inc(7)
+    m.batch_size.observe(10)
+    m.batch_duration.observe(0.002)
+    m.freshness.observe(0.5)
+    m.lag.labels("events", "0").set(8)
+    m.assigned.set(9)
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    expected = {
+        metrics.EVENTS_CONSUMED: ({"topic": "events"}, 3), metrics.EVENTS_APPLIED: ({"type": "view"}, 2),
+        metrics.EVENTS_DEDUPLICATED: ({"type": "click"}, 1), metrics.EVENTS_REJECTED: ({"reason": "not_json"}, 4),
+        metrics.WRITE_RETRIES: ({}, 5), metrics.OFFSET_REWINDS: ({}, 6), metrics.DLQ_SPILLED: ({"reason": "not_json"}, 7),
+        metrics.BATCH_SIZE + "_count": ({}, 1), metrics.BATCH_DURATION + "_count": ({}, 1), metrics.FRESHNESS + "_count": ({}, 1),
+        metrics.CONSUMER_LAG: ({"partition": "0", "topic": "events"}, 8), metrics.ASSIGNED_PARTITIONS: ({}, 9),
+    }
     names = [v for k, v in vars(metrics).items() if k.isupper() and isinstance(v, str) and v.startswith("vitrine_")]
-    assert len(names) == 10
+    assert sorted(names) == sorted(n.removesuffix("_count") for n in expected)  # a new name needs a line above
+    for sample, (labels, value) in expected.items():
+        assert samples.get((sample, tuple(sorted(labels.items())))) == value, sample
+    assert samples[(metrics.BATCH_SIZE + "_bucket", (("le", "10.0"),))] == 1
     for name in names:
-        assert name in text, name
         assert name.startswith("vitrine_features_")
-    counters = [n for n in names if n.endswith("_total")]
-    assert len(counters) == 5
+        family = families.get(name.removesuffix("_total")) or families.get(name)
+        assert family is not None and (family.type == "counter") == name.endswith("_total"), (name, family and family.type)
     assert metrics.FRESHNESS.endswith("_seconds") and metrics.BATCH_DURATION.endswith("_seconds")
 
 
