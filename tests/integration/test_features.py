@@ -451,3 +451,107 @@ async def test_a_record_the_dlq_will_not_take_is_spilled_logged_counted_and_skip
         await admin.delete_topics([dlq_topic])
         await admin.close()
     assert f"{where.topic}:{where.partition}:{where.offset}" in process.stderr.read().decode()
+
+
+async def _publish_placed(lane: Lane, events: list[Event]) -> dict[str, tuple[int, int]]:
+    """Publish keyed by user (as the shop does) and return where each event landed: event_id → (partition, offset)."""
+    producer = AIOKafkaProducer(bootstrap_servers=lane.settings.kafka.bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        sends = [await producer.send(lane.topic, value=e.to_json(), key=e.user_id.encode()) for e in events]
+        placed = await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+    return {e.event_id: (meta.partition, meta.offset) for e, meta in zip(events, placed, strict=True)}
+
+
+async def _commit_in_kafka(lane: Lane, offsets: dict[int, int]) -> None:
+    """Kafka's committed offsets for the lane's group, set by hand (a member that committed and left)."""
+    committer = AIOKafkaConsumer(bootstrap_servers=lane.settings.kafka.bootstrap_servers, group_id=lane.settings.features.group_id,
+                                 enable_auto_commit=False)
+    await committer.start()
+    try:
+        partitions = [TopicPartition(lane.topic, p) for p in offsets]
+        committer.assign(partitions)
+        await committer.commit({tp: offsets[tp.partition] for tp in partitions})
+    finally:
+        await committer.stop()
+
+
+@pytest.mark.parametrize("kafka_is", ["ahead of Redis", "behind Redis"])
+async def test_redis_offsets_win_when_kafkas_committed_offsets_disagree(lane: Lane, kafka_is: str) -> None:
+    """Redis's stored offsets are the truth: the consumer resumes there whether Kafka's commit is ahead
+    (resuming from Kafka would skip events) or behind (it would re-read, and only dedupe would hide it)."""
+    now_ms = int(time.time() * 1000)
+    events = _events(2000, now_ms, users=80, seed=10, span_ms=20 * 3_600_000)
+    placed = await _publish_placed(lane, events)
+    ends = {p: 1 + max(o for q, o in placed.values() if q == p) for p in range(PARTITIONS)}
+    redis_at = {p: end // 2 for p, end in ends.items()}
+    kafka_at = ends if kafka_is == "ahead of Redis" else {p: end // 4 for p, end in ends.items()}
+    await lane.store.apply([], lane.settings.features.group_id, {(lane.topic, p): o for p, o in redis_at.items()})
+    await _commit_in_kafka(lane, kafka_at)
+    remaining = [e for e in events if placed[e.event_id][1] >= redis_at[placed[e.event_id][0]]]
+    process, settings = lane.start_consumer()
+    try:
+        await lane.wait_processed(len(events))
+        await _assert_matches_reference(lane, remaining, now_ms)
+        await _assert_applied_exactly_once(lane, remaining)
+        assert await _metric(settings, "vitrine_features_events_consumed_total") == len(remaining)
+    finally:
+        _stop(process)
+
+
+async def test_a_redis_outage_pauses_the_consumer_with_counted_retries_and_skips_nothing(lane: Lane, stack: Stack) -> None:
+    now_ms = int(time.time() * 1000)
+    events = _events(1500, now_ms, seed=11, span_ms=20 * 3_600_000)
+    process, settings = lane.start_consumer(redis_retry_max_s=0.5)
+    try:
+        await _ready(process, settings, PARTITIONS)
+        await asyncio.to_thread(stack.supervisor.rpc_stop, "redis")
+        try:
+            await _publish(lane, events)
+
+            async def retrying() -> bool | None:
+                return True if await _metric(settings, "vitrine_features_write_retries_total") >= 3 else None
+
+            await eventually(retrying, 30, "the consumer to retry its Redis write")
+            assert process.poll() is None, "a Redis outage must pause the consumer, not end it"
+        finally:
+            await _start_redis(stack)
+        await lane.store.client.connection_pool.disconnect()
+        await lane.wait_processed(len(events))
+        await _assert_matches_reference(lane, events, now_ms)
+        await _assert_applied_exactly_once(lane, events)
+        assert await _metric(settings, "vitrine_features_events_consumed_total") == len(events)  # no batch was dropped or re-read
+        assert await _metric(settings, "vitrine_features_events_applied_total") == len(events)
+    finally:
+        _stop(process)
+
+
+async def test_dlq_sends_are_retried_then_spilled_when_the_dlq_is_unavailable(lane: Lane, tmp_path: Path) -> None:
+    """A DLQ that does not answer (here: a topic that does not exist, which aiokafka reports as retriable)
+    is tried `dlq_send_attempts` times, each retry counted, then the record is spilled and the stream goes on."""
+    now_ms = int(time.time() * 1000)
+    good = _events(100, now_ms, seed=12)
+    attempts = 3
+    process, settings = lane.start_consumer(dlq_topic=f"{lane.topic}.missing-dlq", dlq_send_attempts=attempts,
+                                            dlq_send_timeout_ms=500, dlq_spill_dir=tmp_path)
+    try:
+        await _ready(process, settings)
+        values = [e.to_json() for e in good]
+        values.insert(50, b"{broken")
+        producer = AIOKafkaProducer(bootstrap_servers=lane.settings.kafka.bootstrap_servers)
+        await producer.start()
+        try:
+            for value in values:
+                await producer.send(lane.topic, value=value, key=b"k")
+        finally:
+            await producer.stop()
+        await lane.wait_processed(len(values), timeout_s=30)
+        await _assert_matches_reference(lane, good, now_ms)
+        assert await _metric(settings, "vitrine_features_write_retries_total") == attempts - 1
+        assert await _metric(settings, "vitrine_features_dlq_spilled_total", 'reason="not_json"') == 1
+        [line] = (tmp_path / f"{settings.features.group_id}.jsonl").read_text().splitlines()
+        assert base64.b64decode(json.loads(line)["value"]) == b"{broken"
+    finally:
+        _stop(process)
