@@ -170,7 +170,8 @@ class FeatureConsumer:
         try:
             await self.consumer.commit(offsets)
         except Exception as exc:  # noqa: BLE001 - Kafka's commit is a hint; Redis holds the truth
-            log.warning("commit to Kafka failed (%s); offsets are safe in Redis", exc)
+            committed = ", ".join(f"{tp.topic}:{tp.partition}={offset}" for tp, offset in sorted(offsets.items()))
+            log.warning("commit of %s to Kafka failed (%s); the offsets are safe in Redis", committed, exc)
 
     # --- one batch ------------------------------------------------------------------------------
     async def process(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:

@@ -9,7 +9,10 @@ from pydantic import ValidationError
 
 from vitrine.loadtest.feature_throughput import histogram_quantile
 from vitrine.services.events.publisher import publish
+from aiokafka import TopicPartition
+
 from vitrine.services.features import metrics
+from vitrine.services.features.consumer import FeatureConsumer, _Rebalance
 from vitrine.services.features.store import POPULARITY_WEIGHT, user_prefix
 from vitrine.contracts.events import EventType
 from vitrine.settings import FeaturesSettings, Settings
@@ -92,3 +95,29 @@ def test_settings_travel_to_child_processes_as_json(monkeypatch: pytest.MonkeyPa
     for key, value in settings_env(original).items():
         monkeypatch.setenv(key, value)
     assert Settings() == original
+
+
+@pytest.mark.timeout(10)
+async def test_revocation_waits_for_the_batch_in_flight_commits_then_drops_the_lag_series(caplog: pytest.LogCaptureFixture) -> None:
+    """The real listener and consumer, no broker: the commit attempt is observed through its log line (an
+    unstarted aiokafka consumer refuses to commit, which the consumer logs with the offsets it tried)."""
+    owner = FeatureConsumer(Settings())
+    kept, revoked = TopicPartition("events", 0), TopicPartition("events", 1)
+    owner.processed = {kept: 10, revoked: 20}
+    for tp in (kept, revoked):
+        owner.metrics.lag.labels(tp.topic, str(tp.partition)).set(5)
+        owner.lag_labels.add((tp.topic, str(tp.partition)))
+    try:
+        await owner.batch_lock.acquire()  # a batch is in flight
+        revocation = asyncio.create_task(_Rebalance(owner).on_partitions_revoked({revoked}))
+        for _ in range(10):  # yield to the event loop: the revocation runs as far as it can
+            await asyncio.sleep(0)
+        assert not revocation.done() and "commit of" not in caplog.text
+        owner.batch_lock.release()  # the batch ends
+        await asyncio.wait_for(revocation, 5)
+        assert "commit of events:1=20 to Kafka failed" in caplog.text and "events:0" not in caplog.text
+        assert owner.processed == {kept: 10}
+        exported = generate_latest(owner.registry).decode()
+        assert 'partition="0"' in exported and 'partition="1"' not in exported
+    finally:
+        await owner.redis.aclose()
