@@ -35,7 +35,7 @@ from vitrine.services.gateway.metrics import GatewayMetrics, label_sets
 from vitrine.services.gateway.ranking import ModelCatalog, RankerPool
 from vitrine.services.gateway.service import RecommenderService
 from vitrine.services.heap import freeze_startup_objects
-from vitrine.settings import Settings
+from vitrine.settings import ApiKey, GatewaySettings, Settings
 from vitrine.v1 import recommender_pb2 as pb
 from vitrine.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -51,15 +51,21 @@ class ConfigurationError(RuntimeError):
     """The gateway cannot start with these settings (said in words an operator can act on)."""
 
 
+def required_keys(cfg: GatewaySettings) -> dict[str, ApiKey]:
+    """The keys the gateway accepts; none at all is a configuration error, never an open gateway."""
+    keys = cfg.accepted_keys
+    if not keys:
+        raise ConfigurationError(
+            "no API keys: set gateway.api_keys (sha256 of each key → name and role), or gateway.demo_keys = true "
+            "to accept the published demo keys (only for a local stack; `vitrine stack up` does this)")
+    return keys
+
+
 class Gateway:
     def __init__(self, settings: Settings, registry: CollectorRegistry) -> None:
         self.settings = settings
         cfg = settings.gateway
-        self.keys = cfg.accepted_keys
-        if not self.keys:
-            raise ConfigurationError(
-                "no API keys: set gateway.api_keys (sha256 of each key → name and role), or gateway.demo_keys = true "
-                "to accept the published demo keys (only for a local stack; `vitrine stack up` does this)")
+        self.keys = required_keys(cfg)
         self.metrics = GatewayMetrics(registry)
         # One quick retry (a pooled connection gone stale after a Redis restart), never a back-off: every
         # call is bounded by the request's budget and degrades instead of waiting.
@@ -189,6 +195,9 @@ class Gateway:
         for reason, variant in label_sets(self.metrics.degraded, ("reason", "variant")):
             if variant not in model_of:
                 self.metrics.degraded.remove(reason, variant)
+        for method, code, variant in label_sets(self.metrics.requests, ("method", "code", "variant")):
+            if variant and variant not in model_of:
+                self.metrics.requests.remove(method, code, variant)
         live_models = {(v.model_name, v.model_version or "newest") for v in variants}
         for labels in label_sets(self.metrics.model_ready, ("model_name", "model_version")):
             if labels not in live_models:
@@ -215,6 +224,11 @@ class Gateway:
 def main(settings: Settings) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    try:
+        required_keys(settings.gateway)
+    except ConfigurationError as exc:
+        log.error("gateway cannot start: %s", exc)
+        raise SystemExit(2) from None
     disable_created_metrics()
     registry = CollectorRegistry()
     start_http_server(settings.gateway.metrics_port, settings.gateway.metrics_host, registry=registry)

@@ -2,11 +2,13 @@
 
 import asyncio
 import socket
+import time
 
 import psutil
 import pytest
 
 from vitrine.services.stack import Stack, StackError
+from vitrine.services.stack.components import Component
 from vitrine.services.stack.launcher import port_in_use
 from vitrine.settings import Settings
 
@@ -79,3 +81,51 @@ def test_a_taken_port_is_reported_with_the_component_name() -> None:
     assert str(error.value).startswith("kafka: ") and str(kafka_port) in str(error.value)
     assert "already in use" in str(error.value)
     assert stack.supervisor.pid() is None
+
+
+class _OwnComponents(Stack):
+    """A stack whose only component is the test's: supervisord and the launcher's waits are the real ones."""
+
+    def __init__(self, settings: Settings, component: Component) -> None:
+        super().__init__(settings)
+        self.component = component
+
+    def components(self) -> list[Component]:
+        return [self.component]
+
+
+async def _never_ready(settings: Settings) -> str | None:
+    return "this probe never passes"
+
+
+def _own_stack(tmp_path, timeout_s: float) -> Settings:  # noqa: ANN001
+    base = Settings().shifted(7000)
+    return base.model_copy(update={"stack": base.stack.model_copy(update={"home": tmp_path / "stack", "startup_timeout_s": timeout_s})})
+
+
+def test_a_component_that_never_turns_healthy_is_named_after_the_start_up_timeout(tmp_path) -> None:  # noqa: ANN001
+    settings = _own_stack(tmp_path, timeout_s=3)
+    stack = _OwnComponents(settings, Component("sleeper", ["sleep", "600"], {}, _never_ready, "-"))
+    try:
+        started = time.monotonic()
+        with pytest.raises(StackError) as failed:
+            asyncio.run(stack.up(report=lambda line: None))
+        assert failed.value.component == "sleeper" and "not healthy after 3s" in str(failed.value)
+        assert "this probe never passes" in str(failed.value)
+        assert time.monotonic() - started >= 3
+    finally:
+        asyncio.run(stack.down(report=lambda line: None))
+
+
+def test_a_component_that_exits_at_once_is_reported_with_its_log_without_waiting_for_the_timeout(tmp_path) -> None:  # noqa: ANN001
+    settings = _own_stack(tmp_path, timeout_s=600)
+    crash = Component("crasher", ["sh", "-c", "echo 'boom: bad flag' >&2; exit 3"], {}, _never_ready, "-")
+    stack = _OwnComponents(settings, crash)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StackError) as failed:
+            asyncio.run(stack.up(report=lambda line: None))
+        assert failed.value.component == "crasher" and "boom: bad flag" in str(failed.value)
+        assert time.monotonic() - started < 120  # supervisord gives up after its retries, long before 600 s
+    finally:
+        asyncio.run(stack.down(report=lambda line: None))

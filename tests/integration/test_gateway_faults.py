@@ -1,0 +1,233 @@
+"""The gateway under hostile input and failing dependencies, on the real stack (issues 11 and 12).
+
+Tests that break something (Redis stopped, a model missing, a short-deadline client) either restore it
+with readiness waits or run against a private gateway (tests/integration/gateways.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.integration.gateways import health, metrics_text, private_gateway
+from tests.integration.invariants import eventually
+from vitrine.contracts import topics
+from vitrine.contracts.events import Event, EventType
+from vitrine.services.events.publisher import publish
+from vitrine.services.gateway.client import GatewayClient
+from vitrine.services.gateway.experiment import Experiment, ExperimentStore, Variant
+from vitrine.services.gateway.metrics import EXPERIMENT_REVISION, REQUESTS, REQUEST_DURATION
+from vitrine.services.gateway.server import DEPENDENCY_HEALTH
+from vitrine.services.stack import Stack
+from vitrine.services.stack.components import settings_env
+from vitrine.v1 import recommender_pb2 as pb
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+STOREFRONT, EXPERIMENTER = "vitrine-demo-storefront", "vitrine-demo-experimenter"
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _shoppers(stack: Stack, client: GatewayClient, count: int) -> list[str]:
+    """Users with a history, so that their requests go to Triton; returns once the gateway ranks them with a model."""
+    tag = uuid.uuid4().hex[:6]
+    users = [f"fault-{tag}-{n}" for n in range(count)]
+    now_ms = int(time.time() * 1000)
+    await publish([Event(event_id=f"{u}-{k}", user_id=u, item_id=f"i{(n * 7 + k) % 300}", type=EventType.VIEW, ts_ms=now_ms + k)
+                   for n, u in enumerate(users) for k in range(3)], stack.settings.kafka.bootstrap_servers, topics.EVENTS, retime=False)
+
+    async def ranked() -> bool | None:
+        replies = [await client.recommend(u, k=3, timeout_s=5) for u in users]
+        return True if all(r.model_name in ("gru4rec", "sasrec") and not r.degraded for r in replies) else None
+
+    await eventually(ranked, 30, "model answers for the test's shoppers")
+    return users
+
+
+# --- 12.1: a denied call cannot add a metric series ------------------------------------------------
+async def test_calls_to_made_up_paths_leave_no_trace_in_the_metrics(stack: Stack) -> None:
+    paths = [f"/x{uuid.uuid4().hex[:8]}.Svc/M{uuid.uuid4().hex[:8]}" for _ in range(20)]
+    async with grpc.aio.insecure_channel(stack.settings.gateway.address) as channel:
+        for path in paths:
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await channel.unary_unary(path)(b"", timeout=5)
+            assert denied.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    text = await metrics_text(stack.settings)
+    assert not any(path.rsplit("/", 1)[1] in text for path in paths)
+    methods = set(re.findall(rf'^{REQUESTS}{{[^}}]*method="([^"]+)"', text, flags=re.M))
+    assert "unknown" in methods and methods <= {"Recommend", "RecommendBatch", "GetExperiment", "SetExperiment", "unknown"}
+
+
+# --- 12.6: a body that does not decode --------------------------------------------------------------
+async def test_a_malformed_body_gets_invalid_argument_and_one_log_line(stack: Stack) -> None:
+    log = stack.supervisor.log_file("gateway")
+    before = log.read_text(errors="replace") if log.exists() else ""
+    garbage = b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"  # field 1, length varint that never ends
+    async with grpc.aio.insecure_channel(stack.settings.gateway.address) as channel:
+        for path, metadata in (("/vitrine.v1.Recommender/Recommend", (("authorization", f"Bearer {STOREFRONT}"),)),
+                               ("/grpc.health.v1.Health/Check", ())):
+            call = channel.unary_unary(path)
+            for _ in range(30):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call(garbage, timeout=5, metadata=metadata)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    async with GatewayClient(stack.settings.gateway.address, STOREFRONT) as client:
+        assert (await client.recommend("still-serving", k=2)).items is not None
+    added = (log.read_text(errors="replace") if log.exists() else "")[len(before):]
+    assert "Traceback" not in added
+    assert added.count("malformed") <= 2, added[-2000:]  # one line per method, then throttled
+
+
+# --- 12.5, 12.8, 11.7: Redis down ------------------------------------------------------------------
+async def test_redis_down_admin_calls_fail_fast_with_unavailable_and_health_says_which_dependency(stack: Stack) -> None:
+    address = stack.settings.gateway.address
+    await asyncio.to_thread(stack.supervisor.rpc_stop, "redis")
+    try:
+        async def redis_reported_down() -> bool | None:
+            return True if await health(address, DEPENDENCY_HEALTH["redis"]) == NOT_SERVING else None
+
+        await eventually(redis_reported_down, 10, "the gateway to report Redis down")
+        assert await health(address) == SERVING  # it still answers (degraded): a probe must not drain it
+        async with GatewayClient(address, EXPERIMENTER) as admin:
+            for call in (admin.get_experiment(), admin.set_experiment(pb.Experiment(
+                    name="default", salt="vitrine", variants=[pb.Variant(name="control", model_name="gru4rec", weight=100)]))):
+                started = time.monotonic()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "Redis" in refused.value.details()
+                assert time.monotonic() - started < 3.0  # bounded by admin_timeout_ms (1 s), generously
+    finally:
+        await stack.up(report=lambda line: None)
+
+    async def redis_back() -> bool | None:
+        return True if await health(address, DEPENDENCY_HEALTH["redis"]) == SERVING else None
+
+    await eventually(redis_back, 30, "the gateway to report Redis up again")
+
+
+# --- 11.7, 12.8, 12.9, 11.9: a private gateway -------------------------------------------------------
+async def test_a_missing_model_is_reported_per_dependency_and_pub_sub_survives_a_redis_restart(stack: Stack) -> None:
+    namespace = f"g{uuid.uuid4().hex[:8]}"
+    missing = ({"name": "solo", "model_name": "no_such_model", "weight": 100},)
+    async with private_gateway(stack.settings, namespace=namespace, default_variants=missing, experiment_poll_s=3600,
+                               refresh_s=0.2) as settings:
+        address = settings.gateway.address
+        assert await health(address) == SERVING
+        assert await health(address, DEPENDENCY_HEALTH["triton"]) == NOT_SERVING
+        assert await health(address, DEPENDENCY_HEALTH["redis"]) == SERVING
+        async with grpc.aio.insecure_channel(address) as channel:  # reflection is off unless asked for
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as off:
+                async for _ in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5):
+                    pass
+            assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+        await asyncio.to_thread(stack.supervisor.rpc_stop, "redis")
+        await stack.up(report=lambda line: None)
+        client = aioredis.Redis(host=stack.settings.redis.host, port=stack.settings.redis.port)
+        try:
+            store = ExperimentStore(client, namespace)
+            stored = await store.save(Experiment(salt="vitrine", variants=(Variant(name="solo", model_name="gru4rec", weight=100),)),
+                                      by="test")
+
+            async def followed() -> bool | None:  # with a 1-hour poll, only the re-subscribed channel can bring it
+                text = await metrics_text(settings)
+                return True if re.search(rf"^{EXPERIMENT_REVISION} {stored.revision}\.0$", text, flags=re.M) else None
+
+            await eventually(followed, 20, "the private gateway to follow the change over pub/sub after Redis restarted")
+
+            async def triton_ready() -> bool | None:
+                return True if await health(address, DEPENDENCY_HEALTH["triton"]) == SERVING else None
+
+            await eventually(triton_ready, 20, "the dependency health to turn SERVING with a model that exists")
+        finally:
+            await client.delete(store.key, store.audit_key)
+            await client.aclose()
+
+
+def test_a_gateway_without_keys_refuses_to_start(stack: Stack) -> None:
+    env = {**os.environ, **settings_env(stack.settings)}  # not the local stack's gateway: no demo keys
+    done = subprocess.run([sys.executable, "-m", "vitrine", "gateway", "run"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no API keys" in done.stderr
+
+
+async def test_concurrent_split_changes_with_the_same_revision_admit_exactly_one(stack: Stack) -> None:
+    namespace = f"g{uuid.uuid4().hex[:8]}"
+    async with private_gateway(stack.settings, namespace=namespace) as settings:
+        async with GatewayClient(settings.gateway.address, EXPERIMENTER) as admin:
+            current = await admin.get_experiment()
+            proposals = [pb.Experiment(name="default", salt="vitrine", variants=[
+                pb.Variant(name="control", model_name="gru4rec", weight=w), pb.Variant(name="treatment", model_name="sasrec", weight=100 - w)])
+                for w in (10, 20, 30, 40, 60)]
+            outcomes = await asyncio.gather(*(admin.set_experiment(p, expected_revision=current.revision) for p in proposals),
+                                            return_exceptions=True)
+        codes = Counter("OK" if isinstance(o, pb.Experiment) else o.code().name for o in outcomes)
+        assert codes == Counter({"OK": 1, "ABORTED": 4}), outcomes
+    client = aioredis.Redis(host=stack.settings.redis.host, port=stack.settings.redis.port)
+    store = ExperimentStore(client, namespace)
+    await client.delete(store.key, store.audit_key)
+    await client.aclose()
+
+
+# --- 12.3: one hasty client must not open the circuit for everybody ---------------------------------
+async def test_a_client_with_2_ms_deadlines_does_not_degrade_a_patient_client(stack: Stack) -> None:
+    async with GatewayClient(stack.settings.gateway.address, STOREFRONT) as client:
+        users = await _shoppers(stack, client, 20)
+        patient: Counter[str] = Counter()
+
+        async def hasty_call(user: str) -> None:
+            try:
+                await client.recommend(user, k=5, timeout_s=0.002)
+            except grpc.aio.AioRpcError:
+                pass  # its own deadline: expected
+
+        async def patient_call(user: str) -> None:
+            reply = await client.recommend(user, k=5, timeout_s=1.0)
+            patient[reply.degraded_reason or "model"] += 1
+
+        async def at_rate(rate: float, call, seconds: float) -> None:  # noqa: ANN001
+            tasks = []
+            for n in range(int(rate * seconds)):
+                tasks.append(asyncio.create_task(call(users[n % len(users)])))
+                await asyncio.sleep(1 / rate)
+            await asyncio.gather(*tasks)
+
+        await asyncio.gather(at_rate(150, hasty_call, 4.0), at_rate(50, patient_call, 4.0))
+    assert sum(patient.values()) == 200
+    assert patient["circuit_open"] == 0, patient
+    assert patient["model"] >= 190, patient  # a stray triton_timeout under a loaded 2-core machine is tolerated
+
+
+# --- 12.11: state of variants and versions no longer served is freed --------------------------------
+async def test_series_of_a_variant_that_left_the_experiment_disappear(stack: Stack) -> None:
+    namespace = f"g{uuid.uuid4().hex[:8]}"
+    async with private_gateway(stack.settings, namespace=namespace, refresh_s=0.2) as settings:
+        async with GatewayClient(settings.gateway.address, STOREFRONT) as client:
+            for n in range(40):
+                await client.recommend(f"evict-{n}", k=2)
+        text = await metrics_text(settings)
+        assert re.search(rf'^{REQUEST_DURATION}_count{{[^}}]*variant="treatment"', text, flags=re.M)
+        async with GatewayClient(settings.gateway.address, EXPERIMENTER) as admin:
+            await admin.set_experiment(pb.Experiment(name="default", salt="vitrine",
+                                                     variants=[pb.Variant(name="control", model_name="gru4rec", weight=100)]))
+
+        async def forgotten() -> bool | None:
+            text = await metrics_text(settings)
+            return None if 'variant="treatment"' in text else True
+
+        await eventually(forgotten, 20, "the treatment variant's series to be dropped")
+    client = aioredis.Redis(host=stack.settings.redis.host, port=stack.settings.redis.port)
+    store = ExperimentStore(client, namespace)
+    await client.delete(store.key, store.audit_key)
+    await client.aclose()
