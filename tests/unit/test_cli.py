@@ -108,3 +108,11 @@ def test_ab_set_rejects_weights_that_do_not_sum_to_100() -> None:
 def test_recommend_without_a_gateway_fails_with_one_clear_line() -> None:
     result = runner.invoke(app, ["recommend", "u1", "--key", "k"], env={"VITRINE_GATEWAY__PORT": "1"})
     assert result.exit_code == 1 and "UNAVAILABLE" in result.output
+
+
+def test_a_raw_api_key_pasted_as_a_hash_is_refused_without_being_echoed() -> None:
+    secret = "sk-live-do-not-print-me-0123456789"
+    result = runner.invoke(app, ["stack", "status"],
+                           env={"VITRINE_GATEWAY__API_KEYS": f'{{"{secret}": {{"name": "shop", "role": "storefront"}}}}'})
+    assert result.exit_code == 2 and "gateway.api_keys" in result.output and "sha256" in result.output
+    assert secret not in result.output and secret[:12] not in result.output

@@ -467,3 +467,57 @@ async def test_evicted_versions_release_batchers_and_drift_forgets_gone_variants
     drift.forget(keep_variants={"new"})
     assert set(drift._rings) == {"new"}
     assert label_sets(metrics.drift_psi, ("feature", "variant")) == {("sequence_length", "new")}
+
+
+# --- settings, labels and logs that hostile input cannot abuse (issue 12.1, 12.6, 12.9) ---------------
+def test_no_keys_are_accepted_unless_configured_or_the_demo_is_asked_for() -> None:
+    assert GatewaySettings().accepted_keys == {} and GatewaySettings().reflection is False
+    demo = GatewaySettings(demo_keys=True).accepted_keys
+    assert sorted(key.role for key in demo.values()) == ["admin", "experimenter", "storefront"]
+
+
+async def test_denied_calls_are_labelled_from_a_fixed_set_and_bad_bodies_become_invalid_argument() -> None:
+    from vitrine.services.gateway.auth import AuthInterceptor
+
+    denied: list[str] = []
+    malformed: list[str] = []
+    interceptor = AuthInterceptor({}, on_denied=lambda method, code: denied.append(method), on_malformed=malformed.append)
+
+    class Details:
+        def __init__(self, method: str, metadata: tuple = ()) -> None:
+            self.method, self.invocation_metadata = method, metadata
+
+    async def continuation(details):  # noqa: ANN001, ANN202 - what grpc resolves a known path to
+        async def recommend(request, context):  # noqa: ANN001, ANN202
+            return pb.RecommendResponse(request_id=request.user_id)
+        return grpc.unary_unary_rpc_method_handler(recommend, request_deserializer=pb.RecommendRequest.FromString,
+                                                   response_serializer=pb.RecommendResponse.SerializeToString)
+
+    for n in range(5):
+        await interceptor.intercept_service(continuation, Details(f"/evil{n}.Svc/Method{n}"))
+    await interceptor.intercept_service(continuation, Details("/vitrine.v1.Recommender/Recommend"))
+    assert denied == ["unknown"] * 5 + ["Recommend"]
+    handler = await interceptor.intercept_service(continuation, Details("/grpc.health.v1.Health/Check"))  # open: no key needed
+    decoded = handler.request_deserializer(pb.RecommendRequest(user_id="u1").SerializeToString())
+    assert (await handler.unary_unary(decoded, Context())).request_id == "u1"
+    garbage = handler.request_deserializer(b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff")  # never raises
+    with pytest.raises(Aborted) as aborted:
+        await handler.unary_unary(garbage, Context())
+    assert aborted.value.code is grpc.StatusCode.INVALID_ARGUMENT and malformed == ["Check"]
+
+
+def test_the_same_error_is_logged_once_per_interval_with_a_count_of_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from vitrine.services.throttled_log import ThrottledLog
+
+    clock = Clock()
+    throttled = ThrottledLog(logging.getLogger("test.throttled"), interval_s=10, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="test.throttled"):
+        written = [throttled.log(logging.WARNING, "k", "bad body %d", n) for n in range(100)]
+        clock.now = 10.5
+        throttled.log(logging.WARNING, "k", "bad body again")
+        throttled.log(logging.WARNING, "other", "another kind")
+    assert written.count(True) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "bad body 0", "bad body again (99 more like it in the last 10 s not logged)", "another kind"]
