@@ -31,6 +31,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -52,6 +53,22 @@ RETRYABLE = (aioredis.ConnectionError, aioredis.TimeoutError, ConnectionError, O
 RETRY_BACKOFF_S = 0.05
 """First back-off step (doubling up to the configured ceiling) for Redis writes and DLQ sends."""
 Rejects = Sequence[tuple[ConsumerRecord, EventRejected]]
+
+
+@dataclass(frozen=True, eq=False)
+class _DlqFailure:
+    """A reject the DLQ did not take on the last try."""
+
+    record: ConsumerRecord
+    rejected: EventRejected
+    error: Exception
+    alone: bool
+    """Whether that try was the record in a Kafka batch of its own."""
+
+    def worth_retrying(self, tries: int, max_tries: int) -> bool:
+        if _permanent(self.error):
+            return not self.alone  # a batch-mate's size error is not this record's: one try alone
+        return tries < max_tries
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -218,15 +235,19 @@ class FeatureConsumer:
         """Send rejects to the DLQ with bounded retries; spill what it will not take, then count them all.
 
         Bounded because the batch lock is held: endless retries would wedge this consumer and every
-        rebalance of its group. Permanent errors are not retried at all.
+        rebalance of its group. The first try sends everything together; retries send each record alone,
+        because the broker refuses a whole Kafka batch when one record in it is too large, and aiokafka
+        does not split it: an innocent batch-mate gets its own batch. A permanent error on a record sent
+        alone is final at once; other errors are retried up to `dlq_send_attempts` tries.
         """
-        failed = await self._send_to_dlq(rejects)
+        failed = await self._send_together(rejects)
         attempt = 1
-        while any(not _permanent(exc) for _, _, exc in failed) and attempt < self.cfg.dlq_send_attempts:
+        while retry := [f for f in failed if f.worth_retrying(attempt, self.cfg.dlq_send_attempts)]:
             self.metrics.write_retries.inc()
-            log.warning("retrying %d DLQ sends after %s (attempt %d)", len(failed), failed[0][2], attempt)
-            await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), self.cfg.redis_retry_max_s))
-            failed = await self._send_to_dlq([(record, rejected) for record, rejected, _ in failed])
+            log.warning("retrying %d DLQ sends after %s: %s (try %d)", len(retry), type(retry[0].error).__name__, retry[0].error, attempt + 1)
+            if any(not _permanent(f.error) for f in retry):
+                await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), self.cfg.redis_retry_max_s))
+            failed = [f for f in failed if f not in retry] + await self._send_alone(retry)
             attempt += 1
         if failed:
             await asyncio.to_thread(self._spill, failed)
@@ -241,25 +262,36 @@ class FeatureConsumer:
             ("source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
         ]
 
-    async def _send_to_dlq(self, rejects: Rejects) -> list[tuple[ConsumerRecord, EventRejected, BaseException]]:
+    async def _send(self, record: ConsumerRecord, rejected: EventRejected) -> asyncio.Future:
+        return await self.producer.send(
+            self.cfg.dlq_topic, value=record.value or b"", key=record.key, headers=self._dlq_headers(record, rejected))
+
+    async def _send_together(self, rejects: Rejects) -> list[_DlqFailure]:
         """One try per reject, all in flight together; returns the ones that failed, with their error."""
-        failed: list[tuple[ConsumerRecord, EventRejected, BaseException]] = []
+        failed: list[_DlqFailure] = []
         in_flight = []
         for record, rejected in rejects:
             try:
-                future = await self.producer.send(
-                    self.cfg.dlq_topic, value=record.value or b"", key=record.key, headers=self._dlq_headers(record, rejected))
+                in_flight.append((record, rejected, await self._send(record, rejected)))
             except Exception as exc:  # noqa: BLE001 - any failure is retried or spilled, never dropped
-                failed.append((record, rejected, exc))
-            else:
-                in_flight.append((record, rejected, future))
+                failed.append(_DlqFailure(record, rejected, exc, alone=False))
         outcomes = await asyncio.gather(*(future for _, _, future in in_flight), return_exceptions=True)
         for (record, rejected, _), outcome in zip(in_flight, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                failed.append((record, rejected, outcome))
+            if isinstance(outcome, Exception):
+                failed.append(_DlqFailure(record, rejected, outcome, alone=False))
         return failed
 
-    def _spill(self, failed: Sequence[tuple[ConsumerRecord, EventRejected, BaseException]]) -> None:
+    async def _send_alone(self, retry: Sequence[_DlqFailure]) -> list[_DlqFailure]:
+        """One try per record, each delivered (or failed) before the next is sent: one record per Kafka batch."""
+        failed = []
+        for f in retry:
+            try:
+                await (await self._send(f.record, f.rejected))
+            except Exception as exc:  # noqa: BLE001 - any failure is retried or spilled, never dropped
+                failed.append(_DlqFailure(f.record, f.rejected, exc, alone=True))
+        return failed
+
+    def _spill(self, failed: Sequence[_DlqFailure]) -> None:
         """Append the records to the spill file and fsync it before the batch may skip them.
 
         A failure here propagates: the batch is not stored, the process ends and is restarted, and the
@@ -268,18 +300,18 @@ class FeatureConsumer:
         path = self.spill_path
         path.parent.mkdir(parents=True, exist_ok=True)
         created = not path.exists()
-        lines = [_spill_line(record, rejected, exc, self.cfg.dlq_topic, self._dlq_headers(record, rejected))
-                 for record, rejected, exc in failed]
+        lines = [_spill_line(f.record, f.rejected, f.error, self.cfg.dlq_topic, self._dlq_headers(f.record, f.rejected))
+                 for f in failed]
         with path.open("ab") as spill:
             spill.write("".join(lines).encode())
             spill.flush()
             os.fsync(spill.fileno())
         if created:
             _fsync_dir(path.parent)
-        for record, rejected, exc in failed:
-            self.metrics.dlq_spilled.labels(rejected.reason).inc()
+        for f in failed:
+            self.metrics.dlq_spilled.labels(f.rejected.reason).inc()
             log.error("DLQ refused %s:%d:%d (%s: %s); spilled to %s and skipped",
-                      record.topic, record.partition, record.offset, type(exc).__name__, exc, path)
+                      f.record.topic, f.record.partition, f.record.offset, type(f.error).__name__, f.error, path)
 
     # --- helpers --------------------------------------------------------------------------------
     def _retrying(self, *kinds: type[BaseException]) -> AsyncRetrying:
