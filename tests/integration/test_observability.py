@@ -94,7 +94,13 @@ async def traffic(stack: Stack) -> AsyncIterator[dict[str, float]]:
                 assert (await client.recommend(user, k=5)).degraded
         finally:
             await stack.up(report=lambda line: None)
-        psi_before = await _gateway_psi(stack)
+        # The baseline must exist: the gauge appears once the monitor has computed over this traffic
+        # (every drift_interval_s); a missing gauge is a failure, not a PSI of 0.
+        async def baseline() -> dict[str, float] | None:
+            now = await _gateway_psi(stack)
+            return now if "unknown_item_rate" in now else None
+
+        psi_before = await eventually(baseline, 3 * stack.settings.gateway.drift_interval_s + 10, "the baseline PSI gauge")
         # Drift: shoppers who only look at a new item line the models have never seen.
         new_line = [f"i{n}" for n in range(5000, 5100)]
         drifted = [Event(event_id=f"{tag}-d{u}-{s}", user_id=f"{tag}-drift-{u}", item_id=new_line[(u + s) % 100], type=EventType.VIEW,
@@ -147,9 +153,10 @@ async def test_drifted_traffic_raises_the_population_stability_index(stack: Stac
         now = await _gateway_psi(stack)
         return now if now.get("unknown_item_rate", 0) > 0.25 else None
 
+    assert "unknown_item_rate" in traffic, f"no baseline PSI gauge for unknown_item_rate (have {sorted(traffic)})"
     after = await eventually(risen, 30, "the unknown-item PSI to pass 0.25", interval_s=1)
-    assert traffic.get("unknown_item_rate", 0) < 0.1  # normal traffic: items the models know
-    assert after["unknown_item_rate"] > traffic.get("unknown_item_rate", 0) + 0.2
+    assert traffic["unknown_item_rate"] < 0.1  # normal traffic: items the models know
+    assert after["unknown_item_rate"] > traffic["unknown_item_rate"] + 0.2
 
 
 async def test_every_panel_query_returns_data(stack: Stack, traffic: dict[str, float]) -> None:
