@@ -130,8 +130,8 @@ class FeaturesSettings(_Section):
     dlq_topic: str = Field(topics.EVENTS_DLQ, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Where rejected records go.")
     dlq_send_attempts: int = Field(
         5, ge=1, le=100,
-        description="Tries per rejected record before it is spilled to `dlq_spill_dir` and skipped (errors the "
-                    "broker calls permanent, e.g. a record too large for the DLQ, are spilled at once).")
+        description="Tries per rejected record before it is spilled to `dlq_spill_dir` and skipped (an error the "
+                    "broker calls permanent, e.g. a record too large for the DLQ, is final once the record was sent alone).")
     dlq_send_timeout_ms: int = Field(10_000, ge=100, le=300_000, description="Bound on one DLQ send (metadata wait included).")
     dlq_spill_dir: Path = Field(
         Path(os.environ.get("VITRINE_CACHE", Path.home() / ".cache" / "vitrine")) / "dlq-spill",
