@@ -3,7 +3,9 @@
 No test writes into the repository Triton serves (in a reused stack that is the checked-in
 `model_repository/`): the shipped models are only read, and a new export goes into a temporary
 repository and is served under a temporary model name whose files travel in Triton's load request
-(`serving_check.upload_model`); the model is unloaded at the end.
+(`serving_check.upload_model`); the model is unloaded at the end. Only `vitrine export`'s own path
+(a new model folder in the served repository, loaded from there) writes into the served repository, under
+a temporary name that it removes again, and only when that repository is the test stack's copy.
 """
 
 import json
@@ -21,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 from vitrine.contracts import ranker
 from vitrine.export import onnx_export
 from vitrine.export.data import sequences, synthetic
-from vitrine.export.serving_check import infer_ranker, upload_model, verify_served
+from vitrine.export.serving_check import infer_ranker, load_and_verify, upload_model, verify_served
 from vitrine.export.topk import unexplained_id_differences
 from vitrine.export.train import TrainConfig, train
 from vitrine.export.triton_repository import versions
@@ -29,6 +31,7 @@ from vitrine.services.stack import Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 MODELS = ("gru4rec", "sasrec")
+CHECKED_IN_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
 
 @pytest.fixture
@@ -92,3 +95,23 @@ async def test_train_then_export_adds_a_served_verified_version(stack: Stack, tm
         assert await client.is_model_ready(name, str(result.version))
         # The version it replaced as newest is still served (the policy keeps 3), so pinned variants keep working.
         assert await client.is_model_ready(name, str(before[-1]))
+
+
+async def test_an_export_into_the_served_repository_is_loaded_from_there(stack: Stack, tmp_path: Path, client, temporary_models) -> None:
+    """`vitrine export`'s path: the next version written into Triton's repository, loaded by a repository `load`."""
+    repository = stack.settings.triton.model_repository
+    if repository.resolve() == CHECKED_IN_REPOSITORY:
+        pytest.skip("the stack serves the checked-in model_repository/, which tests never write into")
+    table = synthetic.generate(synthetic.preset("tiny"))
+    run = train(TrainConfig(architecture="gru4rec", epochs=1), sequences.build(table, max_len=20), {"fingerprint": table.fingerprint()},
+                tmp_path, progress=False)
+    name = temporary_models("gru4rec")
+    try:
+        first = onnx_export.export_run(run, repository, name=name, max_k=50, keep_versions=3)
+        await load_and_verify(stack.settings.triton.grpc_url, name, first.folder)
+        second = onnx_export.export_run(run, repository, name=name, max_k=50, keep_versions=3)
+        await load_and_verify(stack.settings.triton.grpc_url, name, second.folder)
+        assert (first.version, second.version) == (1, 2)
+        assert await client.is_model_ready(name, "1") and await client.is_model_ready(name, "2")
+    finally:
+        shutil.rmtree(repository / name, ignore_errors=True)

@@ -74,50 +74,52 @@ async def traffic(stack: Stack) -> AsyncIterator[dict[str, float]]:
     await producer.send_and_wait(topics.EVENTS, b"{not json")
     await producer.stop()
     users = sorted({e.user_id for e in normal})[:300]
-    # Pin the shipped versions (trained on this storefront): other tests may have exported newer ones on tiny data.
+    # Pin the shipped versions (trained on this storefront): a reused stack may serve newer exports trained on other data.
     async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-experimenter") as admin:
+        previous = await admin.get_experiment()
         await admin.set_experiment(pb.Experiment(name="default", salt="vitrine", variants=[
             pb.Variant(name="control", model_name="gru4rec", model_version="1", weight=50),
             pb.Variant(name="treatment", model_name="sasrec", model_version="1", weight=50)]))
-    async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-storefront") as client:
-        async def warmed() -> bool | None:
-            return True if (await client.recommend(users[-1])).model_name in ("gru4rec", "sasrec") else None
+    try:
+        async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-storefront") as client:
+            async def warmed() -> bool | None:
+                return True if (await client.recommend(users[-1])).model_name in ("gru4rec", "sasrec") else None
 
-        await eventually(warmed, 20, "features of the traffic users")
-        for user in users:
-            await client.recommend(user, k=10, page="home")
-        for n in range(50):
-            await client.recommend(f"{tag}-cold-{n}", k=5)
-        await asyncio.to_thread(stack.supervisor.rpc_stop, "triton")
-        try:
-            for user in users[:20]:
-                assert (await client.recommend(user, k=5)).degraded
-        finally:
-            await stack.up(report=lambda line: None)
-        # The baseline must exist: the gauge appears once the monitor has computed over this traffic
-        # (every drift_interval_s); a missing gauge is a failure, not a PSI of 0.
-        async def baseline() -> dict[str, float] | None:
-            now = await _gateway_psi(stack)
-            return now if "unknown_item_rate" in now else None
+            await eventually(warmed, 20, "features of the traffic users")
+            for user in users:
+                await client.recommend(user, k=10, page="home")
+            for n in range(50):
+                await client.recommend(f"{tag}-cold-{n}", k=5)
+            await asyncio.to_thread(stack.supervisor.rpc_stop, "triton")
+            try:
+                for user in users[:20]:
+                    assert (await client.recommend(user, k=5)).degraded
+            finally:
+                await stack.up(report=lambda line: None)
+            # The baseline must exist: the gauge appears once the monitor has computed over this traffic
+            # (every drift_interval_s); a missing gauge is a failure, not a PSI of 0.
+            async def baseline() -> dict[str, float] | None:
+                now = await _gateway_psi(stack)
+                return now if "unknown_item_rate" in now else None
 
-        psi_before = await eventually(baseline, 3 * stack.settings.gateway.drift_interval_s + 10, "the baseline PSI gauge")
-        # Drift: shoppers who only look at a new item line the models have never seen.
-        new_line = [f"i{n}" for n in range(5000, 5100)]
-        drifted = [Event(event_id=f"{tag}-d{u}-{s}", user_id=f"{tag}-drift-{u}", item_id=new_line[(u + s) % 100], type=EventType.VIEW,
-                         ts_ms=int(time.time() * 1000) + s) for u in range(200) for s in range(6)]
-        await publish(drifted, bootstrap, topics.EVENTS, retime=False)
+            psi_before = await eventually(baseline, 3 * stack.settings.gateway.drift_interval_s + 10, "the baseline PSI gauge")
+            # Drift: shoppers who only look at a new item line the models have never seen.
+            new_line = [f"i{n}" for n in range(5000, 5100)]
+            drifted = [Event(event_id=f"{tag}-d{u}-{s}", user_id=f"{tag}-drift-{u}", item_id=new_line[(u + s) % 100], type=EventType.VIEW,
+                             ts_ms=int(time.time() * 1000) + s) for u in range(200) for s in range(6)]
+            await publish(drifted, bootstrap, topics.EVENTS, retime=False)
 
-        async def drift_ready() -> bool | None:
-            return True if (await client.recommend(f"{tag}-drift-199")).model_name in ("gru4rec", "sasrec") else None
+            async def drift_ready() -> bool | None:
+                return True if (await client.recommend(f"{tag}-drift-199")).model_name in ("gru4rec", "sasrec") else None
 
-        await eventually(drift_ready, 20, "features of the drifted users")
-        for _ in range(3):
-            for u in range(200):
-                await client.recommend(f"{tag}-drift-{u}", k=10)
-    yield psi_before
-    async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-experimenter") as admin:
-        await admin.set_experiment(pb.Experiment(name="default", salt="vitrine", variants=[
-            pb.Variant(name="control", model_name="gru4rec", weight=50), pb.Variant(name="treatment", model_name="sasrec", weight=50)]))
+            await eventually(drift_ready, 20, "features of the drifted users")
+            for _ in range(3):
+                for u in range(200):
+                    await client.recommend(f"{tag}-drift-{u}", k=10)
+        yield psi_before
+    finally:  # the split found, back
+        async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-experimenter") as admin:
+            await admin.set_experiment(pb.Experiment(name=previous.name, salt=previous.salt, variants=previous.variants))
 
 
 async def _gateway_psi(stack: Stack) -> dict[str, float]:
