@@ -203,9 +203,13 @@ async def test_bad_events_go_to_the_dlq_with_reasons_and_the_good_ones_around_th
         json.dumps({"event_id": "x4", "user_id": "u", "item_id": "i", "type": "view", "ts_ms": now_ms + 5 * 86_400_000}).encode(): "absurd_timestamp",
     }
     process, settings = lane.start_consumer()
-    dlq = AIOKafkaConsumer(topics.EVENTS_DLQ, bootstrap_servers=lane.settings.kafka.bootstrap_servers, auto_offset_reset="latest")
+    dlq = AIOKafkaConsumer(bootstrap_servers=lane.settings.kafka.bootstrap_servers)
     await dlq.start()
-    await dlq.getmany(timeout_ms=500)  # position at the end before anything is rejected
+    dlq_partitions = [TopicPartition(topics.EVENTS_DLQ, p) for p in range(lane.settings.kafka.partitions)]  # as `stack up` made it
+    dlq.assign(dlq_partitions)
+    await dlq.seek_to_end(*dlq_partitions)  # the end pinned before anything is rejected: no settling by a timed poll
+    for tp in dlq_partitions:
+        await dlq.position(tp)
     producer = AIOKafkaProducer(bootstrap_servers=lane.settings.kafka.bootstrap_servers)
     await producer.start()
     try:

@@ -70,7 +70,8 @@ async def test_consumer_group_reads_every_message_once_and_resumes_from_its_comm
         ends = await again.end_offsets(partitions)
         committed = {tp: await again.committed(tp) for tp in partitions}
         assert committed == ends and sum(ends.values()) == MESSAGES
-        await again.getmany(timeout_ms=500)  # joins the group and fetches from the committed positions
+        while not again.assignment():  # the group join, awaited as an event rather than a timed poll
+            await again.getmany(timeout_ms=100)
         assert {tp: await again.position(tp) for tp in again.assignment()} == ends
     finally:
         await again.stop()

@@ -77,9 +77,10 @@ async def test_requests_arriving_while_busy_share_batches_of_at_most_max_batch()
     try:
         infer.release.clear()
         first = asyncio.create_task(batcher.submit(0))
-        await asyncio.sleep(0.01)  # the first batch is now in flight and held
+        while not infer.sizes:  # the first batch is now in flight and held
+            await asyncio.sleep(0)
         rest = [asyncio.create_task(batcher.submit(n)) for n in range(1, 10)]
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # every caller has queued its row
         infer.release.set()
         results = await asyncio.gather(first, *rest)
         assert results == [n * 10 for n in range(10)]  # each caller gets its own row's answer
