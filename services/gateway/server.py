@@ -108,6 +108,7 @@ class Gateway:
         self.fallback.start()
         self.exposures.start()
         self.drift.start()
+        await self.check_health()  # every health name answers from the first call on (none is NOT_FOUND)
         self._tasks.append(asyncio.create_task(self._watch_health()))
         interceptor = AuthInterceptor(
             self.keys, on_denied=lambda method, code: self.metrics.requests.labels(method, code.name, "").inc(),
