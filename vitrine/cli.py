@@ -339,8 +339,8 @@ def _rpc(call):  # noqa: ANN001, ANN202
 
 
 def _show_experiment(experiment) -> None:  # noqa: ANN001
-    typer.echo(f"experiment {experiment.name!r} revision {experiment.revision} (salt {experiment.salt!r}), "
-               f"set by {experiment.updated_by or '-'}")
+    typer.echo(f"experiment {experiment.name!r} revision {experiment.revision} (salt {experiment.salt!r}, "
+               f"mode {experiment.mode or 'ab'}), set by {experiment.updated_by or '-'}")
     for v in experiment.variants:
         typer.echo(f"  {v.name:<16} {v.weight:>3}%  {v.model_name}:{v.model_version or 'newest'}")
 
@@ -368,9 +368,14 @@ def ab_set(
     variant: Annotated[list[str], typer.Option("--variant", "-v", help="NAME=MODEL[:VERSION]=WEIGHT, repeatable; weights sum to 100.")],
     salt: Annotated[str | None, typer.Option(help="New assignment salt (reshuffles every user); default: keep.")] = None,
     expected_revision: Annotated[int, typer.Option(min=0, help="Fail if the experiment is not at this revision (0: no check).")] = 0,
+    mode: Annotated[str, typer.Option(help="ab: one variant per user by weight; interleave: two variants merged in every answer.")] = "ab",
     key: KeyOption = None,
 ) -> None:
     """Change the split; validated (weights, models ready) and audited by the gateway."""
+    if mode not in ("ab", "interleave"):
+        raise typer.BadParameter(f"{mode!r} is not ab or interleave", param_hint="--mode")
+    if mode == "interleave" and len(variant) != 2:
+        raise typer.BadParameter("interleaving compares exactly two variants", param_hint="--variant")
     from vitrine.v1 import recommender_pb2 as pb
 
     parsed = [_parse_variant(v) for v in variant]
@@ -380,7 +385,7 @@ def ab_set(
     async def call():  # noqa: ANN202
         async with _client(key) as client:
             current = await client.get_experiment()
-            experiment = pb.Experiment(name=current.name, salt=salt or current.salt, variants=[
+            experiment = pb.Experiment(name=current.name, salt=salt or current.salt, mode=mode, variants=[
                 pb.Variant(name=n, model_name=m, model_version=ver, weight=w) for n, m, ver, w in parsed])
             return await client.set_experiment(experiment, expected_revision)
 

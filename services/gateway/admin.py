@@ -15,6 +15,7 @@ import grpc
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
+from vitrine.contracts.exposures import AB
 from vitrine.services.gateway.auth import identify
 from vitrine.services.gateway.experiment import ConflictError, Experiment, ExperimentFollower, ExperimentStore, Variant
 from vitrine.services.gateway.ranking import ModelCatalog
@@ -28,14 +29,14 @@ T = TypeVar("T")
 def to_proto(experiment: Experiment) -> pb.Experiment:
     return pb.Experiment(
         name=experiment.name, salt=experiment.salt, revision=experiment.revision, updated_by=experiment.updated_by,
-        updated_at_ms=experiment.updated_at_ms,
+        updated_at_ms=experiment.updated_at_ms, mode=experiment.mode,
         variants=[pb.Variant(name=v.name, model_name=v.model_name, model_version=v.model_version, weight=v.weight) for v in experiment.variants],
     )
 
 
 def from_proto(message: pb.Experiment) -> Experiment:
     return Experiment(
-        name=message.name or "default", salt=message.salt,
+        name=message.name or "default", salt=message.salt, mode=message.mode or AB,
         variants=tuple(Variant(name=v.name, model_name=v.model_name, model_version=v.model_version, weight=v.weight) for v in message.variants),
     )
 

@@ -23,6 +23,7 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from vitrine.contracts.exposures import AB, INTERLEAVE, ExperimentMode
 from vitrine.settings import VariantSettings
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,13 @@ class Experiment(BaseModel):
     revision: int = Field(0, ge=0)
     updated_by: str = ""
     updated_at_ms: int = 0
+    mode: ExperimentMode = AB
+    """`interleave`: exactly two variants (team A first), every request ranked by both and merged."""
 
     @model_validator(mode="after")
     def _weights_and_names(self) -> Experiment:
+        if self.mode == INTERLEAVE and len(self.variants) != 2:
+            raise ValueError(f"interleaving compares exactly two variants, got {len(self.variants)}")
         total = sum(v.weight for v in self.variants)
         if total != 100:
             raise ValueError(f"variant weights must sum to 100, not {total}")

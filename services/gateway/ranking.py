@@ -35,6 +35,8 @@ from vitrine.services.gateway.metrics import GatewayMetrics
 from vitrine.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+POPULARITY_MODEL = "popularity"
+"""A variant may name this model: popularity from Redis, served without Triton (a baseline arm, not degraded)."""
 Row = tuple[np.ndarray, np.ndarray, np.ndarray]
 Ranked = list[tuple[str, float]]
 
@@ -150,6 +152,8 @@ class ModelCatalog:
         return model
 
     async def is_ready(self, name: str, version: str) -> bool:
+        if name == POPULARITY_MODEL:
+            return True  # no model behind it
         try:
             if not version:
                 return bool(await self.ready_versions(name))
@@ -161,6 +165,8 @@ class ModelCatalog:
         """The (model, version) pairs the given variants serve now ("" = the newest known)."""
         keys = set()
         for name, version in variants:
+            if name == POPULARITY_MODEL:
+                continue
             resolved = version or (self._newest[name][0] if name in self._newest else "")
             if resolved:
                 keys.add((name, resolved))

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
+from vitrine.contracts.exposures import INTERLEAVE
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.admin import ExperimentAdminService
 from vitrine.services.gateway.auth import AuthInterceptor
@@ -189,6 +190,8 @@ class Gateway:
     def _forget_series(self, variants: tuple[Variant, ...], stale: set[tuple[str, str]]) -> None:
         """Series of variants that left the experiment, and of evicted versions, stop being exported."""
         model_of = {v.name: v.model_name for v in variants}
+        if self.follower is not None and self.follower.current.mode == INTERLEAVE:
+            model_of[INTERLEAVE] = ""  # interleaved answers are labelled with the mode's name
         for metric in (self.metrics.duration, self.metrics.top1, self.metrics.mean_topk):
             for variant, version in label_sets(metric, ("variant", "model_version")):
                 if variant not in model_of or (model_of[variant], version) in stale:

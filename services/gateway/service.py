@@ -9,6 +9,7 @@ answer that says why (popularity from Redis, else from memory); only bad input a
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -19,16 +20,17 @@ import grpc
 from tritonclient.utils import InferenceServerException
 
 from vitrine.contracts.events import MAX_ID_LENGTH
-from vitrine.contracts.exposures import Exposure
+from vitrine.contracts.exposures import INTERLEAVE, Exposure
 from vitrine.services.features.store import FeatureStore, UserFeatures
 from vitrine.services.gateway.batcher import DeadlineExpired, QueueFull
 from vitrine.services.gateway.breaker import CircuitOpen
 from vitrine.services.gateway.drift import DriftMonitor
-from vitrine.services.gateway.experiment import ExperimentFollower
+from vitrine.services.gateway.experiment import Experiment, ExperimentFollower
+from vitrine.services.gateway.interleaving import team_draft
 from vitrine.services.gateway.exposures import ExposureLog
 from vitrine.services.gateway.fallback import PopularityFallback, Ranked
 from vitrine.services.gateway.metrics import GatewayMetrics
-from vitrine.services.gateway.ranking import ModelCatalog, RankerPool
+from vitrine.services.gateway.ranking import POPULARITY_MODEL, ModelCatalog, RankerPool
 from vitrine.services.throttled_log import ThrottledLog
 from vitrine.settings import GatewaySettings
 from vitrine.v1 import recommender_pb2 as pb
@@ -41,7 +43,8 @@ MAX_ATTRIBUTES = 16
 MAX_REQUEST_ID = 128
 MAX_BATCH_REQUESTS = 64
 COLD_START_MODEL = "trending"
-FALLBACK_MODEL = "popularity"
+FALLBACK_MODEL = POPULARITY_MODEL
+INTERLEAVED_MODEL = "interleaved"
 
 
 class InvalidRequest(ValueError):
@@ -54,6 +57,9 @@ class Answer:
     model_name: str
     model_version: str
     degraded_reason: str = ""
+    teams: tuple[str, ...] = ()
+    """Interleaving: the variant that placed each item; empty in A/B mode."""
+    features_ts_ms: int = 0
 
 
 def validate(request: pb.RecommendRequest, max_k: int, max_exclusions: int) -> None:
@@ -171,36 +177,42 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         started = time.perf_counter()
         deadline = started + time_remaining if time_remaining is not None else None
         budget = deadline if deadline is not None else started + self.settings.request_budget_ms / 1000
-        variant = self.experiment.current.assign(request.user_id)
+        experiment = self.experiment.current
+        interleaved = experiment.mode == INTERLEAVE
+        variant_name = INTERLEAVE if interleaved else experiment.assign(request.user_id).name
+        request_id = request.request_id or uuid.uuid4().hex
         self.metrics.inflight.inc()
         try:
-            answer = await self._rank(request, variant.name, variant.model_name, variant.model_version, budget)
+            answer = await self._rank(request, experiment, variant_name, budget, request_id)
         except QueueFull as exc:
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity; retry later") from exc
         finally:
             self.metrics.inflight.dec()
         if deadline is not None and time.perf_counter() > deadline:
             raise Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline passed")
-        request_id = request.request_id or uuid.uuid4().hex
         elapsed = time.perf_counter() - started
         exposure = Exposure(
-            request_id=request_id, user_id=request.user_id, ts_ms=int(time.time() * 1000), variant=variant.name,
+            request_id=request_id, user_id=request.user_id, ts_ms=int(time.time() * 1000), variant=variant_name,
             model_name=answer.model_name, model_version=answer.model_version,
             item_ids=[i for i, _ in answer.items], scores=[s for _, s in answer.items], latency_ms=elapsed * 1000,
             degraded=bool(answer.degraded_reason), degraded_reason=answer.degraded_reason, page=request.context.page,
+            experiment=experiment.name, revision=experiment.revision, mode=experiment.mode, slot_variants=list(answer.teams),
+            features_ts_ms=answer.features_ts_ms,
         )
+        teams = answer.teams or ("",) * len(answer.items)
         response = pb.RecommendResponse(
-            items=[pb.ScoredItem(item_id=i, score=s) for i, s in answer.items], variant=variant.name,
-            model_name=answer.model_name, model_version=answer.model_version,
+            items=[pb.ScoredItem(item_id=i, score=s, variant=t) for (i, s), t in zip(answer.items, teams, strict=True)],
+            variant=variant_name, model_name=answer.model_name, model_version=answer.model_version,
             degraded=bool(answer.degraded_reason), degraded_reason=answer.degraded_reason, request_id=request_id,
+            features_ts_ms=answer.features_ts_ms,
         )
-        return _Reply(response, exposure, answer, variant.name, elapsed)
+        return _Reply(response, exposure, answer, variant_name, elapsed)
 
     def _deliver(self, method: str, reply: _Reply) -> None:
         self._observe(method, reply.variant, reply.answer, reply.elapsed_s)
         self.exposures.record(reply.exposure)
 
-    async def _rank(self, request: pb.RecommendRequest, variant: str, model_name: str, model_version: str, budget: float) -> Answer:
+    async def _rank(self, request: pb.RecommendRequest, experiment: Experiment, variant: str, budget: float, request_id: str) -> Answer:
         """`budget`: the perf_counter() instant past which the answer is degraded rather than late."""
         excluded = set(request.exclude_item_ids)
         if request.context.item_id:
@@ -216,8 +228,30 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         finally:
             self.metrics.stage.labels("features").observe(time.perf_counter() - stage)
         excluded |= features.purchased
+        fresh = features.recent[-1].ts_ms if features.recent else 0
         if not features.has_history:
-            return Answer(self._top(self.fallback.trending(), request.k, excluded), COLD_START_MODEL, "")
+            return Answer(self._top(self.fallback.trending(), request.k, excluded), COLD_START_MODEL, "", features_ts_ms=fresh)
+        if experiment.mode == INTERLEAVE:
+            a, b = experiment.variants
+            answers = await asyncio.gather(*(self._by_model(request.k, v.name, v.model_name, v.model_version, features, excluded, budget)
+                                             for v in (a, b)))
+            degraded = next((x for x in answers if x.degraded_reason), None)
+            if degraded is not None:  # no credit can be given for a list one team did not fill
+                return dataclasses.replace(degraded, features_ts_ms=fresh)
+            merged = team_draft(answers[0].items, answers[1].items, request.k, request_id, (a.name, b.name))
+            return Answer([(i, s) for i, s, _ in merged], INTERLEAVED_MODEL, "", teams=tuple(t for _, _, t in merged),
+                          features_ts_ms=fresh)
+        chosen = next(v for v in experiment.variants if v.name == variant)
+        answer = await self._by_model(request.k, variant, chosen.model_name, chosen.model_version, features, excluded, budget)
+        return dataclasses.replace(answer, features_ts_ms=fresh)
+
+    async def _by_model(self, k: int, variant: str, model_name: str, model_version: str, features: UserFeatures,
+                        excluded: set[str], budget: float) -> Answer:
+        """One model's top-k for a user with history (or popularity, when that is the variant's model)."""
+        if model_name == POPULARITY_MODEL:
+            popular, from_redis = await self.fallback.popular()
+            return Answer(self._top(popular, k, excluded), POPULARITY_MODEL, "",
+                          "" if from_redis else "redis_unavailable")
         try:
             async with asyncio.timeout_at(self._loop_instant(budget)):
                 model = await self.catalog.resolve(model_name, model_version)
@@ -227,18 +261,18 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         except QueueFull:
             if self.settings.shed_mode == "reject":
                 raise
-            return await self._degraded(request.k, excluded, "overloaded")
+            return await self._degraded(k, excluded, "overloaded")
         except CircuitOpen:
-            return await self._degraded(request.k, excluded, "circuit_open")
+            return await self._degraded(k, excluded, "circuit_open")
         except (DeadlineExpired, TimeoutError):
-            return await self._degraded(request.k, excluded, "deadline")
+            return await self._degraded(k, excluded, "deadline")
         except Exception as exc:  # noqa: BLE001 - Triton failing, slow, or the model not ready
             timed_out = isinstance(exc, InferenceServerException) and (exc.status() or "").endswith("DEADLINE_EXCEEDED")
             reason = "triton_timeout" if timed_out else "triton_unavailable"
             self._errors.log(logging.WARNING, f"model:{model_name}:{reason}", "model call to %s failed (%s): %s", model_name, reason, exc)
-            return await self._degraded(request.k, excluded, reason)
+            return await self._degraded(k, excluded, reason)
         stage = time.perf_counter()
-        ranked = self._top(model.decode(ids, scores), request.k, excluded)
+        ranked = self._top(model.decode(ids, scores), k, excluded)
         self.drift.observe(variant, model, items, ranked[0][1] if ranked else None)
         self.metrics.stage.labels("postprocess").observe(time.perf_counter() - stage)
         return Answer(ranked, model.name, model.version)
@@ -276,7 +310,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self.metrics.duration.labels(variant, answer.model_version).observe(elapsed)
         if answer.degraded_reason:
             self.metrics.degraded.labels(answer.degraded_reason, variant).inc()
-        elif answer.items and answer.model_name not in (COLD_START_MODEL, FALLBACK_MODEL):
+        elif answer.items and answer.model_name not in (COLD_START_MODEL, FALLBACK_MODEL, INTERLEAVED_MODEL):
             scores = [s for _, s in answer.items]
             self.metrics.top1.labels(variant, answer.model_version).observe(scores[0])
             self.metrics.mean_topk.labels(variant, answer.model_version).observe(sum(scores) / len(scores))

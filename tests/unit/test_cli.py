@@ -116,3 +116,10 @@ def test_a_raw_api_key_pasted_as_a_hash_is_refused_without_being_echoed() -> Non
                            env={"VITRINE_GATEWAY__API_KEYS": f'{{"{secret}": {{"name": "shop", "role": "storefront"}}}}'})
     assert result.exit_code == 2 and "gateway.api_keys" in result.output and "sha256" in result.output
     assert secret not in result.output and secret[:12] not in result.output
+
+
+def test_ab_set_refuses_an_unknown_mode_and_an_interleaving_of_three() -> None:
+    result = runner.invoke(app, ["ab", "set", "-v", "a=gru4rec=100", "--mode", "shuffle"])
+    assert result.exit_code == 2 and "ab or interleave" in result.output
+    result = runner.invoke(app, ["ab", "set", "-v", "a=gru4rec=40", "-v", "b=sasrec=30", "-v", "c=popularity=30", "--mode", "interleave"])
+    assert result.exit_code == 2 and "exactly two" in result.output
