@@ -622,5 +622,9 @@ def demo(
         raise _fail(RuntimeError(f"demo failed ({type(exc).__name__}: {exc}); is the stack up? (`make up`)")) from exc
 
 
+from vitrine.commands.simulate import simulate  # noqa: E402
+app.command("simulate")(simulate)
+
+
 if __name__ == "__main__":
     app()

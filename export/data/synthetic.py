@@ -98,6 +98,7 @@ class _Catalog:
             new_popularity = 1.0 / (np.arange(cfg.drift_items) + 1.0) ** cfg.zipf_exponent
             popularity = np.concatenate([popularity, new_popularity * popularity.max()])
         self.category = categories
+        self.popularity = popularity
         n_categories = cfg.n_categories + (1 if cfg.drift_at_ms is not None else 0)
         self.by_category: list[np.ndarray] = [np.flatnonzero(categories == c) for c in range(n_categories)]
         self.cum_popularity: list[list[float]] = [
@@ -125,12 +126,49 @@ class _Catalog:
         return self.successors[item][min(bisect.bisect_left(cum, rnd.random() * cum[-1]), len(cum) - 1)]
 
 
-def generate(cfg: StorefrontConfig) -> EventTable:
-    """All events of the configured storefront, sorted by time. Same config and seed, same events."""
+@dataclass(frozen=True)
+class Storefront:
+    """The ground truth behind `generate`'s events for one config and seed: what each item is and what each
+    user likes. The shopper simulator (`services/simulator/`) reacts to recommendations with it."""
+
+    config: StorefrontConfig
+    category: np.ndarray
+    """Category of each item (index = the number in the item id "i<n>")."""
+    popularity: np.ndarray
+    """Unnormalised Zipf weight of each item."""
+    successors: list[list[int]]
+    """Each item's few successors: where sessions go next with `transition_prob`."""
+    successor_weights: list[list[float]]
+    """Probability of each successor (parallel to `successors`, sums to 1)."""
+    affinities: np.ndarray
+    """(n_users, n_categories) category preferences of each user (rows sum to 1)."""
+    catalog: _Catalog
+
+    @property
+    def n_items(self) -> int:
+        return len(self.category)
+
+
+def _draw(cfg: StorefrontConfig) -> tuple[np.random.Generator, _Catalog, np.ndarray]:
+    """The catalogue and affinities, drawn first from the seed's generator (which `generate` goes on using)."""
     rng = np.random.default_rng(cfg.seed)
-    rnd = random.Random(cfg.seed)
     catalog = _Catalog(cfg, rng)
     affinities = rng.dirichlet(np.full(cfg.n_categories, cfg.affinity_concentration), size=cfg.n_users)
+    return rng, catalog, affinities
+
+
+def storefront(cfg: StorefrontConfig) -> Storefront:
+    """The storefront `generate(cfg)` draws its events from (same config and seed, same ground truth)."""
+    _, catalog, affinities = _draw(cfg)
+    weights = [list(np.diff(np.concatenate([[0.0], cum]))) for cum in catalog.successor_cum]
+    return Storefront(config=cfg, category=catalog.category, popularity=catalog.popularity, successors=catalog.successors,
+                      successor_weights=[[float(w) for w in ws] for ws in weights], affinities=affinities, catalog=catalog)
+
+
+def generate(cfg: StorefrontConfig) -> EventTable:
+    """All events of the configured storefront, sorted by time. Same config and seed, same events."""
+    rng, catalog, affinities = _draw(cfg)
+    rnd = random.Random(cfg.seed)
     affinity_cum = np.cumsum(affinities, axis=1)
     new_line = cfg.n_categories
     step_ms = cfg.seconds_between_steps * 1000

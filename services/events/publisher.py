@@ -77,3 +77,37 @@ async def publish(
     finally:
         await producer.stop()
     return PublishReport(sent=sent, seconds=time.monotonic() - start, target_rate=rate, max_behind_s=behind)
+
+
+class EventSink:
+    """One long-lived producer for callers that publish events one at a time as they happen (the shopper
+    simulator): same producer settings and key as `publish`. `send` returns once the record is queued;
+    `flush` waits until every record sent so far is acknowledged (acks=all) and returns how many were."""
+
+    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+        self.topic = topic
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=True, linger_ms=2)
+        self._pending: list[asyncio.Future] = []
+        self.acknowledged = 0
+
+    async def send(self, event: Event) -> None:
+        self._pending.append(await self.producer.send(self.topic, value=event.to_json(), key=event.user_id.encode()))
+        if len(self._pending) >= MAX_IN_FLIGHT:
+            await self.flush()
+
+    async def flush(self) -> int:
+        pending, self._pending = self._pending, []
+        await asyncio.gather(*pending)
+        self.acknowledged += len(pending)
+        return self.acknowledged
+
+    async def __aenter__(self) -> EventSink:
+        await self.producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                await self.flush()
+        finally:
+            await self.producer.stop()

@@ -1,0 +1,1 @@
+"""Simulated shoppers who react to what the gateway shows them (`vitrine simulate`)."""
