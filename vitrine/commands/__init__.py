@@ -1,1 +1,1 @@
-"""CLI commands that live in a module of their own, registered on the root app in `vitrine/cli.py`."""
+"""CLI command modules, one per role; registered on the root app in `vitrine/cli.py`."""
