@@ -118,8 +118,10 @@ class SimulationReport:
         return sum(self.events.values())
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("variants",)}
-        out["events_sent"] = self.events_sent
+        out: dict = {"run_id": self.run_id, "visits_due": self.visits_due, "requests": self.requests,
+                     "errors": dict(self.errors), "skipped": self.skipped, "max_behind_s": self.max_behind_s,
+                     "seconds": self.seconds, "events": dict(self.events), "events_sent": self.events_sent,
+                     "interleaved": dict(self.interleaved), "users": self.users}
         out["variants"] = {name: {**{k: v for k, v in asdict(t).items() if k != "models"}, "ctr": t.ctr,
                                   "expected_ctr": t.expected_ctr, "models": dict(t.models)}
                            for name, t in sorted(self.variants.items())}

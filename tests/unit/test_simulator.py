@@ -1,0 +1,261 @@
+"""The simulated shopper's choice model and the simulation loop, without services (a fake gateway and sink)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from vitrine.contracts.events import EventType
+from vitrine.export.data import synthetic
+from vitrine.services.simulator import runner
+from vitrine.services.simulator.runner import Simulation, SimulationConfig, arrival_offsets, last_items
+from vitrine.services.simulator.shopper import ChoiceParams, Reaction, ShopperModel, item_index, position_bias
+from vitrine.settings import Settings
+from vitrine.v1 import recommender_pb2 as pb
+
+
+@pytest.fixture(scope="module")
+def small() -> synthetic.Storefront:
+    return synthetic.storefront(synthetic.preset("small"))
+
+
+@pytest.fixture(scope="module")
+def model(small: synthetic.Storefront) -> ShopperModel:
+    return ShopperModel(small)
+
+
+def _top_category(sf: synthetic.Storefront, user: int) -> int:
+    return int(np.argmax(sf.affinities[user]))
+
+
+def _items_by_kind(sf: synthetic.Storefront, user: int, page: int) -> tuple[str, str, str]:
+    """A successor of `page`, a non-successor of the user's favourite category, an item of her least liked category."""
+    favourite, least = _top_category(sf, user), int(np.argmin(sf.affinities[user]))
+    successor = f"i{sf.successors[page][int(np.argmax(sf.successor_weights[page]))]}"
+    same = next(f"i{i}" for i in sf.catalog.by_category[favourite] if i != page and i not in sf.successors[page])
+    other = next(f"i{i}" for i in sf.catalog.by_category[least] if i not in sf.successors[page])
+    return successor, same, other
+
+
+def test_storefront_is_the_ground_truth_of_generate() -> None:
+    """Independent check of the exposed truth: the generated sessions step to a successor about as often as
+    `transition_prob` says, and users' first views fall in their categories as their affinities say."""
+    cfg = synthetic.preset("small")
+    sf, table = synthetic.storefront(cfg), synthetic.generate(cfg)
+    assert sf.n_items == cfg.n_items and sf.affinities.shape == (cfg.n_users, cfg.n_categories)
+    assert all(abs(sum(w) - 1) < 1e-9 for w in sf.successor_weights)
+    views = table.type == 0
+    users, items = table.user_id[views].tolist(), table.item_id[views].tolist()
+    steps = successors = 0
+    liked = Counter()
+    for (u1, i1), (u2, i2) in zip(zip(users, items), zip(users[1:], items[1:])):  # time-sorted: same user, next view
+        if u1 == u2:
+            steps += 1
+            successors += int(i2[1:]) in sf.successors[int(i1[1:])]
+    for u, i in zip(users, items):
+        liked[sf.affinities[int(u[1:]), sf.category[int(i[1:])]] >= 0.05] += 1
+    assert steps > 1000
+    assert successors / steps > 0.5 * cfg.transition_prob  # sessions interleave in time, so a lower bound
+    assert liked[True] / sum(liked.values()) > 0.9
+
+
+def test_generate_is_unchanged_by_exposing_the_storefront() -> None:
+    cfg = synthetic.preset("tiny")
+    first, again = synthetic.generate(cfg), synthetic.generate(cfg)
+    synthetic.storefront(cfg)
+    assert first.item_id.tolist() == again.item_id.tolist() == synthetic.generate(cfg).item_id.tolist()
+    # The first draw of the catalogue equals the storefront's (same generator state).
+    table_items = {int(i[1:]) for i in first.item_id.tolist()}
+    assert max(table_items) < synthetic.storefront(cfg).n_items
+
+
+def test_relevance_orders_successor_then_favourite_category_then_the_rest(small: synthetic.Storefront, model: ShopperModel) -> None:
+    for user in range(20):
+        page = int(small.catalog.by_category[_top_category(small, user)][0])
+        successor, same, other = _items_by_kind(small, user, page)
+        r = [model.relevance(user, page, i) for i in (successor, same, other)]
+        assert r[0] > r[1] > r[2], (user, r)
+        assert model.relevance(user, page, successor) >= model.params.successor_weight * 0.5
+        p = model.click_probabilities(user, page, [successor, same, other])
+        # Same slot for each: the probabilities follow relevance exactly.
+        for item, rel in zip((successor, same, other), r):
+            assert model.click_probabilities(user, page, [item])[0] == pytest.approx(
+                model.params.floor + (model.params.ceiling - model.params.floor) * rel)
+        assert p[0] > p[2]
+
+
+def test_unknown_items_get_the_floor(model: ShopperModel) -> None:
+    for item in ("x1", "i", "i99999999", "ia", ""):
+        assert item_index(item, model.storefront.n_items) is None
+        assert model.relevance(0, 1, item) == 0.0
+    assert model.click_probabilities(0, 1, ["nope"])[0] == pytest.approx(model.params.floor)
+
+
+def test_position_bias_discounts_later_slots(model: ShopperModel, small: synthetic.Storefront) -> None:
+    assert [position_bias(p) for p in range(4)] == pytest.approx([1, 1 / math.log2(3), 0.5, 1 / math.log2(5)])
+    with pytest.raises(ValueError):
+        position_bias(-1)
+    user, page = 3, 5
+    item = f"i{small.successors[page][0]}"
+    probs = model.click_probabilities(user, page, [item] * 8)
+    assert np.all(np.diff(probs) < 0)
+    assert probs / probs[0] == pytest.approx([position_bias(p) for p in range(8)])
+
+
+def test_same_seed_same_reaction_and_seeds_differ(model: ShopperModel, small: synthetic.Storefront) -> None:
+    user, page = 7, 11
+    shown = [f"i{i}" for i in small.successors[page]] + [f"i{i}" for i in range(20, 26)]
+    a = [model.react(user, page, shown, np.random.default_rng([1, n])) for n in range(200)]
+    b = [model.react(user, page, shown, np.random.default_rng([1, n])) for n in range(200)]
+    c = [model.react(user, page, shown, np.random.default_rng([2, n])) for n in range(200)]
+    assert a == b
+    assert a != c
+    assert sum(len(r.clicked) for r in a) > 0
+
+
+def test_reaction_events_go_down_the_funnel() -> None:
+    reaction = Reaction(clicked=["i1", "i2", "i3"], carted=["i2", "i3"], purchased=["i3"])
+    assert reaction.events() == [("i1", EventType.CLICK), ("i2", EventType.CLICK), ("i2", EventType.ADD_TO_CART),
+                                 ("i3", EventType.CLICK), ("i3", EventType.ADD_TO_CART), ("i3", EventType.PURCHASE)]
+
+
+def _simulated_ctr(model: ShopperModel, ranker, shoppers: int, k: int, seed: int) -> float:  # noqa: ANN001
+    rng = np.random.default_rng(seed)
+    clicks = 0
+    for n in range(shoppers):
+        user = int(rng.integers(model.n_users))
+        page = model.own_next(user, None, rng)
+        shown = ranker(user, page)[:k]
+        clicks += len(model.react(user, page, shown, np.random.default_rng([seed, n])).clicked)
+    return clicks / (shoppers * k)
+
+
+def test_a_better_ranking_earns_a_higher_ctr(model: ShopperModel, small: synthetic.Storefront) -> None:
+    """Simulated shoppers, three rankers over the same catalogue: the personalised ranking (what the
+    storefront's sessions do next) beats global popularity by far, and the same personalised items in
+    reverse order earn less than in the right order (position bias)."""
+    k = 10
+    popular = [f"i{i}" for i in np.argsort(-small.popularity)]
+    everything = [f"i{i}" for i in range(small.n_items)]
+
+    def personalised(user: int, page: int) -> list[str]:
+        return sorted((i for i in everything if i != f"i{page}"), key=lambda i: -model.relevance(user, page, i))
+
+    def by_popularity(user: int, page: int) -> list[str]:
+        return [i for i in popular if i != f"i{page}"]
+
+    def reversed_personal(user: int, page: int) -> list[str]:
+        return personalised(user, page)[:k][::-1]
+
+    ctr = {name: _simulated_ctr(model, ranker, 600, k, seed=5)
+           for name, ranker in (("personal", personalised), ("popularity", by_popularity), ("reversed", reversed_personal))}
+    # Binomial standard errors at these CTRs and 6,000 impressions are ≤ 0.5 points: margins of several errors.
+    assert ctr["personal"] > 2 * ctr["popularity"] + 0.02, ctr
+    assert ctr["personal"] > ctr["reversed"] + 0.01, ctr
+
+
+def test_arrivals_open_loop_schedule() -> None:
+    rng = np.random.default_rng(0)
+    constant = arrival_offsets(10, 3, "constant", rng)
+    assert len(constant) == 30 and constant[1] - constant[0] == pytest.approx(0.1)
+    poisson = arrival_offsets(200, 50, "poisson", rng)
+    assert abs(len(poisson) - 10_000) < 5 * 100  # Poisson(10,000): sd 100
+    assert np.all(np.diff(poisson) > 0) and poisson[-1] < 50
+    gaps = np.diff(poisson)
+    assert gaps.std() / gaps.mean() == pytest.approx(1, abs=0.05)  # exponential gaps: cv 1
+
+
+def test_last_items_are_each_users_most_recent() -> None:
+    table = synthetic.generate(synthetic.preset("tiny"))
+    last = last_items(table, 60)
+    expected: dict[str, str] = {}
+    for u, i in zip(table.user_id.tolist(), table.item_id.tolist()):
+        expected[u] = i
+    assert {f"u{u}": f"i{i}" for u, i in enumerate(last) if i is not None} == expected
+
+
+class _FakeClient:
+    """The gateway's part: A/B by user parity, control = popularity order, treatment = the storefront's truth."""
+
+    def __init__(self, model: ShopperModel) -> None:
+        self.model = model
+        self.requests: list[tuple[str, str]] = []
+        self.popular = [f"i{i}" for i in np.argsort(-model.storefront.popularity)]
+
+    async def recommend(self, user_id: str, k: int, page: str, item_id: str, timeout_s: float, request_id: str) -> pb.RecommendResponse:
+        self.requests.append((user_id, request_id))
+        user, page_item = int(user_id.rsplit("u", 1)[1]), int(item_id[1:])
+        if user % 2:
+            items = sorted((f"i{i}" for i in range(self.model.storefront.n_items) if i != page_item),
+                           key=lambda i: -self.model.relevance(user, page_item, i))[:k]
+            variant, name = "treatment", "oracle"
+        else:
+            items, variant, name = [i for i in self.popular if i != item_id][:k], "control", "popularity"
+        return pb.RecommendResponse(items=[pb.ScoredItem(item_id=i, score=1.0) for i in items], variant=variant,
+                                    model_name=name, request_id=request_id)
+
+    async def __aenter__(self) -> _FakeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class _FakeSink:
+    def __init__(self) -> None:
+        self.events = []
+
+    async def send(self, event) -> None:  # noqa: ANN001
+        self.events.append(event)
+
+    async def flush(self) -> int:
+        return len(self.events)
+
+    async def __aenter__(self) -> _FakeSink:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_the_loop_reports_what_it_sent_and_the_better_arm_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = SimulationConfig(rate=400, duration_s=2, seed=3, k=8, dwell_s=0, preset="small", storefront_seed=7, user_prefix="t-")
+    simulation = Simulation(Settings(), config)
+    client, sink = _FakeClient(simulation.model), _FakeSink()
+    monkeypatch.setattr(runner, "GatewayClient", lambda address, key: client)
+    monkeypatch.setattr(runner, "EventSink", lambda servers, topic: sink)
+    done: list[int] = []
+    report = await asyncio.wait_for(simulation.run(lambda n, due: done.append(n)), timeout=60)
+
+    assert report.requests == len(client.requests) == report.visits_due == done[-1] and report.skipped == 0
+    ids = [e.event_id for e in sink.events]
+    assert len(ids) == len(set(ids)) == report.events_sent
+    assert Counter(e.type.value for e in sink.events) == report.events
+    assert report.events["view"] == report.requests
+    tallied = sum(t.clicks for t in report.variants.values())
+    assert tallied == report.events["click"] and report.events["purchase"] == sum(t.purchases for t in report.variants.values())
+    assert all(e.user_id.startswith("t-u") for e in sink.events)
+    # Per shopper, events are in time order and every visit starts with a view of the page asked about.
+    by_user: dict[str, list] = {}
+    for e in sink.events:
+        by_user.setdefault(e.user_id, []).append(e)
+    assert all([e.ts_ms for e in es] == sorted(e.ts_ms for e in es) for es in by_user.values())
+    control, treatment = report.variants["control"], report.variants["treatment"]
+    assert control.requests + treatment.requests == report.requests
+    assert treatment.ctr > 2 * control.ctr, (treatment.ctr, control.ctr)
+    assert "treatment" in runner.render(report) and report.to_dict()["variants"]["control"]["ctr"] == control.ctr
+
+
+def test_choice_params_are_validated() -> None:
+    with pytest.raises(ValueError):
+        ChoiceParams(floor=0.6, ceiling=0.5)
+    with pytest.raises(ValueError):
+        ChoiceParams(successor_weight=1.5)
+    with pytest.raises(ValueError):
+        SimulationConfig(rate=0)
+    with pytest.raises(ValueError):
+        SimulationConfig(arrivals="bursty")
