@@ -216,6 +216,10 @@ def features_run() -> None:
     main(_settings())
 
 
+from vitrine.commands.outcomes import app as outcomes_app  # noqa: E402 - after the helpers it uses
+app.add_typer(outcomes_app, name="outcomes")
+
+
 @app.command("train")
 def train_command(
     model: Annotated[list[str], typer.Option("--model", "-m", help="gru4rec and/or sasrec (repeatable).")] = ["gru4rec", "sasrec"],  # noqa: B006

@@ -145,6 +145,38 @@ class FeaturesSettings(_Section):
         return windows
 
 
+class OutcomesSettings(_Section):
+    """The outcome attribution service (`vitrine outcomes run`): exposures joined with later events, per user."""
+
+    group_id: str = Field("vitrine-outcomes", pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+    exposures_topic: str = Field(topics.RECS_SERVED, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Exposure log; same partition count as `events_topic`.")
+    events_topic: str = Field(topics.EVENTS, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Storefront events; keyed by user like the exposures.")
+    namespace: str = Field("vt", pattern=r"^[a-z0-9_-]{1,32}$", description="Prefix of every Redis key (the service writes under `<namespace>:o:`).")
+    click_window_s: int = Field(1800, ge=1, le=30 * 86400, description="A click credits an exposure at most this long (event time) after it.")
+    add_to_cart_window_s: int = Field(7200, ge=1, le=30 * 86400, description="Attribution window of an add-to-cart.")
+    purchase_window_s: int = Field(86400, ge=1, le=30 * 86400, description="Attribution window of a purchase.")
+    max_lateness_s: int = Field(
+        3600, ge=0, le=30 * 86400,
+        description="How far (event time) behind the user's newest record an exposure may arrive and still take credit for "
+                    "events read before it: events stay buffered per user this long.")
+    dedupe_window_s: int = Field(7 * 86400, ge=60, le=60 * 86400, description="How long (event time) request and event ids are remembered; also the look-back of `pre_events`.")
+    user_ttl_s: int = Field(30 * 86400, ge=60, description="Idle users' join state expires after this long.")
+    revision_ttl_s: int = Field(180 * 86400, ge=60, description="Per-revision outcome rows expire this long after their last update.")
+    max_batch: int = Field(2000, ge=1, le=100_000, description="Most records joined and written in one atomic script call.")
+    poll_timeout_ms: int = Field(100, ge=1, le=10_000)
+    commit_interval_s: float = Field(1.0, ge=0, le=60, description="Kafka commits are a hint (Redis holds the offsets): at most this often.")
+    metrics_host: Host = "127.0.0.1"
+    metrics_port: Port = 19600
+    redis_retry_max_s: float = Field(5.0, gt=0, le=300, description="Back-off ceiling while Redis is unreachable.")
+    offset_check_interval_s: float = Field(1.0, gt=0, le=3600, description="While idle, how often the stored offsets are compared with the consumer's.")
+    dlq_topic: str = Field(topics.OUTCOMES_DLQ, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Where rejected records go.")
+    dlq_send_attempts: int = Field(5, ge=1, le=100, description="Tries per rejected record before it is spilled to `dlq_spill_dir` and skipped.")
+    dlq_send_timeout_ms: int = Field(10_000, ge=100, le=300_000, description="Bound on one DLQ send (metadata wait included).")
+    dlq_spill_dir: Path = Field(
+        Path(os.environ.get("VITRINE_CACHE", Path.home() / ".cache" / "vitrine")) / "dlq-spill",
+        description="Rejected records the DLQ would not take: `<group_id>.jsonl`, one fsync'd JSON line each.")
+
+
 Role = Literal["storefront", "experimenter", "admin"]
 
 
@@ -287,6 +319,7 @@ class Settings(BaseSettings):
     triton: TritonSettings = TritonSettings()
     prometheus: PrometheusSettings = PrometheusSettings()
     features: FeaturesSettings = FeaturesSettings()
+    outcomes: OutcomesSettings = OutcomesSettings()
     gateway: GatewaySettings = GatewaySettings()
     stack: StackSettings = StackSettings()
 

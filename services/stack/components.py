@@ -231,6 +231,7 @@ def prometheus(settings: Settings) -> Component:
                 redis_exporter_target=f"{settings.redis_exporter.host}:{settings.redis_exporter.port}",
                 triton_metrics_target=f"{settings.triton.host}:{settings.triton.metrics_port}",
                 features_target=f"{settings.features.metrics_host}:{settings.features.metrics_port}",
+                outcomes_target=f"{settings.outcomes.metrics_host}:{settings.outcomes.metrics_port}",
                 gateway_target=f"{settings.gateway.metrics_host}:{settings.gateway.metrics_port}",
                 rules_file=str(ALERT_RULES),
             ),
@@ -278,6 +279,18 @@ def features(settings: Settings) -> Component:
     )
 
 
+def outcomes(settings: Settings) -> Component:
+    cfg = settings.outcomes
+    return Component(
+        name="outcomes",
+        command=[sys.executable, "-m", "vitrine", "outcomes", "run"],
+        ports={"metrics": (cfg.metrics_host, cfg.metrics_port)},
+        probe=health.outcomes_ready,
+        url=f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics (group {cfg.group_id}, {cfg.exposures_topic} ⋈ {cfg.events_topic})",
+        env=settings_env(settings),
+    )
+
+
 def gateway(settings: Settings) -> Component:
     cfg = settings.gateway
     return Component(
@@ -290,7 +303,8 @@ def gateway(settings: Settings) -> Component:
     )
 
 
-BUILDERS: tuple[Callable[[Settings], Component], ...] = (redis, redis_exporter, kafka, triton, features, gateway, prometheus)
+BUILDERS: tuple[Callable[[Settings], Component], ...] = (
+    redis, redis_exporter, kafka, triton, features, outcomes, gateway, prometheus)
 """Start order: dependencies first, Prometheus last so that its targets are already up."""
 
 

@@ -118,16 +118,28 @@ async def features_ready(settings: Settings) -> str | None:
     """The consumer serves metrics and owns at least one partition (it has joined its group)."""
     from vitrine.services.features.metrics import ASSIGNED_PARTITIONS
 
-    url = f"http://{settings.features.metrics_host}:{settings.features.metrics_port}/metrics"
+    return await _owns_partitions(f"http://{settings.features.metrics_host}:{settings.features.metrics_port}/metrics",
+                                  ASSIGNED_PARTITIONS)
+
+
+async def outcomes_ready(settings: Settings) -> str | None:
+    """The outcome service serves metrics and owns at least one partition (it has joined its group)."""
+    from vitrine.services.outcomes.metrics import ASSIGNED_PARTITIONS
+
+    return await _owns_partitions(f"http://{settings.outcomes.metrics_host}:{settings.outcomes.metrics_port}/metrics",
+                                  ASSIGNED_PARTITIONS)
+
+
+async def _owns_partitions(url: str, gauge: str) -> str | None:
     try:
         async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
             response = await client.get(url)
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     for line in response.text.splitlines():
-        if line.startswith(ASSIGNED_PARTITIONS + " "):
+        if line.startswith(gauge + " "):
             return None if float(line.split()[1]) > 0 else "no partition assigned yet"
-    return f"{ASSIGNED_PARTITIONS} not exported"
+    return f"{gauge} not exported"
 
 
 async def gateway_ready(settings: Settings) -> str | None:

@@ -11,4 +11,7 @@ RECS_SERVED: Final = "recs.served"
 EVENTS_DLQ: Final = "events.dlq"
 """Events the feature consumer rejected, with the reason, so that nothing is silently lost."""
 
-ALL: Final[tuple[str, ...]] = (EVENTS, RECS_SERVED, EVENTS_DLQ)
+OUTCOMES_DLQ: Final = "outcomes.dlq"
+"""Exposures and events the outcome service rejected, with the reason (header `reason`)."""
+
+ALL: Final[tuple[str, ...]] = (EVENTS, RECS_SERVED, EVENTS_DLQ, OUTCOMES_DLQ)

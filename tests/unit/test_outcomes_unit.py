@@ -1,0 +1,180 @@
+"""The pure join (services/outcomes/attribution.py): the credit rule, order independence, dedupe, conflicts,
+interleaving verdicts and pruning. No services are started."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+
+import pytest
+
+from vitrine.contracts.events import Event, EventRejected, EventType
+from vitrine.contracts.exposures import Exposure
+from vitrine.services.outcomes.attribution import (
+    BUFFERED, CONFLICT, CREDITED_NOW, DUPLICATE, UserState, Windows, attribute, parse_exposure, verdict,
+)
+
+T0 = 1_700_000_000_000
+MIN = 60_000
+W = Windows(click_ms=30 * MIN, add_to_cart_ms=120 * MIN, purchase_ms=24 * 60 * MIN, max_lateness_ms=24 * 60 * MIN)
+
+
+def x(rid: str, ts: int, items: list[str], variant: str = "a", revision: int = 1, slots: list[str] | None = None) -> Exposure:
+    return Exposure(request_id=rid, user_id="u", ts_ms=ts, variant=variant, model_name="m", model_version="1",
+                    item_ids=items, scores=[0.0] * len(items), latency_ms=1.0, degraded=False, experiment="exp", revision=revision,
+                    mode="interleave" if slots else "ab", slot_variants=slots or [])
+
+
+def e(eid: str, ts: int, item: str, kind: EventType = EventType.CLICK) -> Event:
+    return Event(event_id=eid, user_id="u", item_id=item, type=kind, ts_ms=ts)
+
+
+def run(*batches: list, state: UserState | None = None, windows: Windows = W):
+    """Join batches one after another on one state; the summed row deltas and the changes of each batch."""
+    state = state or UserState("u")
+    rows: dict = {}
+    interleaved: dict = {}
+    all_changes = []
+    for batch in batches:
+        changes = attribute(state, batch, windows)
+        state.seen_events |= set(changes.new_events)
+        state.seen_requests |= set(changes.new_requests)
+        state.watermark_ms = changes.watermark_ms
+        for key, deltas in changes.row_deltas.items():
+            rows.setdefault(key, Counter()).update(deltas)
+        for key, deltas in changes.interleaved_deltas.items():
+            interleaved.setdefault(key, Counter()).update(deltas)
+        all_changes.append(changes)
+    clean = {k: +v for k, v in rows.items()}
+    return clean, {k: +v for k, v in interleaved.items()}, state, all_changes
+
+
+def credited_to(state: UserState, event_id: str) -> str:
+    return state.pending[event_id].credited
+
+
+def test_a_click_credits_the_most_recent_exposure_that_showed_the_item_within_the_window() -> None:
+    rows, _, state, _ = run([
+        x("r1", T0, ["i1", "i2"]), x("r2", T0 + 5 * MIN, ["i1"]), x("r3", T0 + 6 * MIN, ["i9"]),  # r3 did not show i1
+        e("c1", T0 + 10 * MIN, "i1"),
+    ])
+    assert credited_to(state, "c1") == "r2"
+    assert rows[("exp", 1)] == Counter(exposures=3, impressions=4, clicks=1)
+
+
+@pytest.mark.parametrize(("kind", "after_min", "credited"), [
+    (EventType.CLICK, 30, True), (EventType.CLICK, 31, False),
+    (EventType.ADD_TO_CART, 120, True), (EventType.ADD_TO_CART, 121, False),
+    (EventType.PURCHASE, 24 * 60, True), (EventType.PURCHASE, 24 * 60 + 1, False),
+])
+def test_windows_per_type_are_inclusive(kind: EventType, after_min: int, credited: bool) -> None:
+    rows, _, _, _ = run([x("r1", T0, ["i1"]), e("ev", T0 + after_min * MIN, "i1", kind)])
+    field = {EventType.CLICK: "clicks", EventType.ADD_TO_CART: "add_to_carts", EventType.PURCHASE: "purchases"}[kind]
+    assert rows[("exp", 1)][field] == (1 if credited else 0)
+
+
+def test_an_event_before_the_exposure_in_event_time_and_views_are_never_credited() -> None:
+    rows, _, _, _ = run([x("r1", T0, ["i1"]), e("c0", T0 - 1, "i1"), e("v1", T0 + 1, "i1", EventType.VIEW)])
+    assert rows[("exp", 1)]["clicks"] == 0
+
+
+def test_an_event_read_before_its_exposure_is_buffered_then_credited() -> None:
+    rows, _, state, changes = run([e("c1", T0 + MIN, "i1")], [x("r1", T0, ["i1"])])
+    assert changes[0].event_verdicts[0][1] == BUFFERED
+    assert credited_to(state, "c1") == "r1"
+    assert rows[("exp", 1)]["clicks"] == 1
+    assert changes[1].credits == [("exp", "a", EventType.CLICK)]
+
+
+def test_a_later_arriving_more_recent_exposure_takes_the_credit_over() -> None:
+    rows, _, state, changes = run(
+        [x("r1", T0, ["i1"], revision=1), e("c1", T0 + 10 * MIN, "i1")],
+        [x("r2", T0 + 5 * MIN, ["i1"], revision=2)],
+    )
+    assert credited_to(state, "c1") == "r2"
+    assert rows[("exp", 1)].get("clicks", 0) == 0 and rows[("exp", 2)]["clicks"] == 1
+    assert changes[1].recredits == 1 and changes[1].credits == []
+
+
+def test_duplicates_of_both_change_nothing() -> None:
+    batch = [x("r1", T0, ["i1"]), e("c1", T0 + MIN, "i1"), e("p1", T0 + 2 * MIN, "i1", EventType.PURCHASE)]
+    once, _, _, _ = run(batch)
+    twice, _, _, changes = run(batch + batch, list(reversed(batch)))
+    assert once == twice
+    assert all(v == DUPLICATE for _, v in changes[1].event_verdicts + changes[1].exposure_verdicts)
+
+
+def test_every_arrival_order_ends_the_same() -> None:
+    records = [x("r1", T0, ["i1", "i2"]), x("r2", T0 + 3 * MIN, ["i2"]), x("r3", T0 + 4 * MIN, ["i1"], revision=2),
+               e("c1", T0 + 5 * MIN, "i1"), e("c2", T0 + 6 * MIN, "i2"), e("a1", T0 + 7 * MIN, "i1", EventType.ADD_TO_CART),
+               e("v1", T0 - MIN, "i1", EventType.VIEW)]
+    results = set()
+    rng = random.Random(7)
+    for order in itertools.permutations(records):
+        cut = rng.randrange(len(order) + 1)
+        rows, _, _, changes = run(list(order[:cut]), list(order[cut:]))
+        pre = {k: v for c in changes for k, v in c.recount_pre_events.items()}
+        results.add((tuple(sorted((k, tuple(sorted(v.items()))) for k, v in rows.items())), pre[("exp", 1)], pre[("exp", 2)]))
+    assert len(results) == 1
+
+
+def test_the_first_variant_is_kept_and_a_conflicting_exposure_is_ignored() -> None:
+    rows, _, state, changes = run([x("r1", T0, ["i1"], variant="a")], [x("r2", T0 + MIN, ["i1"], variant="b"), e("c1", T0 + 2 * MIN, "i1")])
+    assert changes[1].exposure_verdicts[0][1] == CONFLICT
+    assert state.rows[("exp", 1)].variant == "a"
+    assert rows[("exp", 1)] == Counter(exposures=1, impressions=1, clicks=1)
+    assert credited_to(state, "c1") == "r1"
+
+
+def test_pre_events_are_recounted_before_the_earliest_exposure() -> None:
+    _, _, _, changes = run([x("r2", T0 + 10 * MIN, ["i1"])], [e("v1", T0 + MIN, "i1", EventType.VIEW)], [x("r1", T0, ["i1"])])
+    assert changes[0].recount_pre_events == {("exp", 1): T0 + 10 * MIN}
+    assert changes[1].recount_pre_events == {("exp", 1): T0 + 10 * MIN}  # a late event before the first exposure
+    assert changes[2].recount_pre_events == {("exp", 1): T0}  # the first exposure moved earlier
+
+
+def test_interleaved_clicks_go_to_the_slot_owner_with_a_verdict_per_exposure() -> None:
+    slots = ["m1", "m2", "m1", "m2"]
+    _, il, _, _ = run([
+        x("r1", T0, ["i1", "i2", "i3", "i4"], slots=slots), e("c1", T0 + 1, "i1"), e("c2", T0 + 2, "i3"), e("c3", T0 + 3, "i2"),
+        x("r2", T0 + MIN, ["j1", "j2"], slots=["m2", "m1"]), e("c4", T0 + MIN + 1, "j1"), e("c5", T0 + MIN + 2, "j2"),
+        x("r3", T0 + 2 * MIN, ["k1", "k2"], slots=["m1", "m2"]),  # no click: no verdict
+    ])
+    assert il[("exp", 1)] == Counter({"exposures": 3, "clicks:m1": 3, "clicks:m2": 2, "wins:m1": 1, "ties": 1})
+
+
+def test_a_moved_click_moves_the_interleaving_verdict() -> None:
+    _, il, _, _ = run([x("r1", T0, ["i1", "i2"], slots=["m1", "m2"]), e("c1", T0 + 2 * MIN, "i1")],
+                      [x("r2", T0 + MIN, ["i1", "i2"], slots=["m2", "m1"])])
+    assert il[("exp", 1)] == Counter({"exposures": 2, "clicks:m2": 1, "wins:m2": 1})
+
+
+def test_verdict() -> None:
+    assert verdict({}) is None and verdict({"a": 0, "b": 0}) is None
+    assert verdict({"a": 2, "b": 1}) == "wins:a" and verdict({"a": 1, "b": 1}) == "ties"
+
+
+def test_pruning_keeps_events_for_max_lateness_and_exposures_for_the_longest_window_more() -> None:
+    windows = Windows(click_ms=30 * MIN, add_to_cart_ms=30 * MIN, purchase_ms=60 * MIN, max_lateness_ms=10 * MIN)
+    _, _, state, changes = run([x("r1", T0, ["i1"]), e("c1", T0 + MIN, "i1")],
+                               [e("v9", T0 + 11 * MIN + 1, "i1", EventType.VIEW)], windows=windows)
+    assert "c1" in changes[1].del_pending and "c1" not in state.pending
+    assert "r1" in state.exposures  # kept: T0 ≥ watermark − lateness − longest window
+    _, _, state, changes = run([], [e("v10", T0 + 71 * MIN + 1, "i1", EventType.VIEW)], state=state, windows=windows)
+    assert "r1" in changes[1].del_exposures and not state.exposures
+
+
+def test_exposure_records_are_parsed_or_rejected_with_a_reason() -> None:
+    good = x("r1", T0, ["i1"]).model_dump_json()
+    assert parse_exposure(good).request_id == "r1"
+    cases = {
+        b"not json": "not_json", None: "not_json", b'{"request_id": "r"}': "missing_field",
+        x("r1", 5, ["i1"]).model_dump_json().encode(): "absurd_timestamp",
+        good.replace('"mode":"ab"', '"mode":"interleave"').encode(): "invalid_field",
+        good.replace('"degraded":false', '"degraded":false,"extra":1').encode(): "invalid_field",
+    }
+    for raw, reason in cases.items():
+        with pytest.raises(EventRejected) as caught:
+            parse_exposure(raw, now_ms=T0)
+        assert caught.value.reason == reason, raw
