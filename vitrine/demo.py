@@ -1,40 +1,111 @@
-"""`vitrine demo`: a simulated shopper against the running stack, printed step by step.
+"""`vitrine demo`: a simulated shopper against the running stack, printed step by step, then a short
+simulated experiment (the loop: recommendations → shoppers' reactions → events → outcomes).
 
-Background traffic first (a synthetic storefront's events, so that popularity and trending exist),
-then one new shopper: cold start → views along a real session path → a purchase, with the gateway's
-answer after each step. Each step waits until the event is visible in the recommendations, which
-shows the whole loop: Kafka → feature consumer → Redis → gateway → Triton.
+1. Background traffic (a synthetic storefront's events, so that popularity and trending exist), and a
+   wait until the feature consumer has applied all of it: a shopper asking while a backlog of
+   thousands of events is being written to Redis would measure the backlog, not the pipeline.
+2. One new shopper: cold start → views along a real session path → add to cart → purchase. For each
+   event the demo asks the gateway the *same* request (same page and context item, the k items it
+   prints) just before publishing the event and then until the answer's `features_ts_ms` reaches the
+   event's time: that is when the answer reflects the event (Kafka → feature consumer → Redis →
+   gateway → Triton). Whether the printed list changed is then a comparison of like with like.
+3. A simulated experiment: control = popularity, treatment = gru4rec, 50/50, with `vitrine simulate`'s
+   shoppers reacting to what each arm shows them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from vitrine.contracts import topics
 from vitrine.contracts.events import Event, EventType
 from vitrine.export.data import synthetic
 from vitrine.services.events.publisher import publish
+from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.settings import Settings
+from vitrine.v1 import recommender_pb2 as pb
 
 DEMO_KEY = "vitrine-demo-storefront"
+EXPERIMENTER_KEY = "vitrine-demo-experimenter"
+SHOWN = 6
+"""Items asked for and printed: what is compared is what is shown."""
 STEP_TIMEOUT_S = 5.0
+POLL_S = 0.005
+"""Between two asks while waiting for an event to show: the resolution of the printed times."""
+CATCH_UP_TIMEOUT_S = 180.0
+BACKGROUND_RATE = 5_000.0
+"""Events per second of the background traffic (about what the consumer applies on 2 cores)."""
+EXPERIMENT = (("control", "popularity"), ("treatment", "gru4rec"))
+EXPERIMENT_S = 75.0
+EXPERIMENT_RATE = 20.0
 
 
-def _line(reply, shown: int = 6) -> str:  # noqa: ANN001
-    items = ", ".join(i.item_id for i in reply.items[:shown])
+def _line(reply: pb.RecommendResponse) -> str:
+    items = ", ".join(i.item_id for i in reply.items)
     state = f"degraded: {reply.degraded_reason}" if reply.degraded else f"{reply.model_name}:{reply.model_version or '-'}"
     return f"[variant {reply.variant}, {state}] {items}"
 
 
-async def run(settings: Settings, echo: Callable[[str], None] = print, background_events: int = 20_000) -> None:
+async def caught_up(settings: Settings, timeout_s: float = CATCH_UP_TIMEOUT_S) -> float:
+    """Wait until the feature consumer's offsets stored in Redis reach the end of the events topic as it
+    is now; returns the seconds waited. Raises TimeoutError naming the lag left."""
+    cfg = settings.features
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        await consumer.topics()  # fetches the cluster's metadata
+        partitions = [TopicPartition(cfg.events_topic, p) for p in sorted(consumer.partitions_for_topic(cfg.events_topic) or ())]
+        ends = await consumer.end_offsets(partitions) if partitions else {}
+    finally:
+        await consumer.stop()
+    redis = aioredis.Redis(host=settings.redis.host, port=settings.redis.port, socket_timeout=5)
+    store = FeatureStore(redis, cfg)
+    started = time.monotonic()
+    try:
+        while True:
+            stored = await store.stored_offsets(cfg.group_id, cfg.events_topic)
+            lag = sum(max(0, end - stored.get(tp.partition, 0)) for tp, end in ends.items())
+            if lag == 0:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"the feature consumer is still {lag:,} events behind after {timeout_s:g}s")
+            await asyncio.sleep(0.1)
+    finally:
+        await redis.aclose()
+
+
+async def _reflects(client: GatewayClient, shopper: str, page: str, item: str, event_ts_ms: int) -> tuple[pb.RecommendResponse, float | None]:
+    """Ask until the answer's features include the event (features_ts_ms ≥ its time): (answer, ms) or (last answer, None)."""
+    sent = time.monotonic()
+    while True:
+        reply = await client.recommend(shopper, k=SHOWN, page=page, item_id=item)
+        if reply.features_ts_ms >= event_ts_ms:
+            return reply, 1000 * (time.monotonic() - sent)
+        if time.monotonic() - sent > STEP_TIMEOUT_S:
+            return reply, None
+        await asyncio.sleep(POLL_S)
+
+
+def _items(reply: pb.RecommendResponse) -> list[str]:
+    return [i.item_id for i in reply.items]
+
+
+async def run(settings: Settings, echo: Callable[[str], None] = print, background_events: int = 20_000,
+              experiment_s: float = EXPERIMENT_S) -> None:
     bootstrap = settings.kafka.bootstrap_servers
     table = synthetic.generate(synthetic.preset("default"))
     echo(f"1. background traffic: {background_events:,} storefront events → Kafka '{topics.EVENTS}'")
-    report = await publish(table.events(), bootstrap, topics.EVENTS, limit=background_events)
-    echo(f"   published at {report.achieved_rate:,.0f} events/s")
+    report = await publish(table.events(), bootstrap, topics.EVENTS, limit=background_events, rate=BACKGROUND_RATE)
+    waited = await caught_up(settings)
+    echo(f"   published at {report.achieved_rate:,.0f} events/s; the feature consumer had applied all of them "
+         f"{waited:.1f}s after the last was sent")
 
     # A real session path from the generator, replayed by a brand-new shopper.
     users: dict[str, list[str]] = {}
@@ -45,34 +116,64 @@ async def run(settings: Settings, echo: Callable[[str], None] = print, backgroun
     path = max(users.values(), key=len)[:4]
     shopper = f"demo-{uuid.uuid4().hex[:6]}"
     async with GatewayClient(settings.gateway.address, DEMO_KEY) as client:
-        reply = await client.recommend(shopper, k=10, page="home")
+        reply = await client.recommend(shopper, k=SHOWN, page="home")
         echo(f"2. new shopper {shopper}, no history → cold start (trending)\n   {_line(reply)}")
-        before = [i.item_id for i in reply.items]
-        now_ms = int(time.time() * 1000)
         steps = [(item, EventType.VIEW) for item in path] + [(path[-1], EventType.ADD_TO_CART)]
         for number, (item, kind) in enumerate(steps):
-            event = Event(event_id=f"{shopper}-{number}", user_id=shopper, item_id=item, type=kind, ts_ms=now_ms + number)
-            await publish([event], bootstrap, topics.EVENTS, retime=False)
-            sent = time.monotonic()
-            while True:
-                reply = await client.recommend(shopper, k=10, page="pdp", item_id=item)
-                current = [i.item_id for i in reply.items]
-                if current != before or time.monotonic() - sent > STEP_TIMEOUT_S:
-                    break
-            before = current
-            echo(f"3.{number + 1} {kind.value} {item} → answer changed after {1000 * (time.monotonic() - sent):.0f} ms\n   {_line(reply)}")
+            # The same request before and after the event: only the event can change the answer.
+            before = _items(await client.recommend(shopper, k=SHOWN, page="pdp", item_id=item))
+            ts_ms = int(time.time() * 1000)
+            await publish([Event(event_id=f"{shopper}-{number}", user_id=shopper, item_id=item, type=kind, ts_ms=ts_ms)],
+                          bootstrap, topics.EVENTS, retime=False)
+            reply, ms = await _reflects(client, shopper, "pdp", item, ts_ms)
+            if ms is None:
+                echo(f"3.{number + 1} {kind.value} {item} → not in the answer's features after {STEP_TIMEOUT_S:g}s\n   {_line(reply)}")
+                continue
+            changed = "the answer changed" if _items(reply) != before else "the shown items stayed the same"
+            echo(f"3.{number + 1} {kind.value} {item} → in the answer's features after {ms:.0f} ms; {changed}\n   {_line(reply)}")
         bought = reply.items[0].item_id if reply.items else path[0]
-        await publish([Event(event_id=f"{shopper}-buy", user_id=shopper, item_id=bought, type=EventType.PURCHASE,
-                             ts_ms=now_ms + 100)], bootstrap, topics.EVENTS, retime=False)
-        sent = time.monotonic()
-        while time.monotonic() - sent < STEP_TIMEOUT_S:
-            reply = await client.recommend(shopper, k=10, page="cart")
-            if bought not in [i.item_id for i in reply.items]:
-                break
-        echo(f"4. purchase {bought} → it leaves the recommendations\n   {_line(reply)}")
+        ts_ms = int(time.time() * 1000)
+        await publish([Event(event_id=f"{shopper}-buy", user_id=shopper, item_id=bought, type=EventType.PURCHASE, ts_ms=ts_ms)],
+                      bootstrap, topics.EVENTS, retime=False)
+        reply, ms = await _reflects(client, shopper, "cart", "", ts_ms)
+        gone = "it leaves the recommendations" if bought not in _items(reply) else "it is STILL recommended"
+        when = f"after {ms:.0f} ms" if ms is not None else f"not seen within {STEP_TIMEOUT_S:g}s"
+        echo(f"4. purchase {bought} → in the answer's features {when}; {gone}\n   {_line(reply)}")
         variants = [(await client.recommend(f"ab-demo-{n}", k=1)).variant for n in range(200)]
         split = {v: variants.count(v) for v in sorted(set(variants))}
-        echo(f"5. A/B: 200 other users → {split}; change it live with `vitrine ab set` (key vitrine-demo-experimenter)")
-    echo(f"6. watch it: Prometheus {settings.prometheus.url} · gateway metrics "
+        echo(f"5. A/B: 200 other users → {split}; change it live with `vitrine ab set` (key {EXPERIMENTER_KEY})")
+    if experiment_s > 0:
+        await _experiment(settings, echo, experiment_s)
+    echo(f"7. watch it: Prometheus {settings.prometheus.url} · gateway metrics "
          f"http://{settings.gateway.metrics_host}:{settings.gateway.metrics_port}/metrics · "
          f"feature metrics http://{settings.features.metrics_host}:{settings.features.metrics_port}/metrics")
+
+
+async def _experiment(settings: Settings, echo: Callable[[str], None], seconds: float) -> None:
+    """Set control = popularity vs treatment = gru4rec (50/50) and let simulated shoppers react for `seconds`."""
+    from vitrine.services.simulator.runner import Simulation, SimulationConfig, render
+
+    async with GatewayClient(settings.gateway.address, EXPERIMENTER_KEY) as admin:
+        current = await admin.get_experiment()
+        experiment = pb.Experiment(name=current.name, salt=current.salt, mode="ab", variants=[
+            pb.Variant(name=name, model_name=model, weight=100 // len(EXPERIMENT)) for name, model in EXPERIMENT])
+        applied = await admin.set_experiment(experiment)
+    arms = " vs ".join(f"{v.name} = {v.model_name}" for v in applied.variants)
+    config = SimulationConfig(rate=EXPERIMENT_RATE, duration_s=seconds, seed=int(time.time()))
+    echo(f"6. a simulated experiment (revision {applied.revision}): {arms}, 50/50; {config.rate:g} shopper visits/s "
+         f"for {seconds:g}s (`vitrine simulate`): each shopper views an item, is shown {config.k} items, clicks by "
+         "relevance to her (her categories, where sessions go next) × position, and may buy")
+    simulation = Simulation(settings, config)
+    marks = {int(config.rate * seconds * q) for q in (0.25, 0.5, 0.75)}
+
+    def progress(done: int, due: int) -> None:
+        if done in marks:
+            echo(f"   … {done:,} of {due:,} visits")
+
+    report = await simulation.run(progress)
+    echo("   " + render(report).replace("\n", "\n   "))
+    # ── HOOK (lead): the experiment's analysis. `vitrine ab report` (per-user CTR with intervals, lift,
+    # sequential test, SRM) is to be called here for revision `applied.revision`; until it exists the demo
+    # prints the simulator's own view above and says where the report will be. ──
+    echo(f"   the per-user analysis with intervals: `vitrine ab report` (experiment revision {applied.revision}); "
+         f"the split stays until `vitrine ab set` changes it")

@@ -259,3 +259,14 @@ def test_choice_params_are_validated() -> None:
         SimulationConfig(rate=0)
     with pytest.raises(ValueError):
         SimulationConfig(arrivals="bursty")
+
+
+@pytest.mark.parametrize("args", [["--rate", "0"], ["--duration", "0"], ["--k", "0"], ["--dwell", "-1"], ["--arrivals", "bursty"],
+                                  ["--preset", "nope"], ["--user-prefix", "a b"], ["--users", "0"], ["--timeout", "0"]])
+def test_simulate_flags_are_validated(args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from vitrine.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", *args])
+    assert result.exit_code == 2, result.output
