@@ -418,6 +418,8 @@ def recommend(
 bench_app = typer.Typer(help="Benchmarks that print figures (ratios measured in one run); without a sub-command: all.",
                         invoke_without_command=True)
 app.add_typer(bench_app, name="bench")
+from vitrine.commands.stats import bench_stats  # noqa: E402 - `vitrine bench stats` (statistics by simulation)
+bench_app.command("stats")(bench_stats)
 
 
 @bench_app.callback()
