@@ -178,3 +178,39 @@ def test_exposure_records_are_parsed_or_rejected_with_a_reason() -> None:
         with pytest.raises(EventRejected) as caught:
             parse_exposure(raw, now_ms=T0)
         assert caught.value.reason == reason, raw
+
+
+def test_random_traffic_in_random_batches_and_orders_equals_the_plain_python_reference() -> None:
+    """The join, batch after batch on the state it leaves, ends where the reference (all records at once) does."""
+    from tests.integration import outcome_reference
+
+    rng = random.Random(11)
+    exposures, events = [], []
+    for n in range(40):
+        shown = rng.sample([f"i{k}" for k in range(8)], 3)
+        slots = [rng.choice(["m1", "m2"]) for _ in shown] if n % 3 == 0 else None
+        exposures.append(x(f"r{n}", T0 + rng.randrange(120) * MIN, shown, revision=1 + n % 2, slots=slots))
+    for n in range(120):
+        kind = rng.choice([EventType.VIEW, EventType.CLICK, EventType.CLICK, EventType.ADD_TO_CART, EventType.PURCHASE])
+        events.append(e(f"e{n}", T0 + rng.randrange(-30, 200) * MIN, f"i{rng.randrange(8)}", kind))
+    # interleaved and A/B exposures of one user must live in different experiments (one variant per revision)
+    exposures = [xx.model_copy(update={"experiment": "il" if xx.mode == "interleave" else "exp"}) for xx in exposures]
+    expected = outcome_reference.compute(exposures, events, {"click": W.click_ms, "add_to_cart": W.add_to_cart_ms,
+                                                             "purchase": W.purchase_ms})
+    for trial in range(5):
+        records = exposures + events + rng.sample(exposures + events, 30)  # duplicates too
+        rng.shuffle(records)
+        cuts = sorted(rng.sample(range(len(records)), 6))
+        batches = [records[a:b] for a, b in zip([0, *cuts], [*cuts, len(records)], strict=True)]
+        rows, il, state, changes = run(*batches)
+        for key, want in expected.users.items():
+            got = {r.user_id: r for r in want}["u"]
+            counts = rows[key]
+            assert (counts["exposures"], counts["impressions"], counts["clicks"], counts["add_to_carts"], counts["purchases"]) == (
+                got.exposures, got.impressions, got.clicks, got.add_to_carts, got.purchases), (trial, key)
+            first = state.rows[key].first_ts_ms
+            assert sum(1 for ev in {ev.event_id: ev for ev in events}.values() if ev.ts_ms < first) == got.pre_events
+        [want_il] = expected.interleaved[("il", 1)]
+        got_il = il[("il", 1)]
+        assert (got_il["clicks:m1"], got_il["clicks:m2"], got_il["wins:m1"], got_il["wins:m2"], got_il["ties"]) == (
+            want_il.clicks_a, want_il.clicks_b, want_il.wins_a, want_il.wins_b, want_il.ties), trial
