@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from vitrine.contracts import topics
 from vitrine.contracts.events import Event, EventType
 from vitrine.export.data import synthetic
-from vitrine.services.events.publisher import publish
+from vitrine.services.events.publisher import EventSink, publish
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.settings import Settings
@@ -82,13 +82,14 @@ async def caught_up(settings: Settings, timeout_s: float = CATCH_UP_TIMEOUT_S) -
 
 
 async def _reflects(client: GatewayClient, shopper: str, page: str, item: str, event_ts_ms: int) -> tuple[pb.RecommendResponse, float | None]:
-    """Ask until the answer's features include the event (features_ts_ms ≥ its time): (answer, ms) or (last answer, None)."""
-    sent = time.monotonic()
+    """Ask until the answer's features include the event (features_ts_ms ≥ its time): (answer, ms since the
+    event's time, which was taken just before it was sent to Kafka) or (last answer, None)."""
     while True:
         reply = await client.recommend(shopper, k=SHOWN, page=page, item_id=item)
+        elapsed_ms = time.time() * 1000 - event_ts_ms
         if reply.features_ts_ms >= event_ts_ms:
-            return reply, 1000 * (time.monotonic() - sent)
-        if time.monotonic() - sent > STEP_TIMEOUT_S:
+            return reply, elapsed_ms
+        if elapsed_ms > STEP_TIMEOUT_S * 1000:
             return reply, None
         await asyncio.sleep(POLL_S)
 
@@ -115,7 +116,7 @@ async def run(settings: Settings, echo: Callable[[str], None] = print, backgroun
             steps.append(item)
     path = max(users.values(), key=len)[:4]
     shopper = f"demo-{uuid.uuid4().hex[:6]}"
-    async with GatewayClient(settings.gateway.address, DEMO_KEY) as client:
+    async with GatewayClient(settings.gateway.address, DEMO_KEY) as client, EventSink(bootstrap, topics.EVENTS) as sink:
         reply = await client.recommend(shopper, k=SHOWN, page="home")
         echo(f"2. new shopper {shopper}, no history → cold start (trending)\n   {_line(reply)}")
         steps = [(item, EventType.VIEW) for item in path] + [(path[-1], EventType.ADD_TO_CART)]
@@ -123,8 +124,7 @@ async def run(settings: Settings, echo: Callable[[str], None] = print, backgroun
             # The same request before and after the event: only the event can change the answer.
             before = _items(await client.recommend(shopper, k=SHOWN, page="pdp", item_id=item))
             ts_ms = int(time.time() * 1000)
-            await publish([Event(event_id=f"{shopper}-{number}", user_id=shopper, item_id=item, type=kind, ts_ms=ts_ms)],
-                          bootstrap, topics.EVENTS, retime=False)
+            await sink.send(Event(event_id=f"{shopper}-{number}", user_id=shopper, item_id=item, type=kind, ts_ms=ts_ms))
             reply, ms = await _reflects(client, shopper, "pdp", item, ts_ms)
             if ms is None:
                 echo(f"3.{number + 1} {kind.value} {item} → not in the answer's features after {STEP_TIMEOUT_S:g}s\n   {_line(reply)}")
@@ -133,8 +133,7 @@ async def run(settings: Settings, echo: Callable[[str], None] = print, backgroun
             echo(f"3.{number + 1} {kind.value} {item} → in the answer's features after {ms:.0f} ms; {changed}\n   {_line(reply)}")
         bought = reply.items[0].item_id if reply.items else path[0]
         ts_ms = int(time.time() * 1000)
-        await publish([Event(event_id=f"{shopper}-buy", user_id=shopper, item_id=bought, type=EventType.PURCHASE, ts_ms=ts_ms)],
-                      bootstrap, topics.EVENTS, retime=False)
+        await sink.send(Event(event_id=f"{shopper}-buy", user_id=shopper, item_id=bought, type=EventType.PURCHASE, ts_ms=ts_ms))
         reply, ms = await _reflects(client, shopper, "cart", "", ts_ms)
         gone = "it leaves the recommendations" if bought not in _items(reply) else "it is STILL recommended"
         when = f"after {ms:.0f} ms" if ms is not None else f"not seen within {STEP_TIMEOUT_S:g}s"
