@@ -29,6 +29,16 @@ WRITE_RETRIES: Final = "vitrine_outcomes_write_retries_total"
 OFFSET_REWINDS: Final = "vitrine_outcomes_offset_rewinds_total"
 DLQ_SPILLED: Final = "vitrine_outcomes_dlq_spilled_total"
 
+# The experiment monitor (monitor.py): the current revision's analysis, every `monitor_interval_s`.
+EXPERIMENT_USERS: Final = "vitrine_experiment_users"
+SRM_P_VALUE: Final = "vitrine_experiment_srm_p_value"
+RELATIVE_LIFT: Final = "vitrine_experiment_relative_lift_ratio"
+SEQUENTIAL_P_VALUE: Final = "vitrine_experiment_sequential_p_value"
+INTERLEAVING_PREFERENCE: Final = "vitrine_experiment_interleaving_preference_ratio"
+EVALUATIONS: Final = "vitrine_experiment_evaluations_total"
+LIFT_BOUNDS: Final = ("estimate", "low", "high")
+"""Values of the `bound` label of RELATIVE_LIFT: the estimate and its 95 % interval."""
+
 BATCH_SIZE_BUCKETS: Final = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000)
 DURATION_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -58,4 +68,16 @@ class OutcomeMetrics:
         self.batch_size = Histogram(BATCH_SIZE, "Records per processed batch.", buckets=BATCH_SIZE_BUCKETS, registry=registry)
         self.batch_duration = Histogram(BATCH_DURATION, "Time to parse, join and write one batch.", buckets=DURATION_BUCKETS, registry=registry)
         self.lag = Gauge(CONSUMER_LAG, "High watermark minus the next offset to process.", ("topic", "partition"), registry=registry)
+        self.experiment_users = Gauge(EXPERIMENT_USERS, "Users with outcomes in the experiment's current revision.",
+                                      ("experiment", "variant"), registry=registry)
+        self.srm_p_value = Gauge(SRM_P_VALUE, "Sample-ratio-mismatch χ² p-value of the current revision against the configured weights "
+                                 "(below 0.001: the split is broken, do not trust the results).", ("experiment",), registry=registry)
+        self.relative_lift = Gauge(RELATIVE_LIFT, "Relative lift of a variant over control (delta method), with its 95 % interval.",
+                                   ("experiment", "variant", "metric", "bound"), registry=registry)
+        self.sequential_p_value = Gauge(SEQUENTIAL_P_VALUE, "Always-valid (mSPRT) p-value of a variant against control, "
+                                        "the running minimum over the monitor's looks: safe to read at any time.",
+                                        ("experiment", "variant", "metric"), registry=registry)
+        self.interleaving_preference = Gauge(INTERLEAVING_PREFERENCE, "Interleaving: share of users with a preference who prefer this team.",
+                                             ("experiment", "team"), registry=registry)
+        self.evaluations = counter(EVALUATIONS, "Analyses of the current revision by the experiment monitor, by outcome.", ("result",))
         self.assigned = Gauge(ASSIGNED_PARTITIONS, "Partitions (of both topics) this consumer owns right now.", registry=registry)
