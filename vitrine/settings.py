@@ -169,6 +169,8 @@ class OutcomesSettings(_Section):
     metrics_port: Port = 19600
     redis_retry_max_s: float = Field(5.0, gt=0, le=300, description="Back-off ceiling while Redis is unreachable.")
     offset_check_interval_s: float = Field(1.0, gt=0, le=3600, description="While idle, how often the stored offsets are compared with the consumer's.")
+    monitor_interval_s: float = Field(10.0, gt=0, le=3600, description="How often the current experiment revision is analysed and its gauges exported.")
+    monitor_history: int = Field(2000, ge=1, le=100_000, description="Looks kept per revision for the report's intervals over time.")
     dlq_topic: str = Field(topics.OUTCOMES_DLQ, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Where rejected records go.")
     dlq_send_attempts: int = Field(5, ge=1, le=100, description="Tries per rejected record before it is spilled to `dlq_spill_dir` and skipped.")
     dlq_send_timeout_ms: int = Field(10_000, ge=100, le=300_000, description="Bound on one DLQ send (metadata wait included).")

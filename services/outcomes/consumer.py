@@ -41,9 +41,11 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 from vitrine.contracts.events import Event, EventRejected, parse_event
 from vitrine.contracts.exposures import Exposure
 from vitrine.services.features.consumer import DLQ_DETAIL_MAX, _DlqFailure, _fsync_dir, _permanent, _spill_line
+from vitrine.services.gateway.experiment import ExperimentStore
 from vitrine.services.heap import freeze_startup_objects
 from vitrine.services.outcomes.attribution import APPLIED, CONFLICT, DUPLICATE, UserChanges, Windows, attribute, parse_exposure
 from vitrine.services.outcomes.metrics import OutcomeMetrics
+from vitrine.services.outcomes.monitor import ExperimentMonitor
 from vitrine.services.outcomes.store import OutcomeStore
 from vitrine.settings import Settings
 
@@ -109,6 +111,9 @@ class OutcomeConsumer:
         await self.consumer.start()
         freeze_startup_objects()
         log.info("joining %s with %s as group %s", self.cfg.exposures_topic, self.cfg.events_topic, self.cfg.group_id)
+        monitor = ExperimentMonitor(self.store, ExperimentStore(self.redis, self.settings.features.namespace), self.metrics,
+                                    self.cfg.monitor_interval_s, self.cfg.monitor_history)
+        monitoring = asyncio.create_task(monitor.run_forever())
         try:
             while not stop.is_set():
                 batch = await self.consumer.getmany(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_batch)
@@ -120,6 +125,8 @@ class OutcomeConsumer:
                         await self.rewind_if_redis_differs()
                 self._update_gauges()
         finally:
+            monitoring.cancel()
+            await asyncio.gather(monitoring, return_exceptions=True)
             async with self.batch_lock:
                 await self.commit_processed(self.consumer.assignment())
             await self.consumer.stop()

@@ -108,6 +108,9 @@ class OutcomeStore:
     def offsets_key(self, group: str) -> str:
         return f"{self.ns}:offsets:{group}"
 
+    def history_key(self, experiment: str, revision: int) -> str:
+        return f"{self.ns}:history:{experiment}:{revision}"
+
     @staticmethod
     def offset_field(topic: str, partition: int) -> str:
         return f"{topic}:{partition}"
@@ -249,6 +252,19 @@ class OutcomeStore:
                                wins_a=n(f, f"wins:{team_a}"), wins_b=n(f, f"wins:{team_b}"), ties=n(f, "ties"))
             for user, f in sorted(rows.items())
         ]
+
+    async def append_snapshot(self, experiment: str, revision: int, snapshot: dict, keep: int) -> None:
+        """The monitor's look at a revision (time, users, lifts, p-values), newest last, at most `keep` kept."""
+        key = self.history_key(experiment, revision)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, json.dumps(snapshot))
+            pipe.ltrim(key, -keep, -1)
+            pipe.expire(key, self.settings.revision_ttl_s)
+            await pipe.execute()
+
+    async def snapshots(self, experiment: str, revision: int) -> list[dict]:
+        """Every look the monitor took at the revision, oldest first (the report's intervals over time)."""
+        return [json.loads(raw) for raw in await self.client.lrange(self.history_key(experiment, revision), 0, -1)]
 
     async def revisions(self, experiment: str) -> list[int]:
         """The revisions of `experiment` that have outcome rows, ascending."""
