@@ -3,7 +3,8 @@
 The JSON files are committed (Grafana provisions them from grafana/provisioning/); a test checks
 that they are what this script writes, that panel ids are unique, that every datasource is the
 provisioned one, and — against a live Prometheus — that every panel's query returns data.
-Queries use only metric names defined in services/*/metrics.py, Triton's and redis_exporter's.
+Queries use only metric names defined in services/*/metrics.py (the outcome service's are imported
+from it), the recorded series of deploy/prometheus/alerts.yml, Triton's and redis_exporter's.
 """
 
 from __future__ import annotations
@@ -12,9 +13,15 @@ import json
 import sys
 from pathlib import Path
 
+from vitrine.services.outcomes import metrics as outcomes
+
 DATASOURCE = {"type": "prometheus", "uid": "vitrine-prometheus"}
 OUT = Path(__file__).parent / "dashboards"
 SLO_SECONDS = 0.025
+SRM_THRESHOLD = 0.001
+"""Below this SRM p-value the split is broken (the VitrineSampleRatioMismatch alert's threshold)."""
+OUTCOME_WINDOW = "15m"
+"""Window of the live CTR and conversion panels: clicks and purchases are sparse, a minute's ratio is noise."""
 
 
 def _var(name: str, label: str, query: str) -> dict:
@@ -26,8 +33,8 @@ def _var(name: str, label: str, query: str) -> dict:
 
 
 def _panel(title: str, description: str, targets: list[tuple[str, str]], unit: str = "short", kind: str = "timeseries",
-           thresholds: list[tuple[float, str]] | None = None, width: int = 12, height: int = 8) -> dict:
-    steps = [{"color": "green", "value": None}] + [{"color": color, "value": value} for value, color in thresholds or []]
+           thresholds: list[tuple[float, str]] | None = None, width: int = 12, height: int = 8, base: str = "green") -> dict:
+    steps = [{"color": base, "value": None}] + [{"color": color, "value": value} for value, color in thresholds or []]
     panel = {
         "type": kind, "title": title, "description": description, "datasource": DATASOURCE,
         "gridPos": {"w": width, "h": height},
@@ -38,6 +45,9 @@ def _panel(title: str, description: str, targets: list[tuple[str, str]], unit: s
     }
     if kind == "heatmap":
         panel["options"] = {"calculate": False, "yAxis": {"unit": unit}, "cellGap": 1}
+    if kind == "stat":
+        panel["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                            "colorMode": "background", "graphMode": "area", "textMode": "value_and_name"}
     return panel
 
 
@@ -121,9 +131,56 @@ def experiments() -> dict:
         _panel("Input drift (PSI) per feature", "Population stability index of live inputs/outputs against the model version's training reference. > 0.25: retrain.",
                [(f"max by (feature, variant) (vitrine_drift_psi{{{VARIANT}}})", "{{feature}} {{variant}}")], "short",
                thresholds=[(0.1, "yellow"), (0.25, "red")], width=24),
-        _text("Outcome metrics (to come)", "Click-through and conversion per variant will join exposures (`recs.served`) with later "
-              "events; this row is reserved for them."),
+        *outcome_panels(),
     ])
+
+
+def outcome_panels() -> list[dict]:
+    """CTR and conversion per variant (the outcome service's live counters), and the experiment monitor's analysis."""
+    w = OUTCOME_WINDOW
+
+    def ratio(numerator: str, denominator: str) -> str:
+        # A variant with impressions but no credited event in the window shows 0, not a gap.
+        den = f"sum by (experiment, variant) (rate({denominator}{{{VARIANT}}}[{w}]))"
+        return f"(sum by (experiment, variant) (rate({numerator}[{w}])) or 0 * {den}) / {den}"
+
+    return [
+        _text("Outcomes", "Exposures (`recs.served`) joined with the same users' later clicks, add-to-carts and purchases by the "
+              "outcome service (attribution rule: docs/experiments.md). The counters below are live views; the decision is the "
+              "monitor's per-user analysis (lift with its interval, always-valid p-value, SRM), the same as `vitrine ab report`.",
+              height=3),
+        _panel("Click-through rate per variant", f"Attributed clicks / items shown (impressions), per experiment and variant, over {w}. "
+               "Live counters: a credit that later moves to another exposure is not subtracted (the analysis is per user).",
+               [(ratio(f'{outcomes.ATTRIBUTED}{{type="click",{VARIANT}}}', outcomes.IMPRESSIONS), "{{experiment}} / {{variant}}")],
+               "percentunit", width=8),
+        _panel("Conversion per variant", f"Attributed purchases / exposures (answers shown), per experiment and variant, over {w}.",
+               [(ratio(f'{outcomes.ATTRIBUTED}{{type="purchase",{VARIANT}}}', outcomes.EXPOSURES_JOINED), "{{experiment}} / {{variant}}")],
+               "percentunit", width=8),
+        _panel("Sample ratio mismatch (SRM) p-value", f"χ² test of users per variant against the configured weights, current revision. "
+               f"Red below {SRM_THRESHOLD}: the split is broken (assignment, logging or bots) — do not trust the experiment's results.",
+               [("vitrine:experiment_srm_p_value:min", "{{experiment}}")], "none", kind="stat", base="red",
+               thresholds=[(SRM_THRESHOLD, "green")], width=8),
+        _panel("Relative lift vs control (95 % interval)", "The monitor's delta-method estimate of (variant − control) / control per user, "
+               "for CTR and conversion, with the bounds of its 95 % interval. An interval that excludes 0 is a difference at the "
+               "fixed horizon; read the always-valid p-value before stopping early.",
+               [(f'max by (variant, metric, bound) ({outcomes.RELATIVE_LIFT}{{metric=~"ctr|conversion",{VARIANT}}})',
+                 "{{variant}} {{metric}} {{bound}}")], "percentunit", thresholds=[(0, "blue")]),
+        _panel("Always-valid p-value per variant", "mSPRT p-value of each variant against control, the running minimum over the "
+               "monitor's looks: valid whenever it is read. Below 0.05: a difference, even when looked at every minute.",
+               [(f"min by (variant, metric) ({outcomes.SEQUENTIAL_P_VALUE}{{{VARIANT}}})", "{{variant}} {{metric}}")], "none",
+               base="blue", thresholds=[(0.05, "text")]),
+        _panel("Users per variant", "Users with an outcome row in the current revision (first exposure's variant kept).",
+               [(f"max by (experiment, variant) ({outcomes.EXPERIMENT_USERS})", "{{experiment}} / {{variant}}")], "short", width=8),
+        _panel("Interleaving preference per team", "Interleave mode: share of users with a preference (more clicks on one team's "
+               "slots) who prefer this team. 50 % is no difference. Exported only while the current experiment interleaves.",
+               [(f"max by (experiment, team) ({outcomes.INTERLEAVING_PREFERENCE})", "{{experiment}} / {{team}}")], "percentunit",
+               thresholds=[(0.5, "blue")], width=8),
+        _panel("Guardrails per variant", "Each variant's p99 latency and degraded ratio over 5 min, as a multiple of its limit "
+               "(the recorded series of VitrineVariantGuardrailBreach, which fires above 1 for 10 min). Limits: p99 above "
+               f"{SLO_SECONDS * 1000:.0f} ms or clearly above the best variant's; degraded ratio above 5 % or 2 points above the best variant's.",
+               [(f'max by (variant, guardrail) (vitrine:experiment_guardrail_ratio:5m{{{VARIANT}}})', "{{variant}} {{guardrail}}")],
+               "short", thresholds=[(1, "red")], width=8),
+    ]
 
 
 def _dashboard(uid: str, title: str, variables: list[str], panels: list[dict]) -> dict:
