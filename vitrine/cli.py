@@ -396,6 +396,11 @@ def ab_set(
     _show_experiment(_rpc(call))
 
 
+from vitrine.commands.ab_report import ab_report  # noqa: E402 - `vitrine ab report`
+
+ab_app.command("report")(ab_report)
+
+
 @app.command("recommend")
 def recommend(
     user: Annotated[str, typer.Argument(help="User id.")],

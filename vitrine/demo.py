@@ -52,6 +52,9 @@ def _line(reply: pb.RecommendResponse) -> str:
     state = f"degraded: {reply.degraded_reason}" if reply.degraded else f"{reply.model_name}:{reply.model_version or '-'}"
     return f"[variant {reply.variant}, {state}] {items}"
 
+JOIN_TIMEOUT_S = 60.0
+"""How long the demo waits for the outcome service to join the simulated answers before reporting."""
+
 
 async def caught_up(settings: Settings, timeout_s: float = CATCH_UP_TIMEOUT_S) -> float:
     """Wait until the feature consumer's offsets stored in Redis reach the end of the events topic as it
@@ -171,8 +174,24 @@ async def _experiment(settings: Settings, echo: Callable[[str], None], seconds: 
 
     report = await simulation.run(progress)
     echo("   " + render(report).replace("\n", "\n   "))
-    # ── HOOK (lead): the experiment's analysis. `vitrine ab report` (per-user CTR with intervals, lift,
-    # sequential test, SRM) is to be called here for revision `applied.revision`; until it exists the demo
-    # prints the simulator's own view above and says where the report will be. ──
-    echo(f"   the per-user analysis with intervals: `vitrine ab report` (experiment revision {applied.revision}); "
-         f"the split stays until `vitrine ab set` changes it")
+    # The analysis: wait until the outcome service has joined every answer the simulation got, then report.
+    from vitrine.commands.ab_report import build
+    from vitrine.services.outcomes.store import OutcomeStore
+
+    client = aioredis.Redis(host=settings.redis.host, port=settings.redis.port)
+    try:
+        store = OutcomeStore(client, settings.outcomes)
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        joined = 0
+        while time.monotonic() < deadline:
+            joined = sum(r.exposures for r in await store.user_outcomes(applied.name, applied.revision))
+            if joined >= report.requests:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await client.aclose()
+    analysis = await build(settings, applied.revision, with_guardrails=True)
+    echo(f"   the outcome service joined {joined:,} of {report.requests:,} answers with the shoppers' later events; "
+         f"`vitrine ab report` (per user, 95 % intervals, always-valid test, SRM, guardrails):")
+    echo("   " + analysis.table().replace("\n", "\n   "))
+    echo(f"   the split stays until `vitrine ab set` changes it; `vitrine ab report --png report.png` draws the lift over time")

@@ -86,9 +86,11 @@ def validate(request: pb.RecommendRequest, max_k: int, max_exclusions: int) -> N
 class Rejected(Exception):
     """A request that gets an error status instead of an answer (after validation)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, variant: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.variant = variant
+        """The variant the request was assigned to, so that errors count per variant (guardrails)."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         try:
             reply = await self._reply(request, context.time_remaining())
         except Rejected as exc:
-            self.metrics.requests.labels(method, exc.code.name, "").inc()
+            self.metrics.requests.labels(method, exc.code.name, exc.variant).inc()
             await context.abort(exc.code, str(exc))
         self._deliver(method, reply)
         return reply.response
@@ -163,7 +165,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 code = outcome.code if isinstance(outcome, Rejected) else grpc.StatusCode.INTERNAL
-                self.metrics.requests.labels(method, code.name, "").inc()
+                self.metrics.requests.labels(method, code.name, getattr(outcome, "variant", "")).inc()
                 if not isinstance(outcome, Rejected):
                     self._errors.log(logging.ERROR, "batch:internal", "RecommendBatch sub-request failed: %r", outcome)
                 await context.abort(code, f"a sub-request could not be answered ({outcome}); none was")
@@ -185,11 +187,11 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         try:
             answer = await self._rank(request, experiment, variant_name, budget, request_id)
         except QueueFull as exc:
-            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity; retry later") from exc
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity; retry later", variant_name) from exc
         finally:
             self.metrics.inflight.dec()
         if deadline is not None and time.perf_counter() > deadline:
-            raise Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline passed")
+            raise Rejected(grpc.StatusCode.DEADLINE_EXCEEDED, "the client's deadline passed", variant_name)
         elapsed = time.perf_counter() - started
         exposure = Exposure(
             request_id=request_id, user_id=request.user_id, ts_ms=int(time.time() * 1000), variant=variant_name,

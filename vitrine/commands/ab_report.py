@@ -1,0 +1,124 @@
+"""`vitrine ab report`: which variant wins — the outcome rows from Redis (written by the outcome
+service), the monitor's looks for the intervals over time, and guardrails from Prometheus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+
+from vitrine.settings import Settings
+
+GUARDRAIL_WINDOW = "15m"
+PROMETHEUS_TIMEOUT_S = 5.0
+
+
+async def _experiment_at(experiments, revision: int | None):  # noqa: ANN001, ANN202
+    """The experiment as it was at `revision` (the audit log keeps every revision), or the current one."""
+    from vitrine.services.gateway.experiment import Experiment
+
+    current = await experiments.load()
+    if current is None:
+        raise LookupError("no experiment is stored yet (start the stack: the gateway seeds one)")
+    if revision is None or revision == current.revision:
+        return current
+    for entry in await experiments.audit(10_000):
+        if entry.get("new", {}).get("revision") == revision:
+            return Experiment.model_validate(entry["new"])
+    raise LookupError(f"revision {revision} is not in the experiment's audit log (current: {current.revision})")
+
+
+async def guardrails(settings: Settings, variants: list[str], window: str = GUARDRAIL_WINDOW) -> list:
+    """p99, degraded and error ratio per variant over `window`, from the gateway's series in Prometheus."""
+    from vitrine.experiments.report import Guardrail
+    from vitrine.services.gateway.metrics import DEGRADED, REQUEST_DURATION, REQUESTS
+
+    client_errors = "OK|INVALID_ARGUMENT|UNAUTHENTICATED|PERMISSION_DENIED"
+    queries = {
+        "rate": f"sum by (variant) (rate({REQUESTS}[{window}]))",
+        "p99": f"histogram_quantile(0.99, sum by (le, variant) (rate({REQUEST_DURATION}_bucket[{window}])))",
+        "degraded": f"sum by (variant) (rate({DEGRADED}[{window}])) / sum by (variant) (rate({REQUESTS}{{code=\"OK\"}}[{window}]))",
+        "errors": f"sum by (variant) (rate({REQUESTS}{{code!~\"{client_errors}\"}}[{window}])) / sum by (variant) (rate({REQUESTS}[{window}]))",
+    }
+    values: dict[str, dict[str, float]] = {}
+    async with httpx.AsyncClient(base_url=settings.prometheus.url, timeout=PROMETHEUS_TIMEOUT_S) as client:
+        for name, query in queries.items():
+            reply = await client.get("/api/v1/query", params={"query": query})
+            reply.raise_for_status()
+            values[name] = {r["metric"].get("variant", ""): float(r["value"][1]) for r in reply.json()["data"]["result"]}
+    return [Guardrail(v, values["rate"].get(v, 0.0), values["p99"].get(v, math.nan), values["degraded"].get(v, 0.0),
+                      values["errors"].get(v, 0.0)) for v in variants]
+
+
+async def build(settings: Settings, revision: int | None, with_guardrails: bool):  # noqa: ANN201
+    import redis.asyncio as aioredis
+
+    from vitrine.contracts.exposures import INTERLEAVE
+    from vitrine.experiments.analysis import analyse
+    from vitrine.experiments.interleaving import analyse_interleaving
+    from vitrine.experiments.report import Report
+    from vitrine.services.gateway.experiment import ExperimentStore
+    from vitrine.services.outcomes.store import OutcomeStore
+
+    client = aioredis.Redis(host=settings.redis.host, port=settings.redis.port, socket_connect_timeout=2, socket_timeout=10)
+    try:
+        experiment = await _experiment_at(ExperimentStore(client, settings.features.namespace), revision)
+        store = OutcomeStore(client, settings.outcomes)
+        history = await store.snapshots(experiment.name, experiment.revision)
+        weights = {v.name: v.weight for v in experiment.variants}
+        report = Report(experiment.name, experiment.revision, experiment.mode, weights, None, None, [], history)
+        if experiment.mode == INTERLEAVE:
+            rows = await store.interleaved_outcomes(experiment.name, experiment.revision)
+            if rows:
+                report.interleaving = await asyncio.to_thread(analyse_interleaving, rows)
+        else:
+            rows = await store.user_outcomes(experiment.name, experiment.revision)
+            control = experiment.variants[0].name
+            if any(r.variant == control for r in rows) and len({r.variant for r in rows}) > 1:
+                report.analysis = await asyncio.to_thread(analyse, rows, weights, control)
+                for c in report.analysis.comparisons:
+                    key = f"{c.variant}:{c.metric}"
+                    earlier = [look.get("sequential_p", {}).get(key, 1.0) for look in history]
+                    report.sequential_p[key] = min([c.sequential.p_value, *earlier])
+            else:
+                report.notes.append(f"no comparison yet: {len(rows)} users with outcomes, "
+                                    f"variants seen: {sorted({r.variant for r in rows}) or 'none'}")
+        if with_guardrails:
+            names = ["interleave"] if experiment.mode == INTERLEAVE else [v.name for v in experiment.variants]
+            try:
+                report.guardrails = await guardrails(settings, names)
+            except (httpx.HTTPError, KeyError, ValueError) as exc:
+                report.notes.append(f"guardrails unavailable (Prometheus at {settings.prometheus.url}: {exc})")
+        return report
+    finally:
+        await client.aclose()
+
+
+def ab_report(
+    revision: Annotated[int | None, typer.Option(min=1, help="Experiment revision (default: the current one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the table.")] = False,
+    png: Annotated[Path | None, typer.Option(dir_okay=False, help="Also draw the lift's interval at every look to this PNG.")] = None,
+    with_guardrails: Annotated[bool, typer.Option("--guardrails/--no-guardrails", help="Per-variant p99, degraded and error ratio from Prometheus.")] = True,
+) -> None:
+    """Which variant wins: per-user outcomes with intervals, lift, fixed and always-valid tests, SRM, CUPED, interleaving, guardrails."""
+    from redis.exceptions import RedisError
+
+    from vitrine.cli import _fail, _settings
+    from vitrine.experiments.report import plot_history
+
+    settings = _settings()
+    try:
+        report = asyncio.run(build(settings, revision, with_guardrails))
+    except LookupError as exc:
+        raise _fail(exc) from exc
+    except (OSError, RedisError) as exc:
+        raise _fail(RuntimeError(f"cannot read the outcomes from Redis at {settings.redis.host}:{settings.redis.port} ({exc}); "
+                                 "is the stack up?")) from exc
+    if png is not None:
+        plot_history(report, png)
+    typer.echo(json.dumps(report.to_dict(), indent=2, default=float) if as_json else report.table())
