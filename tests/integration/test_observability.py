@@ -1,21 +1,25 @@
 """Dashboards and alerts against the live Prometheus that scraped the live services.
 
-The module drives its own traffic first — events (one rejected, one duplicate), model answers for both
-variants, cold starts, a degraded stretch with Triton stopped, drifted histories — then checks that
-every panel query and every alert's recorded series returns data, that every metric they name is
-exported by a Vitrine service, Triton or redis_exporter, that promtool accepts the rules and the
-rendered config, that drifted traffic raises the PSI, and that `vitrine report` renders a picture.
+The module drives its own traffic first — events (one rejected, one duplicate), an interleaved stretch
+whose shoppers click one team's slots, model answers for both variants, cold starts, a degraded stretch
+with Triton stopped, drifted histories, and clicks, add-to-carts and purchases of items the gateway
+showed (credited by the outcome service, analysed by its experiment monitor) — then checks that every
+panel query and every alert's recorded series returns data (a value, not NaN), that every metric they
+name is exported by a Vitrine service, Triton or redis_exporter, that promtool accepts the rules and
+the rendered config, that drifted traffic raises the PSI, and that `vitrine report` renders a picture.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -31,15 +35,32 @@ from vitrine.services.events.publisher import publish
 from vitrine.services.features import metrics as feature_metrics
 from vitrine.services.gateway import metrics as gateway_metrics
 from vitrine.services.gateway.client import GatewayClient
+from vitrine.services.outcomes import metrics as outcome_metrics
 from vitrine.services.stack import Stack
 from vitrine.services.stack.components import ALERT_RULES
 from vitrine.v1 import recommender_pb2 as pb
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 PROMQL_WORDS = {"sum", "by", "rate", "increase", "histogram_quantile", "max", "min", "or", "vector", "le", "on", "without", "and",
-                "label_values", "bool", "avg", "count", "offset", "ignoring", "group_left", "group_right", "abs"}
+                "label_values", "bool", "avg", "count", "offset", "ignoring", "group_left", "group_right", "abs",
+                "label_replace", "clamp_min", "clamp_max"}
 INTENTIONALLY_EMPTY: dict[str, str] = {}
 """Panel title → why its query may return nothing. Empty: every panel must show data."""
+SEEN_WHILE_INTERLEAVING: dict[str, str] = {
+    "Interleaving preference per team": "the monitor exports the preference only while the current experiment interleaves",
+}
+"""Panel title → why its data exists only during the traffic's interleaved stretch (checked over that stretch)."""
+AB = [pb.Variant(name="control", model_name="gru4rec", model_version="1", weight=50),
+      pb.Variant(name="treatment", model_name="sasrec", model_version="1", weight=50)]
+"""The shipped versions (trained on this storefront): a reused stack may serve newer exports trained on other data."""
+
+
+@dataclass(frozen=True)
+class Traffic:
+    psi_before: dict[str, float]
+    """The drift PSI per feature seen before the drifted part."""
+    interleaved: tuple[float, float]
+    """Unix times (s) between which the interleave experiment was current and its preference was exported."""
 
 
 def _panels() -> list[tuple[str, dict]]:
@@ -50,16 +71,44 @@ def _rules() -> list[dict]:
     return [rule for group in yaml.safe_load(ALERT_RULES.read_text())["groups"] for rule in group["rules"]]
 
 
-async def _query(stack: Stack, expr: str) -> list[dict]:
+async def _query(stack: Stack, expr: str, during: tuple[float, float] | None = None) -> list[dict]:
+    """The series `expr` returns that hold a number (NaN is no data: 0/0 is not a ratio), now or, with
+    `during`, at any evaluation step between those two unix times."""
+    url, params = f"{stack.settings.prometheus.url}/api/v1/query", {"query": expr}
+    if during is not None:
+        url = f"{stack.settings.prometheus.url}/api/v1/query_range"
+        step = stack.settings.prometheus.scrape_interval_s
+        start = during[1] - math.ceil((during[1] - during[0]) / step) * step  # the last step is the end itself
+        params |= {"start": start, "end": during[1], "step": step}
     async with httpx.AsyncClient(timeout=10) as client:
-        body = (await client.get(f"{stack.settings.prometheus.url}/api/v1/query", params={"query": expr})).json()
+        body = (await client.get(url, params=params)).json()
     assert body["status"] == "success", (expr, body)
-    return body["data"]["result"]
+    return [series for series in body["data"]["result"]
+            if any(not math.isnan(float(value)) for _, value in series.get("values", [series.get("value", (0, "NaN"))]))]
+
+
+async def _set_experiment(stack: Stack, experiment: pb.Experiment) -> pb.Experiment:
+    async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-experimenter") as admin:
+        return await admin.set_experiment(experiment)
+
+
+def _outcomes(tag: str, answers: dict[str, pb.RecommendResponse]) -> list[Event]:
+    """Clicks on two thirds of the answers, add-to-carts and purchases of some clicked items; event time is the send time
+    (after the exposure, inside every attribution window)."""
+    events = []
+    for n, (user, answer) in enumerate(sorted(answers.items())):
+        if answer.degraded or not answer.items or n % 3 == 0:
+            continue
+        item = answer.items[n % len(answer.items)].item_id
+        kinds = [EventType.CLICK] + [EventType.ADD_TO_CART] * (n % 4 == 1) + [EventType.PURCHASE] * (n % 5 == 2)
+        events += [Event(event_id=f"{tag}-o{n}-{kind}", user_id=user, item_id=item, type=kind, ts_ms=int(time.time() * 1000))
+                   for kind in kinds]
+    return events
 
 
 @pytest.fixture(scope="module")
-async def traffic(stack: Stack) -> AsyncIterator[dict[str, float]]:
-    """Drive every kind of traffic the dashboards show; returns the drift PSI seen before the drifted part."""
+async def traffic(stack: Stack) -> AsyncIterator[Traffic]:
+    """Drive every kind of traffic the dashboards show, then put back the experiment found."""
     bootstrap = stack.settings.kafka.bootstrap_servers
     table = synthetic.generate(synthetic.preset("default"))
     normal = [e for e in table.events()][:3000]
@@ -74,20 +123,36 @@ async def traffic(stack: Stack) -> AsyncIterator[dict[str, float]]:
     await producer.send_and_wait(topics.EVENTS, b"{not json")
     await producer.stop()
     users = sorted({e.user_id for e in normal})[:300]
-    # Pin the shipped versions (trained on this storefront): a reused stack may serve newer exports trained on other data.
     async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-experimenter") as admin:
         previous = await admin.get_experiment()
-        await admin.set_experiment(pb.Experiment(name="default", salt="vitrine", variants=[
-            pb.Variant(name="control", model_name="gru4rec", model_version="1", weight=50),
-            pb.Variant(name="treatment", model_name="sasrec", model_version="1", weight=50)]))
+    await _set_experiment(stack, pb.Experiment(name="default", salt="vitrine", variants=AB))
     try:
         async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-storefront") as client:
             async def warmed() -> bool | None:
                 return True if (await client.recommend(users[-1])).model_name in ("gru4rec", "sasrec") else None
 
             await eventually(warmed, 20, "features of the traffic users")
-            for user in users:
-                await client.recommend(user, k=10, page="home")
+            # Interleaving: both models rank every request; these shoppers click only control's slots.
+            interleave_name = f"interleave-{tag}"
+            started = time.time()
+            await _set_experiment(stack, pb.Experiment(name=interleave_name, salt="vitrine", mode="interleave", variants=AB))
+            clicks = []
+            for user in users[:60]:
+                answer = await client.recommend(user, k=10)
+                mine = [item.item_id for item in answer.items if item.variant == "control"]
+                if mine and not answer.degraded:
+                    clicks.append(Event(event_id=f"{tag}-il-{user}", user_id=user, item_id=mine[0], type=EventType.CLICK,
+                                        ts_ms=int(time.time() * 1000)))
+            assert len(clicks) >= 30, f"only {len(clicks)} interleaved answers had a control slot"
+            await publish(clicks, bootstrap, topics.EVENTS)
+
+            async def preferred() -> list[dict] | None:
+                return await _query(stack, f'{outcome_metrics.INTERLEAVING_PREFERENCE}{{experiment="{interleave_name}",team="control"}} == 1') or None
+
+            await eventually(preferred, 3 * stack.settings.outcomes.monitor_interval_s + 20, "the monitor's interleaving preference for control")
+            interleaved = (started, time.time())
+            await _set_experiment(stack, pb.Experiment(name="default", salt="vitrine", variants=AB))  # a new A/B revision
+            answers = {user: await client.recommend(user, k=10, page="home") for user in users}
             for n in range(50):
                 await client.recommend(f"{tag}-cold-{n}", k=5)
             await asyncio.to_thread(stack.supervisor.rpc_stop, "triton")
@@ -116,10 +181,19 @@ async def traffic(stack: Stack) -> AsyncIterator[dict[str, float]]:
             for _ in range(3):
                 for u in range(200):
                     await client.recommend(f"{tag}-drift-{u}", k=10)
-        yield psi_before
-    finally:  # the split found, back
-        async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-experimenter") as admin:
-            await admin.set_experiment(pb.Experiment(name=previous.name, salt=previous.salt, variants=previous.variants))
+        # Outcomes last (the CTR and conversion panels are rates): the outcome service credits them to the answers
+        # above, and the monitor analyses the revision — finite lifts need clicks and purchases in both variants.
+        await publish(_outcomes(tag, answers), bootstrap, topics.EVENTS)
+
+        async def analysed() -> bool | None:
+            lifts = await _query(stack, f'{outcome_metrics.RELATIVE_LIFT}{{experiment="default",variant="treatment",bound="low"}}')
+            srm = await _query(stack, f'{outcome_metrics.SRM_P_VALUE}{{experiment="default"}}')
+            return True if {s["metric"]["metric"] for s in lifts} >= {"ctr", "conversion"} and srm else None
+
+        await eventually(analysed, 3 * stack.settings.outcomes.monitor_interval_s + 30, "the monitor's lifts of CTR and conversion", interval_s=1)
+        yield Traffic(psi_before, interleaved)
+    finally:  # the experiment found, back
+        await _set_experiment(stack, pb.Experiment(name=previous.name, salt=previous.salt, variants=previous.variants, mode=previous.mode))
 
 
 async def _gateway_psi(stack: Stack) -> dict[str, float]:
@@ -150,25 +224,29 @@ async def _until_all_have_data(stack: Stack, queries: dict, what: str) -> None:
         pytest.fail(f"{what} without data: {sorted(pending)}")
 
 
-async def test_drifted_traffic_raises_the_population_stability_index(stack: Stack, traffic: dict[str, float]) -> None:
+async def test_drifted_traffic_raises_the_population_stability_index(stack: Stack, traffic: Traffic) -> None:
     async def risen() -> dict[str, float] | None:
         now = await _gateway_psi(stack)
         return now if now.get("unknown_item_rate", 0) > 0.25 else None
 
-    assert "unknown_item_rate" in traffic, f"no baseline PSI gauge for unknown_item_rate (have {sorted(traffic)})"
+    before = traffic.psi_before
+    assert "unknown_item_rate" in before, f"no baseline PSI gauge for unknown_item_rate (have {sorted(before)})"
     after = await eventually(risen, 30, "the unknown-item PSI to pass 0.25", interval_s=1)
-    assert traffic["unknown_item_rate"] < 0.1  # normal traffic: items the models know
-    assert after["unknown_item_rate"] > traffic["unknown_item_rate"] + 0.2
+    assert before["unknown_item_rate"] < 0.1  # normal traffic: items the models know
+    assert after["unknown_item_rate"] > before["unknown_item_rate"] + 0.2
 
 
-async def test_every_panel_query_returns_data(stack: Stack, traffic: dict[str, float]) -> None:
+async def test_every_panel_query_returns_data(stack: Stack, traffic: Traffic) -> None:
     queries = {(name, p["title"], t["expr"]): expand(t["expr"])
                for name, p in _panels() for t in p.get("targets", []) if p["title"] not in INTENTIONALLY_EMPTY}
-    assert len(queries) > 25
+    interleaving = {key: queries.pop(key) for key in list(queries) if key[1] in SEEN_WHILE_INTERLEAVING}
+    assert len(queries) > 25 and {key[1] for key in interleaving} == set(SEEN_WHILE_INTERLEAVING)
     await _until_all_have_data(stack, queries, "panels")
+    empty = [key for key, expr in interleaving.items() if not await _query(stack, expr, during=traffic.interleaved)]
+    assert not empty, f"panels without data while the experiment interleaved: {empty}"
 
 
-async def test_every_alert_watches_a_series_that_has_data(stack: Stack, traffic: dict[str, float]) -> None:
+async def test_every_alert_watches_a_series_that_has_data(stack: Stack, traffic: Traffic) -> None:
     records = [r["record"] for r in _rules() if "record" in r]
     alerts = [r for r in _rules() if "alert" in r]
     assert len(alerts) >= 7
@@ -178,9 +256,9 @@ async def test_every_alert_watches_a_series_that_has_data(stack: Stack, traffic:
     await _until_all_have_data(stack, {name: name for name in {*records, "up"}}, "recorded series")
 
 
-async def test_every_metric_name_used_is_exported(stack: Stack, traffic: dict[str, float]) -> None:
+async def test_every_metric_name_used_is_exported(stack: Stack, traffic: Traffic) -> None:
     exported = {"up"} | {r["record"] for r in _rules() if "record" in r}
-    for module in (gateway_metrics, feature_metrics):
+    for module in (gateway_metrics, feature_metrics, outcome_metrics):
         for name in (v for k, v in vars(module).items() if k.isupper() and isinstance(v, str) and v.startswith("vitrine_")):
             exported |= {name, f"{name}_bucket", f"{name}_sum", f"{name}_count"}
     async with httpx.AsyncClient(timeout=5) as client:
@@ -204,12 +282,43 @@ def test_promtool_accepts_the_rules_and_the_rendered_config(stack: Stack) -> Non
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-async def test_prometheus_scrapes_every_target(stack: Stack, traffic: dict[str, float]) -> None:
+def test_experiment_alerts_fire_on_planted_series(tmp_path: Path) -> None:
+    """promtool evaluates the rules over planted series: a broken split and a small variant whose p99 is slow fire,
+    a sound split and a variant slightly more degraded than the other do not — nor does the global p99 alert (the
+    slow variant is too small to move it: what the per-variant guardrail is for)."""
+    fast, slow = 'vitrine_gateway_request_duration_seconds_bucket{variant="%s",le="0.005"}', \
+        'vitrine_gateway_request_duration_seconds_bucket{variant="%s",le="0.05"}'
+    series = {
+        'vitrine_experiment_srm_p_value{experiment="broken"}': "0.0001x30", 'vitrine_experiment_srm_p_value{experiment="sound"}': "0.3x30",
+        fast % "control": "0+190x30", slow % "control": "0+190x30", fast.replace("0.005", "+Inf") % "control": "0+190x30",
+        fast % "treatment": "0+19x30", slow % "treatment": "0+20x30", fast.replace("0.005", "+Inf") % "treatment": "0+20x30",
+        'vitrine_gateway_requests_total{code="OK",variant="control"}': "0+190x30",
+        'vitrine_gateway_requests_total{code="OK",variant="treatment"}': "0+20x30",
+        'vitrine_gateway_degraded_total{reason="deadline",variant="control"}': "0+2x30",
+    }
+
+    def alerts(state: str, minute: int, *labels: str) -> dict:
+        return {"expr": f'ALERTS{{alertstate="{state}"}}', "eval_time": f"{minute}m",
+                "exp_samples": [{"labels": f'ALERTS{{alertstate="{state}",{one}}}', "value": 1} for one in labels]}
+
+    srm = 'alertname="VitrineSampleRatioMismatch",experiment="broken",severity="ticket"'
+    guardrail = 'alertname="VitrineVariantGuardrailBreach",guardrail="latency_p99",severity="ticket",variant="treatment"'
+    tests = {"rule_files": [str(ALERT_RULES)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
+        "promql_expr_test": [alerts("pending", 4, srm, guardrail), alerts("firing", 8, srm), alerts("pending", 8, guardrail),
+                             alerts("firing", 15, srm, guardrail)]}]}
+    spec = tmp_path / "alerts_test.yml"
+    spec.write_text(yaml.safe_dump(tests))
+    result = subprocess.run(["promtool", "test", "rules", str(spec)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_prometheus_scrapes_every_target(stack: Stack, traffic: Traffic) -> None:
     jobs = {r["metric"]["job"]: r["value"][1] for r in await _query(stack, "up")}
-    assert jobs == {job: "1" for job in ("prometheus", "redis", "triton", "features", "gateway")}
+    assert jobs == {job: "1" for job in ("prometheus", "redis", "triton", "features", "outcomes", "gateway")}
 
 
-async def test_report_renders_the_key_panels(stack: Stack, traffic: dict[str, float], tmp_path: Path) -> None:
+async def test_report_renders_the_key_panels(stack: Stack, traffic: Traffic, tmp_path: Path) -> None:
     out = await asyncio.to_thread(render, stack.settings.prometheus.url, tmp_path / "report.png", 10)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000
