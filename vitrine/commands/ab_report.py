@@ -14,7 +14,7 @@ import typer
 
 from vitrine.settings import Settings
 
-GUARDRAIL_WINDOW = "15m"
+GUARDRAIL_WINDOW = "5m"
 PROMETHEUS_TIMEOUT_S = 5.0
 
 
