@@ -140,9 +140,8 @@ def outcome_panels() -> list[dict]:
     w = OUTCOME_WINDOW
 
     def ratio(numerator: str, denominator: str) -> str:
-        # A variant with impressions but no credited event in the window shows 0, not a gap.
-        den = f"sum by (experiment, variant) (rate({denominator}{{{VARIANT}}}[{w}]))"
-        return f"(sum by (experiment, variant) (rate({numerator}[{w}])) or 0 * {den}) / {den}"
+        # No `or 0 * denominator` fallback: a wrong selector must show a gap (and fail the panel test), not a CTR of 0.
+        return f"sum by (experiment, variant) (rate({numerator}[{w}])) / sum by (experiment, variant) (rate({denominator}{{{VARIANT}}}[{w}]))"
 
     return [
         _text("Outcomes", "Exposures (`recs.served`) joined with the same users' later clicks, add-to-carts and purchases by the "
