@@ -110,7 +110,11 @@ class FeaturesSettings(_Section):
     group_id: str = Field("vitrine-features", pattern=r"^[A-Za-z0-9_.-]{1,128}$")
     events_topic: str = Field(topics.EVENTS, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Input topic; the contract's `events` unless testing or multi-tenant.")
     namespace: str = Field("vt", pattern=r"^[a-z0-9_-]{1,32}$", description="Prefix of every Redis key this store writes.")
-    max_batch: int = Field(2000, ge=1, le=100_000, description="Most records written to Redis in one atomic script call.")
+    max_batch: int = Field(
+        500, ge=1, le=100_000,
+        description="Most records written to Redis in one atomic script call. Redis serves nothing else while a script "
+                    "runs (~20 µs per event): 500 keeps a backlog's scripts near 10 ms, under the gateway's 50 ms read "
+                    "budget; 2,000 reached 33 ms at the same throughput (docs/benchmarks.md).")
     poll_timeout_ms: int = Field(100, ge=1, le=10_000)
     commit_interval_s: float = Field(1.0, ge=0, le=60, description="Kafka commits are a hint (Redis holds the offsets): at most this often.")
     recent_events: int = Field(50, ge=1, le=1000, description="Events kept per user (newest by event time).")
