@@ -32,6 +32,7 @@ from vitrine.services.gateway.metrics import EXPERIMENT_REVISION, REQUESTS, REQU
 from vitrine.services.gateway.server import DEPENDENCY_HEALTH
 from vitrine.services.stack import Stack
 from vitrine.services.stack.components import settings_env
+from vitrine.settings import VariantSettings
 from vitrine.v1 import recommender_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -121,7 +122,7 @@ async def test_redis_down_admin_calls_fail_fast_with_unavailable_and_health_says
 # --- 11.7, 12.8, 12.9, 11.9: a private gateway -------------------------------------------------------
 async def test_a_missing_model_is_reported_per_dependency_and_pub_sub_survives_a_redis_restart(stack: Stack) -> None:
     namespace = f"g{uuid.uuid4().hex[:8]}"
-    missing = ({"name": "solo", "model_name": "no_such_model", "weight": 100},)
+    missing = (VariantSettings(name="solo", model_name="no_such_model", weight=100),)
     async with private_gateway(stack.settings, namespace=namespace, default_variants=missing, experiment_poll_s=3600,
                                refresh_s=0.2) as settings:
         address = settings.gateway.address
