@@ -136,7 +136,7 @@ def _load_events(preset: str | None, events: Path | None, movielens: Path | None
         raise typer.BadParameter(str(exc)) from exc
 
 
-PresetOption = Annotated[str | None, typer.Option(help="Synthetic storefront size: tiny, small, default, large, huge.")]
+PresetOption = Annotated[str | None, typer.Option(help="Synthetic storefront size: tiny, small, default, wide (~9k items), large, huge.")]
 EventsOption = Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSONL file of events.")]
 MovieLensOption = Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="MovieLens ratings.csv or u.data.")]
 SeedOption = Annotated[int, typer.Option(min=0, help="Seed of the synthetic data and of training.")]

@@ -22,7 +22,7 @@ import numpy as np
 from vitrine.export.data.table import EventTable
 
 DAY_MS = 86_400_000
-Preset = Literal["tiny", "small", "default", "large", "huge"]
+Preset = Literal["tiny", "small", "default", "wide", "large", "huge"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,10 @@ PRESETS: dict[str, StorefrontConfig] = {
     "small": StorefrontConfig(n_users=800, n_items=400, n_categories=8, days=14),
     # ~300k events: the demo and the reference training run (minutes on 2 cores)
     "default": StorefrontConfig(),
+    # ~106k events, ~9k items, 610 users with long histories (a MovieLens-shaped catalogue): the
+    # training-speed benchmark of a large catalogue (docs/benchmarks.md, Training)
+    "wide": StorefrontConfig(n_users=610, n_items=9_500, n_categories=60, sessions_per_user=22, days=180,
+                             zipf_exponent=0.7, click_prob=0.1),
     # ~2.5M events: load tests
     "large": StorefrontConfig(n_users=30_000, n_items=10_000, n_categories=60, sessions_per_user=8),
     # ~10M events
