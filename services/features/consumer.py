@@ -24,51 +24,25 @@ loop after the current batch, commits and closes. Redis or Kafka being down paus
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
-import os
 import signal
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import BrokerResponseError
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from vitrine.contracts.events import Event, EventRejected, parse_event
+from vitrine.services.dead_letters import DeadLetters, Rejects, with_redis_retry
 from vitrine.services.features.metrics import FeatureMetrics
 from vitrine.services.features.store import FeatureStore, WriteResult
 from vitrine.services.heap import freeze_startup_objects
+from vitrine.services.partition_lag import PartitionLag
 from vitrine.settings import Settings
 
 log = logging.getLogger(__name__)
-DLQ_DETAIL_MAX = 1000
-RETRYABLE = (aioredis.ConnectionError, aioredis.TimeoutError, ConnectionError, OSError)
-RETRY_BACKOFF_S = 0.05
-"""First back-off step (doubling up to the configured ceiling) for Redis writes and DLQ sends."""
-Rejects = Sequence[tuple[ConsumerRecord, EventRejected]]
-
-
-@dataclass(frozen=True, eq=False)
-class _DlqFailure:
-    """A reject the DLQ did not take on the last try."""
-
-    record: ConsumerRecord
-    rejected: EventRejected
-    error: Exception
-    alone: bool
-    """Whether that try was the record in a Kafka batch of its own."""
-
-    def worth_retrying(self, tries: int, max_tries: int) -> bool:
-        if _permanent(self.error):
-            return not self.alone  # a batch-mate's size error is not this record's: one try alone
-        return tries < max_tries
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -109,9 +83,12 @@ class FeatureConsumer:
         self.batch_lock = asyncio.Lock()
         self.processed: dict[TopicPartition, int] = {}
         """Next offset per owned partition as stored in Redis by (or sought to from) this consumer."""
-        self.lag_labels: set[tuple[str, str]] = set()
+        self.partition_lag = PartitionLag(self.metrics.lag, self.metrics.assigned)
         self.last_commit = 0.0
         self.last_offset_check = time.monotonic()
+        self.dead_letters = DeadLetters(self.producer, self.cfg.dlq_topic, self.cfg.dlq_send_attempts, self.cfg.redis_retry_max_s,
+                                        self.spill_path, self.metrics.write_retries.inc,
+                                        lambda reason: self.metrics.dlq_spilled.labels(reason).inc())
 
     @property
     def spill_path(self) -> Path:
@@ -232,159 +209,24 @@ class FeatureConsumer:
 
     # --- the DLQ --------------------------------------------------------------------------------
     async def _dead_letter(self, rejects: Rejects) -> None:
-        """Send rejects to the DLQ with bounded retries; spill what it will not take, then count them all.
-
-        Bounded because the batch lock is held: endless retries would wedge this consumer and every
-        rebalance of its group. The first try sends everything together; retries send each record alone,
-        because the broker refuses a whole Kafka batch when one record in it is too large, and aiokafka
-        does not split it: an innocent batch-mate gets its own batch. A permanent error on a record sent
-        alone is final at once; other errors are retried up to `dlq_send_attempts` tries.
-        """
-        failed = await self._send_together(rejects)
-        attempt = 1
-        while retry := [f for f in failed if f.worth_retrying(attempt, self.cfg.dlq_send_attempts)]:
-            self.metrics.write_retries.inc()
-            log.warning("retrying %d DLQ sends after %s: %s (try %d)", len(retry), type(retry[0].error).__name__, retry[0].error, attempt + 1)
-            if any(not _permanent(f.error) for f in retry):
-                await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), self.cfg.redis_retry_max_s))
-            failed = [f for f in failed if f not in retry] + await self._send_alone(retry)
-            attempt += 1
-        if failed:
-            await asyncio.to_thread(self._spill, failed)
+        """Rejects to the DLQ with bounded retries, or to the spill file (services/dead_letters.py)."""
+        await self.dead_letters.send(rejects)
         for _, rejected in rejects:
             self.metrics.rejected.labels(rejected.reason).inc()
 
-    @staticmethod
-    def _dlq_headers(record: ConsumerRecord, rejected: EventRejected) -> list[tuple[str, bytes]]:
-        return [
-            ("reason", rejected.reason.encode()),
-            ("detail", rejected.detail[:DLQ_DETAIL_MAX].encode()),
-            ("source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
-        ]
-
-    async def _send(self, record: ConsumerRecord, rejected: EventRejected) -> asyncio.Future:
-        return await self.producer.send(
-            self.cfg.dlq_topic, value=record.value or b"", key=record.key, headers=self._dlq_headers(record, rejected))
-
-    async def _send_together(self, rejects: Rejects) -> list[_DlqFailure]:
-        """One try per reject, all in flight together; returns the ones that failed, with their error."""
-        failed: list[_DlqFailure] = []
-        in_flight = []
-        for record, rejected in rejects:
-            try:
-                in_flight.append((record, rejected, await self._send(record, rejected)))
-            except Exception as exc:  # noqa: BLE001 - any failure is retried or spilled, never dropped
-                failed.append(_DlqFailure(record, rejected, exc, alone=False))
-        outcomes = await asyncio.gather(*(future for _, _, future in in_flight), return_exceptions=True)
-        for (record, rejected, _), outcome in zip(in_flight, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                failed.append(_DlqFailure(record, rejected, outcome, alone=False))
-        return failed
-
-    async def _send_alone(self, retry: Sequence[_DlqFailure]) -> list[_DlqFailure]:
-        """One try per record, each delivered (or failed) before the next is sent: one record per Kafka batch."""
-        failed = []
-        for f in retry:
-            try:
-                await (await self._send(f.record, f.rejected))
-            except Exception as exc:  # noqa: BLE001 - any failure is retried or spilled, never dropped
-                failed.append(_DlqFailure(f.record, f.rejected, exc, alone=True))
-        return failed
-
-    def _spill(self, failed: Sequence[_DlqFailure]) -> None:
-        """Append the records to the spill file and fsync it before the batch may skip them.
-
-        A failure here propagates: the batch is not stored, the process ends and is restarted, and the
-        records are read again. Each line holds what a replay into the DLQ needs.
-        """
-        path = self.spill_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        created = not path.exists()
-        lines = [_spill_line(f.record, f.rejected, f.error, self.cfg.dlq_topic, self._dlq_headers(f.record, f.rejected))
-                 for f in failed]
-        with path.open("ab") as spill:
-            spill.write("".join(lines).encode())
-            spill.flush()
-            os.fsync(spill.fileno())
-        if created:
-            _fsync_dir(path.parent)
-        for f in failed:
-            self.metrics.dlq_spilled.labels(f.rejected.reason).inc()
-            log.error("DLQ refused %s:%d:%d (%s: %s); spilled to %s and skipped",
-                      f.record.topic, f.record.partition, f.record.offset, type(f.error).__name__, f.error, path)
-
     # --- helpers --------------------------------------------------------------------------------
-    def _retrying(self, *kinds: type[BaseException]) -> AsyncRetrying:
-        """Redis writes: retried for as long as Redis is unreachable (pausing is safe; skipping is not)."""
-        def count(state) -> None:  # noqa: ANN001 - tenacity's RetryCallState
-            self.metrics.write_retries.inc()
-            log.warning("retrying after %s (attempt %d)", state.outcome.exception(), state.attempt_number)
-
-        return AsyncRetrying(
-            retry=retry_if_exception_type(kinds or RETRYABLE),
-            wait=wait_exponential(multiplier=RETRY_BACKOFF_S, max=self.cfg.redis_retry_max_s),
-            before_sleep=count,
-            reraise=True,
-        )
-
     async def _with_redis_retry(self, call):  # noqa: ANN001, ANN202
-        async for attempt in self._retrying(*RETRYABLE):
-            with attempt:
-                return await call()
-        raise AssertionError("unreachable")
+        return await with_redis_retry(call, self.cfg.redis_retry_max_s, self.metrics.write_retries.inc)
 
     def forget(self, partitions: set[TopicPartition]) -> None:
         """Partitions this member no longer owns: no commits, no lag series for them."""
         for tp in partitions:
             self.processed.pop(tp, None)
-            labels = (tp.topic, str(tp.partition))
-            if labels in self.lag_labels:
-                self.metrics.lag.remove(*labels)
-                self.lag_labels.discard(labels)
+        self.partition_lag.forget(partitions)
 
     def _update_gauges(self) -> None:
-        assignment = self.consumer.assignment()
-        self.metrics.assigned.set(len(assignment))
-        for tp in assignment:
-            high = self.consumer.highwater(tp)
-            if high is None:
-                continue
-            position = self.processed.get(tp)
-            if position is None:
-                continue
-            labels = (tp.topic, str(tp.partition))
-            self.metrics.lag.labels(*labels).set(max(0, high - position))
-            self.lag_labels.add(labels)
+        self.partition_lag.update(self.consumer, self.processed)
 
-
-def _permanent(exc: BaseException) -> bool:
-    """An error the broker says a retry cannot fix (too large, invalid topic, not authorised)."""
-    return isinstance(exc, BrokerResponseError) and not exc.retriable
-
-
-def _b64(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode()
-
-
-def _spill_line(record: ConsumerRecord, rejected: EventRejected, exc: BaseException, dlq_topic: str,
-                headers: list[tuple[str, bytes]]) -> str:
-    entry = {
-        "topic": record.topic, "partition": record.partition, "offset": record.offset, "timestamp_ms": record.timestamp,
-        "key": _b64(record.key), "value": _b64(record.value),
-        "headers": [[name, _b64(value)] for name, value in headers],
-        "record_headers": [[name, _b64(value)] for name, value in (record.headers or ())],
-        "dlq_topic": dlq_topic, "error": f"{type(exc).__name__}: {exc}", "spilled_at_ms": int(time.time() * 1000),
-    }
-    return json.dumps(entry, separators=(",", ":")) + "\n"
-
-
-def _fsync_dir(path: Path) -> None:
-    """A new file's directory entry is durable only once the directory itself is fsync'd."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def main(settings: Settings) -> None:

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from collections import defaultdict
-from collections.abc import Sequence
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -36,13 +34,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
-from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from vitrine.contracts.events import Event, EventRejected, parse_event
 from vitrine.contracts.exposures import Exposure
-from vitrine.services.features.consumer import DLQ_DETAIL_MAX, _DlqFailure, _fsync_dir, _permanent, _spill_line
+from vitrine.services.dead_letters import DeadLetters, Rejects, with_redis_retry
 from vitrine.services.gateway.experiment import ExperimentStore
 from vitrine.services.heap import freeze_startup_objects
+from vitrine.services.partition_lag import PartitionLag
 from vitrine.services.outcomes.attribution import APPLIED, CONFLICT, DUPLICATE, UserChanges, Windows, attribute, parse_exposure
 from vitrine.services.outcomes.metrics import OutcomeMetrics
 from vitrine.services.outcomes.monitor import ExperimentMonitor
@@ -50,9 +48,6 @@ from vitrine.services.outcomes.store import OutcomeStore
 from vitrine.settings import Settings
 
 log = logging.getLogger(__name__)
-RETRYABLE = (aioredis.ConnectionError, aioredis.TimeoutError, ConnectionError, OSError)
-RETRY_BACKOFF_S = 0.05
-Rejects = Sequence[tuple[ConsumerRecord, EventRejected]]
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -96,9 +91,11 @@ class OutcomeConsumer:
         self.batch_lock = asyncio.Lock()
         self.processed: dict[TopicPartition, int] = {}
         """Next offset per owned partition as stored in Redis by (or sought to from) this consumer."""
-        self.lag_labels: set[tuple[str, str]] = set()
+        self.partition_lag = PartitionLag(self.metrics.lag, self.metrics.assigned)
         self.last_commit = 0.0
         self.last_offset_check = time.monotonic()
+        self.dead_letters = DeadLetters(self.producer, cfg.dlq_topic, cfg.dlq_send_attempts, cfg.redis_retry_max_s, self.spill_path,
+                                        self.metrics.write_retries.inc, lambda reason: self.metrics.dlq_spilled.labels(reason).inc())
 
     @property
     def spill_path(self) -> Path:
@@ -252,107 +249,23 @@ class OutcomeConsumer:
             if c.recredits:
                 m.recredits.inc(c.recredits)
 
-    # --- the DLQ (the features consumer's discipline: bounded retries, then an fsync'd spill) ----------
+    # --- the DLQ and Redis retries: the features consumer's discipline (services/dead_letters.py) ---------
     async def _dead_letter(self, rejects: Rejects) -> None:
-        failed = await self._send_together(rejects)
-        attempt = 1
-        while retry := [f for f in failed if f.worth_retrying(attempt, self.cfg.dlq_send_attempts)]:
-            self.metrics.write_retries.inc()
-            log.warning("retrying %d DLQ sends after %s: %s (try %d)", len(retry), type(retry[0].error).__name__, retry[0].error, attempt + 1)
-            if any(not _permanent(f.error) for f in retry):
-                await asyncio.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), self.cfg.redis_retry_max_s))
-            failed = [f for f in failed if f not in retry] + await self._send_alone(retry)
-            attempt += 1
-        if failed:
-            await asyncio.to_thread(self._spill, failed)
+        await self.dead_letters.send(rejects)
         for _, rejected in rejects:
             self.metrics.rejected.labels(rejected.reason).inc()
 
-    @staticmethod
-    def _dlq_headers(record: ConsumerRecord, rejected: EventRejected) -> list[tuple[str, bytes]]:
-        return [
-            ("reason", rejected.reason.encode()),
-            ("detail", rejected.detail[:DLQ_DETAIL_MAX].encode()),
-            ("source", f"{record.topic}:{record.partition}:{record.offset}".encode()),
-        ]
-
-    async def _send(self, record: ConsumerRecord, rejected: EventRejected) -> asyncio.Future:
-        return await self.producer.send(
-            self.cfg.dlq_topic, value=record.value or b"", key=record.key, headers=self._dlq_headers(record, rejected))
-
-    async def _send_together(self, rejects: Rejects) -> list[_DlqFailure]:
-        failed: list[_DlqFailure] = []
-        in_flight = []
-        for record, rejected in rejects:
-            try:
-                in_flight.append((record, rejected, await self._send(record, rejected)))
-            except Exception as exc:  # noqa: BLE001 - any failure is retried or spilled, never dropped
-                failed.append(_DlqFailure(record, rejected, exc, alone=False))
-        outcomes = await asyncio.gather(*(future for _, _, future in in_flight), return_exceptions=True)
-        for (record, rejected, _), outcome in zip(in_flight, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                failed.append(_DlqFailure(record, rejected, outcome, alone=False))
-        return failed
-
-    async def _send_alone(self, retry: Sequence[_DlqFailure]) -> list[_DlqFailure]:
-        failed = []
-        for f in retry:
-            try:
-                await (await self._send(f.record, f.rejected))
-            except Exception as exc:  # noqa: BLE001 - any failure is retried or spilled, never dropped
-                failed.append(_DlqFailure(f.record, f.rejected, exc, alone=True))
-        return failed
-
-    def _spill(self, failed: Sequence[_DlqFailure]) -> None:
-        path = self.spill_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        created = not path.exists()
-        lines = [_spill_line(f.record, f.rejected, f.error, self.cfg.dlq_topic, self._dlq_headers(f.record, f.rejected))
-                 for f in failed]
-        with path.open("ab") as spill:
-            spill.write("".join(lines).encode())
-            spill.flush()
-            os.fsync(spill.fileno())
-        if created:
-            _fsync_dir(path.parent)
-        for f in failed:
-            self.metrics.dlq_spilled.labels(f.rejected.reason).inc()
-            log.error("DLQ refused %s:%d:%d (%s: %s); spilled to %s and skipped",
-                      f.record.topic, f.record.partition, f.record.offset, type(f.error).__name__, f.error, path)
-
-    # --- helpers --------------------------------------------------------------------------------
     async def _with_redis_retry(self, call):  # noqa: ANN001, ANN202
-        def count(state) -> None:  # noqa: ANN001 - tenacity's RetryCallState
-            self.metrics.write_retries.inc()
-            log.warning("retrying after %s (attempt %d)", state.outcome.exception(), state.attempt_number)
-
-        retrying = AsyncRetrying(retry=retry_if_exception_type(RETRYABLE),
-                                 wait=wait_exponential(multiplier=RETRY_BACKOFF_S, max=self.cfg.redis_retry_max_s),
-                                 before_sleep=count, reraise=True)
-        async for attempt in retrying:
-            with attempt:
-                return await call()
-        raise AssertionError("unreachable")
+        return await with_redis_retry(call, self.cfg.redis_retry_max_s, self.metrics.write_retries.inc)
 
     def forget(self, partitions: set[TopicPartition]) -> None:
+        """Partitions this member no longer owns: no commits, no lag series for them."""
         for tp in partitions:
             self.processed.pop(tp, None)
-            labels = (tp.topic, str(tp.partition))
-            if labels in self.lag_labels:
-                self.metrics.lag.remove(*labels)
-                self.lag_labels.discard(labels)
+        self.partition_lag.forget(partitions)
 
     def _update_gauges(self) -> None:
-        assignment = self.consumer.assignment()
-        self.metrics.assigned.set(len(assignment))
-        for tp in assignment:
-            high = self.consumer.highwater(tp)
-            position = self.processed.get(tp)
-            if high is None or position is None:
-                continue
-            labels = (tp.topic, str(tp.partition))
-            self.metrics.lag.labels(*labels).set(max(0, high - position))
-            self.lag_labels.add(labels)
+        self.partition_lag.update(self.consumer, self.processed)
 
 
 def main(settings: Settings) -> None:

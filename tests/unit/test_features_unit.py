@@ -106,7 +106,6 @@ async def test_revocation_waits_for_the_batch_in_flight_commits_then_drops_the_l
     owner.processed = {kept: 10, revoked: 20}
     for tp in (kept, revoked):
         owner.metrics.lag.labels(tp.topic, str(tp.partition)).set(5)
-        owner.lag_labels.add((tp.topic, str(tp.partition)))
     try:
         await owner.batch_lock.acquire()  # a batch is in flight
         revocation = asyncio.create_task(_Rebalance(owner).on_partitions_revoked({revoked}))
