@@ -1,5 +1,6 @@
 """`vitrine export`: a trained run → ONNX with top-k in the graph → parity-checked → a new version in
-the Triton repository, with `metadata.json` (run record, vocabulary, reference distributions).
+the Triton repository, with `metadata.json` (run record, vocabulary, reference distributions, and
+`baselines`: every baseline's metrics beside the model's, the strongest named).
 
 The export fails, and writes nothing, when onnxruntime disagrees with torch on fresh random inputs
 (scores beyond 1e-4, or different top-k ids other than among tied scores).
@@ -204,6 +205,8 @@ def export_run(
                     "parity_max_abs_score_diff": worst},
         "vocabulary": list(vocabulary),
     }
+    if "baselines" in record:  # the model card: how this model compares with counting, on the same data
+        metadata["baselines"] = {**record["baselines"], "model": record["metrics"]["model"]}
     sample = np.load(run_dir / VALIDATION_SAMPLE)
     metadata["reference"] = reference_distributions(serving, sample["items"], sample["types"])
     model_name = name or record["model"]

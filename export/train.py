@@ -1,8 +1,9 @@
-"""`vitrine train`: fit a next-item model, evaluate it against popularity, and record the run.
+"""`vitrine train`: fit a next-item model, evaluate it against strong simple baselines, and record the run.
 
 A run folder holds `model.pt` (weights and the hyper-parameters to rebuild the module), `run.json`
-(parameters, data fingerprint, metrics of the model and of the popularity baseline, code version,
-duration) and `vocabulary.json`. Training is seeded and deterministic on CPU.
+(parameters, data fingerprint, metrics of the model and of every baseline in `baselines.py` — overall
+and per slice, the strongest named — code version, duration) and `vocabulary.json`. Training is
+seeded and deterministic on CPU.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from vitrine.export.data.sequences import FIRST_ITEM, OOV, Dataset
+from vitrine.export.baselines import BaselineConfig, evaluate_baselines
+from vitrine.export.data.sequences import OOV, Dataset
+from vitrine.export.metrics import EVAL_BATCH, METRIC_NAMES, SlicedMetrics, batches, ranking_metrics
 from vitrine.export.models import Architecture, SequenceRecommender, build
 from vitrine.settings import REPO_ROOT
 
-METRIC_NAMES = ("recall@10", "recall@20", "ndcg@10", "mrr")
 VALIDATION_SAMPLE = "validation_sample.npz"
 """Validation histories kept with the run: the export derives drift-reference distributions from them."""
 REFERENCE_ROWS = 5000
@@ -50,45 +52,23 @@ class TrainConfig:
             raise ValueError("learning_rate must lie in (0, 1)")
 
 
-def ranking_metrics(scores: np.ndarray | torch.Tensor, targets: np.ndarray) -> dict[str, float]:
-    """Recall@10/20, NDCG@10 and MRR over the full catalogue. A tie counts in the target's favour."""
-    scores = torch.as_tensor(scores)
-    target = torch.as_tensor(targets)
-    target_scores = scores.gather(1, target.unsqueeze(1))
-    rank = (scores > target_scores).sum(dim=1).double()  # 0 = first place
-    rank = torch.where(target < FIRST_ITEM, torch.full_like(rank, float("inf")), rank)  # never a hit
-    return {
-        "recall@10": float((rank < 10).double().mean()),
-        "recall@20": float((rank < 20).double().mean()),
-        "ndcg@10": float(torch.where(rank < 10, 1 / torch.log2(rank + 2), torch.zeros_like(rank)).mean()),
-        "mrr": float((1 / (rank + 1)).mean()),
-    }
+__all__ = ["METRIC_NAMES", "ranking_metrics"]  # kept importable from here: they moved to metrics.py
 
 
-def popularity_scores(dataset: Dataset) -> np.ndarray:
-    counts = dataset.train_item_counts.astype(np.float64)
-    counts[:FIRST_ITEM] = -np.inf
-    return counts
-
-
-def evaluate(model: SequenceRecommender, dataset: Dataset, batch_size: int = 1024) -> dict[str, float]:
+def evaluate_sliced(model: SequenceRecommender, dataset: Dataset, batch_size: int = EVAL_BATCH) -> SlicedMetrics:
+    """The model's validation ranks, for metrics overall and per slice (the gate needs both)."""
     model.eval()
-    totals = dict.fromkeys(METRIC_NAMES, 0.0)
-    n = len(dataset.valid_targets)
+    sliced = SlicedMetrics(dataset)
     with torch.no_grad():
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
+        for start, stop in batches(len(dataset.valid_targets), batch_size):
             items = torch.from_numpy(dataset.valid_inputs[start:stop])
             types = torch.from_numpy(dataset.valid_types[start:stop])
-            scores = model.logits(model.encode(items, types)[:, -1])
-            for name, value in ranking_metrics(scores, dataset.valid_targets[start:stop]).items():
-                totals[name] += value * (stop - start)
-    return {name: total / n for name, total in totals.items()}
+            sliced.add(start, model.logits(model.encode(items, types)[:, -1]))
+    return sliced
 
 
-def evaluate_popularity(dataset: Dataset) -> dict[str, float]:
-    scores = np.broadcast_to(popularity_scores(dataset), (len(dataset.valid_targets), dataset.vocabulary.size))
-    return ranking_metrics(np.ascontiguousarray(scores), dataset.valid_targets)
+def evaluate(model: SequenceRecommender, dataset: Dataset, batch_size: int = EVAL_BATCH) -> dict[str, float]:
+    return evaluate_sliced(model, dataset, batch_size).overall()
 
 
 def code_version() -> str:
@@ -100,7 +80,8 @@ def code_version() -> str:
         return "unknown"
 
 
-def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], out_dir: Path, progress: bool = True) -> Path:
+def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], out_dir: Path, progress: bool = True,
+          baselines: BaselineConfig = BaselineConfig()) -> Path:
     """Train one model, write its run folder, and return the folder."""
     started = time.monotonic()
     torch.manual_seed(config.seed)
@@ -132,8 +113,11 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
         history.append({"epoch": epoch + 1, "loss": epoch_loss / len(inputs)})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     bar.close()
-    metrics = evaluate(model, dataset)
-    baseline = evaluate_popularity(dataset)
+    sliced = evaluate_sliced(model, dataset)
+    metrics = sliced.overall()
+    baselines_started = time.monotonic()
+    report = evaluate_baselines(dataset, baselines)  # same rows, vocabulary, metrics and slices as the model
+    baselines_s = time.monotonic() - baselines_started
 
     run_dir = out_dir / f"{config.architecture}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{data_info['fingerprint'][:8]}"
     run_dir.mkdir(parents=True, exist_ok=False)
@@ -148,12 +132,14 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
         "data": {**data_info, "cutoff_ms": dataset.cutoff_ms, "train_windows": len(inputs),
                  "validation_targets": len(dataset.valid_targets), "vocabulary": len(dataset.vocabulary.item_ids),
                  "validation_oov_share": float(np.mean(dataset.valid_targets == OOV))},
-        "metrics": {"model": metrics, "popularity": baseline},
+        "metrics": {"model": metrics, **report.metrics},
+        "baselines": {**report.as_record(), "duration_s": round(baselines_s, 2)},
+        "slice_metrics": {"model": sliced.slices(), **report.slices},
         "history": history,
         "code_version": code_version(),
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "duration_s": round(time.monotonic() - started, 2),
+        "duration_s": round(time.monotonic() - started - baselines_s, 2),  # training and the model's evaluation
     }
     (run_dir / "run.json").write_text(json.dumps(record, indent=2))
     return run_dir

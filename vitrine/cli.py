@@ -259,9 +259,19 @@ def train_command(
                              learning_rate=learning_rate, dim=dim, max_len=max_len, seed=seed)
         run_dir = train(config, dataset, info, out, progress=progress)
         record = json.loads((run_dir / "run.json").read_text())
-        ours, base = record["metrics"]["model"], record["metrics"]["popularity"]
-        typer.echo(f"{architecture}: " + ", ".join(f"{k} {ours[k]:.4f} (popularity {base[k]:.4f})" for k in ours)
-                   + f" in {record['duration_s']:.0f}s → {run_dir}")
+        typer.echo(_metrics_table(record) + f"\n{architecture}: trained in {record['duration_s']:.0f}s → {run_dir}")
+
+
+def _metrics_table(record: dict) -> str:
+    """The model and every baseline, one row each, the strongest baseline marked (by its metric)."""
+    section = record["baselines"]
+    names = ["model", *section["metrics"]]
+    metric_names = list(record["metrics"]["model"])
+    rows = [[record["model"] if name == "model" else name, *(f"{record['metrics'][name][k]:.4f}" for k in metric_names),
+             "← strongest baseline" if name == section["strongest"] else ""] for name in names]
+    rows.insert(0, ["", *metric_names, f"(strongest by {section['metric']})"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def _model_name(value: str | None) -> str | None:
@@ -278,8 +288,11 @@ def export_command(
     max_k: Annotated[int, typer.Option(min=1, max=1000, help="Items returned by the graph's top-k.")] = 50,
     keep: Annotated[int, typer.Option(min=1, max=100, help="Versions kept on disk and served.")] = 3,
     load: Annotated[bool, typer.Option(help="Load into the running Triton and verify it serves the new version.")] = True,
+    gate: Annotated[bool, typer.Option(help="Export only runs that beat the strongest baseline by the margin, the served "
+                                            "champion (same data) and lose no slice (export/gate.py GatePolicy).")] = True,
 ) -> None:
     """Export runs to ONNX (parity-checked) as new versions in the Triton model repository."""
+    from vitrine.export.gate import GateError, champion_record, gate_run
     from vitrine.export.onnx_export import ParityError, export_run
     from vitrine.export.serving_check import ServingMismatch, load_and_verify
     from vitrine.export.validate import ModelFolderError
@@ -288,7 +301,22 @@ def export_command(
     chosen = runs or _newest_runs(runs_dir)
     if not chosen:
         raise _fail(FileNotFoundError(f"no run folders in {runs_dir}; run `vitrine train` first"))
+    rejected = []
     for run_dir in chosen:
+        if gate:
+            try:
+                record = json.loads((run_dir / "run.json").read_text())
+                folder = settings.triton.model_repository / (name or record["model"])
+                champion, about_champion = champion_record(folder, record)
+                decision = gate_run(record, champion)
+            except (GateError, FileNotFoundError, KeyError) as exc:
+                raise _fail(exc) from exc
+            verdict = "accepted" if decision.accepted else "REJECTED"
+            typer.echo(f"{run_dir.name}: gate {verdict} (champion: {about_champion})\n{decision.format()}")
+            if not decision.accepted:
+                typer.secho("\n".join(f"  {reason}" for reason in decision.reasons), fg=typer.colors.RED, err=True)
+                rejected.append(run_dir.name)
+                continue
         try:
             result = export_run(run_dir, settings.triton.model_repository, name=name, max_k=max_k, keep_versions=keep)
         except (ParityError, ModelFolderError, FileNotFoundError) as exc:
@@ -305,6 +333,9 @@ def export_command(
                             "it is served at the next `vitrine stack up`", fg=typer.colors.YELLOW)
             else:
                 typer.echo(f"{result.model} v{result.version}: served by Triton, top-k equal to onnxruntime in-process")
+    if rejected:
+        typer.secho(f"not exported (rejected by the gate): {', '.join(rejected)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 gateway_app = typer.Typer(help="The gRPC gateway storefronts call.", no_args_is_help=True)

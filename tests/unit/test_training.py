@@ -9,7 +9,8 @@ import torch
 
 from vitrine.export import models
 from vitrine.export.data import sequences, synthetic
-from vitrine.export.train import TrainConfig, evaluate_popularity, load_run, ranking_metrics, train
+from vitrine.export.baselines import evaluate_popularity
+from vitrine.export.train import TrainConfig, load_run, ranking_metrics, train
 
 
 @pytest.fixture(scope="module")
