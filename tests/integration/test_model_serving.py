@@ -88,11 +88,16 @@ async def test_train_then_export_adds_a_served_verified_version(stack: Stack, tm
         shutil.copytree(stack.settings.triton.model_repository / model, repository / name, ignore=shutil.ignore_patterns("__pycache__"))
         before = versions(repository / name)
         run = train(TrainConfig(architecture=model, epochs=1), dataset, {"fingerprint": table.fingerprint()}, tmp_path, progress=False)
+        # export_run is the ungated path (the gate lives in `vitrine export`): this one-epoch tiny model would
+        # rightly lose to the baselines; here only the export and serving path is under test.
         result = onnx_export.export_run(run, repository, name=name, max_k=50, keep_versions=3)
         assert result.version == before[-1] + 1
         await upload_model(client, name, repository / name, stack.settings.triton.model_config_name)
         await verify_served(client, name, result.folder)
         assert await client.is_model_ready(name, str(result.version))
+        # The model card carries every baseline beside the model's metrics.
+        card = json.loads((result.folder / ranker.METADATA_FILE).read_text())
+        assert set(card["baselines"]["metrics"]) == {"popularity", "transitions", "cooccurrence"}
         # The version it replaced as newest is still served (the policy keeps 3), so pinned variants keep working.
         assert await client.is_model_ready(name, str(before[-1]))
 

@@ -106,3 +106,22 @@ def test_bad_baseline_settings_are_refused() -> None:
         bl.BaselineConfig(decay=0)
     with pytest.raises(ValueError, match="unknown metric"):
         bl.BaselineConfig(metric="auc")
+
+
+def test_every_run_record_carries_the_baselines_and_their_slices(tmp_path) -> None:
+    import json
+
+    from vitrine.export.data import sequences, synthetic
+    from vitrine.export.train import TrainConfig, train
+
+    table = synthetic.generate(synthetic.preset("tiny"))
+    dataset = sequences.build(table, max_len=8)
+    run = train(TrainConfig(architecture="gru4rec", epochs=1, max_len=8, dim=8), dataset,
+                {"fingerprint": table.fingerprint()}, tmp_path, progress=False, baselines=bl.BaselineConfig(metric="mrr"))
+    record = json.loads((run / "run.json").read_text())
+    names = {"popularity", "transitions", "cooccurrence"}
+    assert set(record["metrics"]) == {"model", *names} and set(record["baselines"]["metrics"]) == names
+    assert record["baselines"]["metric"] == "mrr"
+    assert record["baselines"]["strongest"] == max(names, key=lambda n: record["metrics"][n]["mrr"])
+    assert set(record["slice_metrics"]) == {"model", *names}
+    assert sum(s["rows"] for n, s in record["slice_metrics"]["model"].items() if n.startswith("history")) == len(dataset.valid_targets)
