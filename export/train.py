@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from vitrine.export.baselines import BaselineConfig, evaluate_baselines
 from vitrine.export.data.sequences import OOV, Dataset
+from vitrine.export.losses import LOSSES, Loss, draw_negatives, full_softmax_loss, proposal, sampled_softmax_loss
 from vitrine.export.metrics import EVAL_BATCH, METRIC_NAMES, SlicedMetrics, batches, ranking_metrics
 from vitrine.export.models import Architecture, SequenceRecommender, build
 from vitrine.settings import REPO_ROOT
@@ -44,12 +44,23 @@ class TrainConfig:
     max_len: int = 20
     seed: int = 7
     threads: int = 2
+    loss: Loss = "full"
+    """"full": softmax over the whole catalogue at every position; "sampled": the target against
+    `negatives` shared sampled items with the logQ correction (export/losses.py). Evaluation and the
+    exported graph always score the full catalogue."""
+    negatives: int = 512
+    sampling_alpha: float = 0.0
+    """Negatives are drawn with probability ∝ training count ** sampling_alpha (0: uniform)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.dim < 4 or self.max_len < 2:
             raise ValueError("epochs and batch_size must be >= 1, dim >= 4, max_len >= 2")
         if not 0 < self.learning_rate < 1:
             raise ValueError("learning_rate must lie in (0, 1)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}")
+        if not 1 <= self.negatives <= 100_000 or not 0 <= self.sampling_alpha <= 1:
+            raise ValueError("negatives must lie in [1, 100000] and sampling_alpha in [0, 1]")
 
 
 __all__ = ["METRIC_NAMES", "ranking_metrics"]  # kept importable from here: they moved to metrics.py
@@ -89,11 +100,11 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
     torch.use_deterministic_algorithms(True)
     model = build(config.architecture, dataset.vocabulary.size, dataset.max_len, config.dim, config.dropout)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    loss_fn = nn.CrossEntropyLoss(ignore_index=0)
     inputs = torch.from_numpy(dataset.train_inputs)
     types = torch.from_numpy(dataset.train_types)
     targets = torch.from_numpy(dataset.train_targets)
     generator = torch.Generator().manual_seed(config.seed)
+    q = proposal(dataset.train_item_counts, config.sampling_alpha) if config.loss == "sampled" else None
     history = []
     batches = (len(inputs) + config.batch_size - 1) // config.batch_size
     bar = tqdm(total=config.epochs * batches, desc=config.architecture, unit="batch", disable=not progress)
@@ -103,8 +114,13 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
         epoch_loss = 0.0
         for start in range(0, len(inputs), config.batch_size):
             index = order[start : start + config.batch_size]
-            logits = model.logits(model.encode(inputs[index], types[index]))
-            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), targets[index].reshape(-1))
+            real = targets[index] != 0  # only real positions are scored (left padding has no target)
+            hidden, target = model.encode(inputs[index], types[index])[real], targets[index][real]
+            if q is None:
+                loss = full_softmax_loss(hidden, target, model.embed.items.weight)
+            else:
+                loss = sampled_softmax_loss(hidden, target, model.embed.items.weight,
+                                            draw_negatives(q, config.negatives, generator), q)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

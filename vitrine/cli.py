@@ -234,6 +234,9 @@ def train_command(
     dim: Annotated[int, typer.Option(min=4, max=1024)] = 64,
     max_len: Annotated[int, typer.Option(min=2, max=512, help="History steps the model sees.")] = 20,
     validation_fraction: Annotated[float, typer.Option(min=0.01, max=0.5)] = 0.1,
+    loss: Annotated[str, typer.Option(help="Training loss: full (softmax over the catalogue) or sampled (target vs. shared sampled negatives, logQ-corrected). Evaluation always ranks the full catalogue.")] = "full",
+    negatives: Annotated[int, typer.Option(min=1, max=100_000, help="Sampled loss: negatives per batch.")] = 512,
+    sampling_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Sampled loss: negatives drawn ∝ popularity ** alpha (0 = uniform).")] = 0.0,
     out: Annotated[Path, typer.Option(file_okay=False, help="Where run folders go.")] = Path("runs"),
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -242,6 +245,8 @@ def train_command(
     from vitrine.export.models import ARCHITECTURES
     from vitrine.export.train import TrainConfig, train
 
+    if loss not in ("full", "sampled"):
+        raise typer.BadParameter("choose full or sampled", param_hint="--loss")
     unknown = [m for m in model if m not in ARCHITECTURES]
     if unknown:
         raise typer.BadParameter(f"unknown model {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}", param_hint="--model")
@@ -256,7 +261,8 @@ def train_command(
                f"{len(dataset.valid_targets)} validation targets, fingerprint {info['fingerprint'][:12]}")
     for architecture in model:
         config = TrainConfig(architecture=architecture, epochs=epochs, batch_size=batch_size,  # type: ignore[arg-type]
-                             learning_rate=learning_rate, dim=dim, max_len=max_len, seed=seed)
+                             learning_rate=learning_rate, dim=dim, max_len=max_len, seed=seed,
+                             loss=loss, negatives=negatives, sampling_alpha=sampling_alpha)  # type: ignore[arg-type]
         run_dir = train(config, dataset, info, out, progress=progress)
         record = json.loads((run_dir / "run.json").read_text())
         typer.echo(_metrics_table(record) + f"\n{architecture}: trained in {record['duration_s']:.0f}s → {run_dir}")
