@@ -12,7 +12,8 @@ from vitrine.services.events.publisher import publish
 from aiokafka import TopicPartition
 
 from vitrine.services.features import metrics
-from vitrine.services.features.consumer import FeatureConsumer, _Rebalance
+from vitrine.services.features.consumer import FeatureConsumer
+from vitrine.services.member import Rebalance
 from vitrine.services.features.store import POPULARITY_WEIGHT, user_prefix
 from vitrine.contracts.events import EventType
 from vitrine.settings import FeaturesSettings, Settings
@@ -108,7 +109,7 @@ async def test_revocation_waits_for_the_batch_in_flight_commits_then_drops_the_l
         owner.metrics.lag.labels(tp.topic, str(tp.partition)).set(5)
     try:
         await owner.batch_lock.acquire()  # a batch is in flight
-        revocation = asyncio.create_task(_Rebalance(owner).on_partitions_revoked({revoked}))
+        revocation = asyncio.create_task(Rebalance(owner).on_partitions_revoked({revoked}))
         for _ in range(10):  # yield to the event loop: the revocation runs as far as it can
             await asyncio.sleep(0)
         assert not revocation.done() and "commit of" not in caplog.text

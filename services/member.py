@@ -1,0 +1,178 @@
+"""A consumer group member whose results and next offsets live together in Redis — the one place
+where Vitrine's exactly-once-effect discipline is written, for every consumer that follows it (the
+feature consumer and the outcome service).
+
+- On assignment the member seeks to the offsets stored in Redis (Kafka's commits are only a hint).
+- Each batch is written with the offsets this member expects Redis to hold; a refused write (Redis
+  rolled back, or — where a store checks for it — another member wrote) makes it seek to Redis's
+  offsets and read again (`rewind`). While idle, the same comparison runs every
+  `offset_check_interval_s`, so a rollback is replayed even when no batch arrives to notice it.
+- A rebalance waits for the batch in flight, commits what it stored and drops the revoked
+  partitions' lag series; stopping commits too.
+- Rejects go to the DLQ, Redis writes are retried while Redis is away (`services/dead_letters.py`).
+
+A subclass builds its Kafka clients, metrics (with the shared names: `write_retries`, `rejected`,
+`dlq_spilled`, `offset_rewinds`, `lag`, `assigned`, `batch_size`, `batch_duration`) and store, calls
+`_init_member`, and implements `process` and `stored_offsets`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+
+from vitrine.services.dead_letters import DeadLetters, Rejects, with_redis_retry
+from vitrine.services.partition_lag import PartitionLag
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Batch = dict[TopicPartition, list[ConsumerRecord]]
+Offsets = dict[tuple[str, int], int]
+
+
+class Rebalance(ConsumerRebalanceListener):
+    def __init__(self, owner: StoredOffsetsMember) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Wait for the batch in flight, then commit what it stored: the next owner starts right after it.
+        async with self.owner.batch_lock:
+            await self.owner.commit_processed(revoked)
+            self.owner.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.owner.seek_to_stored_offsets(assigned)
+
+
+class StoredOffsetsMember:
+    cfg: Any
+    """The service's settings section: group_id, poll_timeout_ms, max_batch, commit_interval_s,
+    offset_check_interval_s, redis_retry_max_s and the dlq_* fields."""
+    metrics: Any
+    consumer: AIOKafkaConsumer
+    producer: AIOKafkaProducer
+
+    def _init_member(self) -> None:
+        self.batch_lock = asyncio.Lock()
+        self.processed: dict[TopicPartition, int] = {}
+        """Next offset per owned partition as stored in Redis by (or sought to from) this member."""
+        self.partition_lag = PartitionLag(self.metrics.lag, self.metrics.assigned)
+        self.last_commit = 0.0
+        self.last_offset_check = time.monotonic()
+        self.dead_letters = DeadLetters(self.producer, self.cfg.dlq_topic, self.cfg.dlq_send_attempts, self.cfg.redis_retry_max_s,
+                                        self.spill_path, self.metrics.write_retries.inc,
+                                        lambda reason: self.metrics.dlq_spilled.labels(reason).inc())
+
+    # --- what a subclass provides -----------------------------------------------------------------
+    async def process(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    async def stored_offsets(self) -> Offsets:
+        """(topic, partition) → next offset, as stored in Redis for this member's group."""
+        raise NotImplementedError
+
+    def disagrees(self, stored: int, own: int) -> bool:
+        """Whether Redis's offset for a partition means this member must read again from it: by default
+        when Redis is behind (it lost writes); a store that also detects other writers overrides this."""
+        return stored < own
+
+    # --- the loop -------------------------------------------------------------------------------------
+    @property
+    def spill_path(self) -> Path:
+        return self.cfg.dlq_spill_dir / f"{self.cfg.group_id}.jsonl"
+
+    async def consume(self, stop: asyncio.Event) -> None:
+        """Poll and process until `stop`; idle, compare offsets; at the end commit what was stored."""
+        try:
+            while not stop.is_set():
+                batch = await self.consumer.getmany(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_batch)
+                if batch:
+                    async with self.batch_lock:
+                        await self.process(batch)
+                elif time.monotonic() - self.last_offset_check >= self.cfg.offset_check_interval_s:
+                    async with self.batch_lock:
+                        await self.rewind_if_redis_disagrees()
+                self.partition_lag.update(self.consumer, self.processed)
+        finally:
+            async with self.batch_lock:
+                await self.commit_processed(self.consumer.assignment())
+
+    async def seek_to_stored_offsets(self, assigned: set[TopicPartition]) -> None:
+        stored = await self._with_redis_retry(self.stored_offsets)
+        for tp in assigned:
+            offset = stored.get((tp.topic, tp.partition))
+            if offset is not None:
+                self.consumer.seek(tp, offset)
+                self.processed[tp] = offset
+
+    async def rewind_if_redis_disagrees(self) -> None:
+        """Idle check: Redis may have rolled back while no batch arrived to notice."""
+        self.last_offset_check = time.monotonic()
+        stored = await self._with_redis_retry(self.stored_offsets)
+        differ = {
+            (tp.topic, tp.partition): stored.get((tp.topic, tp.partition), -1)
+            for tp in self.consumer.assignment()
+            if tp in self.processed and self.disagrees(stored.get((tp.topic, tp.partition), -1), self.processed[tp])
+        }
+        if differ:
+            await self.rewind(differ, {})
+
+    async def rewind(self, differ: Offsets, batch: Batch) -> None:
+        """Seek back after a refused write: a partition whose stored offset differs goes there (the beginning
+        if Redis has none), the batch's other partitions to their first unwritten record."""
+        for tp, records in batch.items():
+            if (tp.topic, tp.partition) not in differ:
+                self.consumer.seek(tp, records[0].offset)
+        for (topic, partition), stored in differ.items():
+            tp = TopicPartition(topic, partition)
+            log.warning("Redis holds offset %d for %s:%d where this consumer expected %s (Redis lost writes, or another "
+                        "member wrote): re-reading from Redis's", stored, topic, partition, self.processed.get(tp))
+            self.metrics.offset_rewinds.inc()
+            if stored >= 0:
+                self.consumer.seek(tp, stored)
+                self.processed[tp] = stored
+            else:
+                await self.consumer.seek_to_beginning(tp)
+                self.processed.pop(tp, None)
+
+    async def stored(self, batch: Batch, started: float) -> None:
+        """After a batch and its offsets were written: remember them, commit at most every commit_interval_s."""
+        for tp, records in batch.items():
+            self.processed[tp] = records[-1].offset + 1
+        if time.monotonic() - self.last_commit >= self.cfg.commit_interval_s:
+            await self.commit_processed(self.consumer.assignment())
+        self.metrics.batch_size.observe(sum(len(r) for r in batch.values()))
+        self.metrics.batch_duration.observe(time.perf_counter() - started)
+
+    async def commit_processed(self, partitions: set[TopicPartition]) -> None:
+        offsets = {tp: self.processed[tp] for tp in partitions if tp in self.processed}
+        self.last_commit = time.monotonic()
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except Exception as exc:  # noqa: BLE001 - Kafka's commit is a hint; Redis holds the truth
+            committed = ", ".join(f"{tp.topic}:{tp.partition}={offset}" for tp, offset in sorted(offsets.items()))
+            log.warning("commit of %s to Kafka failed (%s); the offsets are safe in Redis", committed, exc)
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        """Partitions this member no longer owns: no commits, no lag series for them."""
+        for tp in partitions:
+            self.processed.pop(tp, None)
+        self.partition_lag.forget(partitions)
+
+    async def dead_letter(self, rejects: Rejects) -> None:
+        """Rejects to the DLQ with bounded retries, or to the spill file, then counted by reason."""
+        await self.dead_letters.send(rejects)
+        for _, rejected in rejects:
+            self.metrics.rejected.labels(rejected.reason).inc()
+
+    async def _with_redis_retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        return await with_redis_retry(call, self.cfg.redis_retry_max_s, self.metrics.write_retries.inc)
