@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 
 from vitrine.services.dead_letters import DeadLetters, Rejects, with_redis_retry
 from vitrine.services.partition_lag import PartitionLag
@@ -176,3 +178,28 @@ class StoredOffsetsMember:
 
     async def _with_redis_retry(self, call: Callable[[], Awaitable[T]]) -> T:
         return await with_redis_retry(call, self.cfg.redis_retry_max_s, self.metrics.write_retries.inc)
+
+
+class _Runnable(Protocol):
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+
+def serve_until_signalled(make: Callable[[CollectorRegistry], _Runnable], metrics_host: str, metrics_port: int) -> None:
+    """A member's process: metrics on `metrics_host:metrics_port`, run until SIGTERM/SIGINT, then finish
+    the batch, commit and exit. `make` builds the member inside the running loop (aiokafka clients
+    belong to the loop they are created in)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    disable_created_metrics()  # *_created series only add noise to dashboards
+    registry = CollectorRegistry()
+
+    async def serve() -> None:
+        member = make(registry)
+        start_http_server(metrics_port, metrics_host, registry=registry)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await member.run(stop)
+
+    asyncio.run(serve())

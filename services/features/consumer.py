@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry
 
 from vitrine.contracts.events import Event, EventRejected, parse_event
 from vitrine.services.features.metrics import FeatureMetrics
 from vitrine.services.features.store import FeatureStore, WriteResult
 from vitrine.services.heap import freeze_startup_objects
-from vitrine.services.member import Rebalance, StoredOffsetsMember
+from vitrine.services.member import Rebalance, StoredOffsetsMember, serve_until_signalled
 from vitrine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,18 +121,4 @@ class FeatureConsumer(StoredOffsetsMember):
 
 def main(settings: Settings) -> None:
     """Serve metrics, consume until SIGTERM/SIGINT, then finish the batch, commit and exit."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    disable_created_metrics()  # *_created series only add noise to dashboards
-    registry = CollectorRegistry()
-
-    async def serve() -> None:
-        consumer = FeatureConsumer(settings, registry)  # aiokafka clients belong to the running loop
-        start_http_server(settings.features.metrics_port, settings.features.metrics_host, registry=registry)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await consumer.run(stop)
-
-    asyncio.run(serve())
+    serve_until_signalled(lambda registry: FeatureConsumer(settings, registry), settings.features.metrics_host, settings.features.metrics_port)

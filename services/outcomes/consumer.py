@@ -24,20 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections import defaultdict
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from prometheus_client import CollectorRegistry
 
 from vitrine.contracts.events import Event, EventRejected, parse_event
 from vitrine.contracts.exposures import Exposure
 from vitrine.services.gateway.experiment import ExperimentStore
 from vitrine.services.heap import freeze_startup_objects
-from vitrine.services.member import Rebalance, StoredOffsetsMember
+from vitrine.services.member import Rebalance, StoredOffsetsMember, serve_until_signalled
 from vitrine.services.outcomes.attribution import APPLIED, CONFLICT, DUPLICATE, UserChanges, Windows, attribute, parse_exposure
 from vitrine.services.outcomes.metrics import OutcomeMetrics
 from vitrine.services.outcomes.monitor import ExperimentMonitor
@@ -169,18 +168,4 @@ class OutcomeConsumer(StoredOffsetsMember):
 
 def main(settings: Settings) -> None:
     """Serve metrics, consume until SIGTERM/SIGINT, then finish the batch, commit and exit."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    disable_created_metrics()
-    registry = CollectorRegistry()
-
-    async def serve() -> None:
-        consumer = OutcomeConsumer(settings, registry)
-        start_http_server(settings.outcomes.metrics_port, settings.outcomes.metrics_host, registry=registry)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await consumer.run(stop)
-
-    asyncio.run(serve())
+    serve_until_signalled(lambda registry: OutcomeConsumer(settings, registry), settings.outcomes.metrics_host, settings.outcomes.metrics_port)
