@@ -34,14 +34,12 @@ MIN_USERS_PER_VARIANT = 2
 
 
 def snapshot_of(experiment: Experiment, analysis: ExperimentAnalysis | None, preference: InterleavingResult | None,
-                previous: list[dict], now_ms: int) -> dict:
-    """One look, as stored in the history and exported as gauges; p-values are running minima over `previous`."""
+                last: dict | None, now_ms: int) -> dict:
+    """One look, as stored in the history and exported as gauges. Its p-values are running minima: the
+    `last` look already holds the minimum over every look before it, so it is the only one needed."""
     look: dict = {"ts_ms": now_ms, "revision": experiment.revision, "mode": experiment.mode}
     if analysis is not None:
-        earlier: dict[str, float] = {}
-        for past in previous:
-            for key, value in past.get("sequential_p", {}).items():
-                earlier[key] = min(earlier.get(key, 1.0), value)
+        earlier: dict[str, float] = (last or {}).get("sequential_p", {})
         look["users"] = {v.variant: v.users for v in analysis.variants}
         look["srm_p_value"] = analysis.srm.p_value
         look["lift"] = {f"{c.variant}:{c.metric}": [c.relative.estimate, c.relative.low, c.relative.high] for c in analysis.comparisons}
@@ -95,8 +93,8 @@ class ExperimentMonitor:
                 return "too_few_users"
             weights = {v.name: v.weight for v in experiment.variants}
             analysis = await asyncio.to_thread(analyse, rows, weights, control)
-        previous = await self.store.snapshots(experiment.name, experiment.revision)
-        look = snapshot_of(experiment, analysis, preference, previous, int(time.time() * 1000))
+        last = await self.store.last_snapshot(experiment.name, experiment.revision)
+        look = snapshot_of(experiment, analysis, preference, last, int(time.time() * 1000))
         self._export(experiment.name, look)
         await self.store.append_snapshot(experiment.name, experiment.revision, look, self.history)
         return "ok"

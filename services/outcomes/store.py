@@ -266,6 +266,11 @@ class OutcomeStore:
         """Every look the monitor took at the revision, oldest first (the report's intervals over time)."""
         return [json.loads(raw) for raw in await self.client.lrange(self.history_key(experiment, revision), 0, -1)]
 
+    async def last_snapshot(self, experiment: str, revision: int) -> dict | None:
+        """The monitor's newest look at the revision (it carries the running minima of the p-values)."""
+        raw = await self.client.lindex(self.history_key(experiment, revision), -1)
+        return json.loads(raw) if raw else None
+
     async def revisions(self, experiment: str) -> list[int]:
         """The revisions of `experiment` that have outcome rows, ascending."""
         return sorted(int(_text(r)) for r in await self.client.smembers(self.revisions_key(experiment)))

@@ -58,7 +58,8 @@ def test_the_lift_over_time_is_drawn(tmp_path: Path) -> None:
     rows = _rows(2000, 0.06)
     history = []
     for n in (200, 600, 1200, 2000):
-        history.append(snapshot_of(EXPERIMENT, analyse(rows[:n], WEIGHTS, "control"), None, history, 60_000 * len(history)))
+        history.append(snapshot_of(EXPERIMENT, analyse(rows[:n], WEIGHTS, "control"), None, history[-1] if history else None,
+                                   60_000 * len(history)))
     report = _report(rows, history)
     out = tmp_path / "report.png"
     plot_history(report, out)

@@ -32,13 +32,13 @@ def _rows(n: int, seed: int = 1) -> list[UserOutcome]:
 
 def test_a_look_keeps_the_running_minimum_of_the_always_valid_p_value() -> None:
     analysis = analyse(_rows(2000), {"control": 50, "treatment": 50}, "control")
-    first = snapshot_of(EXPERIMENT, analysis, None, [], 1)
+    first = snapshot_of(EXPERIMENT, analysis, None, None, 1)
     key = "treatment:ctr"
     assert first["users"] == {"control": 1000, "treatment": 1000} and key in first["lift"]
     low, high = first["lift"][key][1:]
     assert low < first["lift"][key][0] < high and low > 0  # a planted +80 % CTR is found
     earlier = {"sequential_p": {key: 1e-30}}
-    second = snapshot_of(EXPERIMENT, analysis, None, [earlier], 2)
+    second = snapshot_of(EXPERIMENT, analysis, None, earlier, 2)
     assert second["sequential_p"][key] == 1e-30  # never rises above an earlier look's
     assert 0 <= first["srm_p_value"] <= 1
 
@@ -46,7 +46,7 @@ def test_a_look_keeps_the_running_minimum_of_the_always_valid_p_value() -> None:
 def test_gauges_of_an_old_revision_are_cleared_when_a_new_one_starts() -> None:
     metrics = OutcomeMetrics(CollectorRegistry())
     monitor = ExperimentMonitor(store=None, experiments=None, metrics=metrics, interval_s=1, history=10)  # type: ignore[arg-type]
-    look = snapshot_of(EXPERIMENT, analyse(_rows(200), {"control": 50, "treatment": 50}, "control"), None, [], 1)
+    look = snapshot_of(EXPERIMENT, analyse(_rows(200), {"control": 50, "treatment": 50}, "control"), None, None, 1)
     monitor._export("exp", look)
     assert ("exp", "treatment", "ctr", "low") in label_sets(metrics.relative_lift, ("experiment", "variant", "metric", "bound"))
     monitor._clear()
@@ -57,5 +57,5 @@ def test_gauges_of_an_old_revision_are_cleared_when_a_new_one_starts() -> None:
 def test_an_interleaved_look_exports_each_teams_preference() -> None:
     rows = [InterleavedOutcome(f"u{n}", "a", "b", clicks_a=3, clicks_b=1, wins_a=2 if n % 4 else 0, wins_b=0 if n % 4 else 1, ties=0)
             for n in range(400)]
-    look = snapshot_of(EXPERIMENT.model_copy(update={"mode": "interleave"}), None, analyse_interleaving(rows), [], 1)
+    look = snapshot_of(EXPERIMENT.model_copy(update={"mode": "interleave"}), None, analyse_interleaving(rows), None, 1)
     assert look["preference"]["a"] == 0.75 and look["preference"]["b"] == 0.25 and look["preference_p_value"] < 1e-6
