@@ -9,7 +9,6 @@ answer that says why (popularity from Redis, else from memory); only bad input a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import re
 import time
@@ -25,7 +24,7 @@ from vitrine.services.features.store import FeatureStore, UserFeatures
 from vitrine.services.gateway.batcher import DeadlineExpired, QueueFull
 from vitrine.services.gateway.breaker import CircuitOpen
 from vitrine.services.gateway.drift import DriftMonitor
-from vitrine.services.gateway.experiment import Experiment, ExperimentFollower
+from vitrine.services.gateway.experiment import Experiment, ExperimentFollower, Variant
 from vitrine.services.gateway.interleaving import team_draft
 from vitrine.services.gateway.exposures import ExposureLog
 from vitrine.services.gateway.fallback import PopularityFallback, Ranked
@@ -59,7 +58,6 @@ class Answer:
     degraded_reason: str = ""
     teams: tuple[str, ...] = ()
     """Interleaving: the variant that placed each item; empty in A/B mode."""
-    features_ts_ms: int = 0
 
 
 def validate(request: pb.RecommendRequest, max_k: int, max_exclusions: int) -> None:
@@ -180,12 +178,12 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         deadline = started + time_remaining if time_remaining is not None else None
         budget = deadline if deadline is not None else started + self.settings.request_budget_ms / 1000
         experiment = self.experiment.current
-        interleaved = experiment.mode == INTERLEAVE
-        variant_name = INTERLEAVE if interleaved else experiment.assign(request.user_id).name
+        variant = None if experiment.mode == INTERLEAVE else experiment.assign(request.user_id)
+        variant_name = INTERLEAVE if variant is None else variant.name
         request_id = request.request_id or uuid.uuid4().hex
         self.metrics.inflight.inc()
         try:
-            answer = await self._rank(request, experiment, variant_name, budget, request_id)
+            answer, features_ts_ms = await self._rank(request, experiment, variant, budget, request_id)
         except QueueFull as exc:
             raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, "the gateway is at capacity; retry later", variant_name) from exc
         finally:
@@ -199,14 +197,14 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             item_ids=[i for i, _ in answer.items], scores=[s for _, s in answer.items], latency_ms=elapsed * 1000,
             degraded=bool(answer.degraded_reason), degraded_reason=answer.degraded_reason, page=request.context.page,
             experiment=experiment.name, revision=experiment.revision, mode=experiment.mode, slot_variants=list(answer.teams),
-            features_ts_ms=answer.features_ts_ms,
+            features_ts_ms=features_ts_ms,
         )
         teams = answer.teams or ("",) * len(answer.items)
         response = pb.RecommendResponse(
             items=[pb.ScoredItem(item_id=i, score=s, variant=t) for (i, s), t in zip(answer.items, teams, strict=True)],
             variant=variant_name, model_name=answer.model_name, model_version=answer.model_version,
             degraded=bool(answer.degraded_reason), degraded_reason=answer.degraded_reason, request_id=request_id,
-            features_ts_ms=answer.features_ts_ms,
+            features_ts_ms=features_ts_ms,
         )
         return _Reply(response, exposure, answer, variant_name, elapsed)
 
@@ -214,8 +212,11 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         self._observe(method, reply.variant, reply.answer, reply.elapsed_s)
         self.exposures.record(reply.exposure)
 
-    async def _rank(self, request: pb.RecommendRequest, experiment: Experiment, variant: str, budget: float, request_id: str) -> Answer:
-        """`budget`: the perf_counter() instant past which the answer is degraded rather than late."""
+    async def _rank(self, request: pb.RecommendRequest, experiment: Experiment, variant: Variant | None, budget: float,
+                    request_id: str) -> tuple[Answer, int]:
+        """The answer, and the event time of the newest event in the user's features (0: none read).
+        `variant` is None in interleave mode; `budget` is the perf_counter() instant past which the
+        answer is degraded rather than late."""
         excluded = set(request.exclude_item_ids)
         if request.context.item_id:
             excluded.add(request.context.item_id)
@@ -226,26 +227,23 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 features: UserFeatures = await self.store.user_features(request.user_id, now_ms)
         except Exception as exc:  # noqa: BLE001 - Redis away or slow: answer from the in-memory copy
             log.debug("features unavailable: %s", exc)
-            return await self._degraded(request.k, excluded, "redis_unavailable", redis_up=False)
+            return await self._degraded(request.k, excluded, "redis_unavailable", redis_up=False), 0
         finally:
             self.metrics.stage.labels("features").observe(time.perf_counter() - stage)
         excluded |= features.purchased
         fresh = features.recent[-1].ts_ms if features.recent else 0
         if not features.has_history:
-            return Answer(self._top(self.fallback.trending(), request.k, excluded), COLD_START_MODEL, "", features_ts_ms=fresh)
-        if experiment.mode == INTERLEAVE:
+            return Answer(self._top(self.fallback.trending(), request.k, excluded), COLD_START_MODEL, ""), fresh
+        if variant is None:
             a, b = experiment.variants
             answers = await asyncio.gather(*(self._by_model(request.k, v.name, v.model_name, v.model_version, features, excluded, budget)
                                              for v in (a, b)))
             degraded = next((x for x in answers if x.degraded_reason), None)
             if degraded is not None:  # no credit can be given for a list one team did not fill
-                return dataclasses.replace(degraded, features_ts_ms=fresh)
+                return degraded, fresh
             merged = team_draft(answers[0].items, answers[1].items, request.k, request_id, (a.name, b.name))
-            return Answer([(i, s) for i, s, _ in merged], INTERLEAVED_MODEL, "", teams=tuple(t for _, _, t in merged),
-                          features_ts_ms=fresh)
-        chosen = next(v for v in experiment.variants if v.name == variant)
-        answer = await self._by_model(request.k, variant, chosen.model_name, chosen.model_version, features, excluded, budget)
-        return dataclasses.replace(answer, features_ts_ms=fresh)
+            return Answer([(i, s) for i, s, _ in merged], INTERLEAVED_MODEL, "", teams=tuple(t for _, _, t in merged)), fresh
+        return await self._by_model(request.k, variant.name, variant.model_name, variant.model_version, features, excluded, budget), fresh
 
     async def _by_model(self, k: int, variant: str, model_name: str, model_version: str, features: UserFeatures,
                         excluded: set[str], budget: float) -> Answer:
