@@ -1,3 +1,4 @@
+import pytest
 from typer.testing import CliRunner
 
 from vitrine.cli import app
@@ -123,3 +124,25 @@ def test_ab_set_refuses_an_unknown_mode_and_an_interleaving_of_three() -> None:
     assert result.exit_code == 2 and "ab or interleave" in result.output
     result = runner.invoke(app, ["ab", "set", "-v", "a=gru4rec=40", "-v", "b=sasrec=30", "-v", "c=popularity=30", "--mode", "interleave"])
     assert result.exit_code == 2 and "exactly two" in result.output
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "--preset", "tiny", "--loss", "hinge"],
+    ["train", "--preset", "tiny", "--negatives", "0"],
+    ["train", "--preset", "tiny", "--threads", "0"],
+    ["bench", "stats", "--aa-experiments", "5"],
+    ["ab", "report", "--revision", "0"],
+])
+def test_new_flags_refuse_values_out_of_their_bounds(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+
+
+def test_the_gateway_refuses_an_experiment_mode_it_does_not_know() -> None:
+    from pydantic import ValidationError
+
+    from vitrine.services.gateway.admin import from_proto
+    from vitrine.v1 import recommender_pb2 as pb
+
+    with pytest.raises(ValidationError, match="mode"):
+        from_proto(pb.Experiment(salt="s", mode="shuffle", variants=[pb.Variant(name="a", model_name="gru4rec", weight=100)]))
