@@ -86,7 +86,6 @@ class Gateway:
         self.follower: ExperimentFollower | None = None
         self._tasks: list[asyncio.Task] = []
         self._unused_sweeps: dict[tuple[str, str], int] = {}
-        self._variant_labels: set[tuple[str, str]] = set()
 
     def _on_experiment(self, experiment: Experiment) -> None:
         self.metrics.variant_weight.clear()
