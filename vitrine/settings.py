@@ -124,6 +124,16 @@ class FeaturesSettings(_Section):
     user_ttl_s: int = Field(30 * 86400, ge=60, description="Idle users' keys expire after this long.")
     trending_half_life_s: int = Field(3600, ge=60, le=7 * 86400)
     popular_max_items: int = Field(10_000, ge=10, le=1_000_000, description="Items kept in the global popularity ranking.")
+    successors_max: int = Field(
+        100, ge=1, le=10_000,
+        description="Successors kept per item in the item → next-item table (`ns:next:<item>`), the most frequent: the "
+                    "table's memory is at most this many entries per item. A successor must out-count the last kept one "
+                    "to stay, so keep it well above what the gateway reads (k plus exclusions, ≤ gateway.max_k + "
+                    "gateway.max_exclusions) for the served head to be stable.")
+    successors_ttl_s: int = Field(
+        30 * 86400, ge=60,
+        description="An item's successor table expires this long after the last step away from the item was counted "
+                    "(items nobody visits any more stop taking memory).")
     metrics_host: Host = "127.0.0.1"
     metrics_port: Port = 19400
     redis_retry_max_s: float = Field(5.0, gt=0, le=300, description="Back-off ceiling while Redis is unreachable.")
@@ -242,6 +252,14 @@ class GatewaySettings(_Section):
                     "past it the answer is degraded, never late without bound.")
     admin_timeout_ms: float = Field(1000, gt=0, le=60_000, description="Bound on Redis calls of experiment changes and of start-up.")
     refresh_s: float = Field(1.0, gt=0, le=60, description="Popularity/trending copies and model readiness refresh period.")
+    transitions_max_history: int = Field(
+        2, ge=0, le=1000,
+        description="Shoppers with at most this many steps (runs of events on one item collapsed) get the transitions "
+                    "answer — successors of their last item from the feature store, topped up with popularity — instead "
+                    "of their variant's model; 0 disables. Not in interleave mode or for a `popularity` variant, whose "
+                    "rankers are what the experiment compares. Default 2: offline, the transition table is as good as the "
+                    "shipped models overall and far ahead of popularity on short histories (docs/benchmarks.md, "
+                    "'Fallback quality'), and costs one Redis read instead of a Triton call.")
     exposure_buffer: int = Field(10_000, ge=1, le=10_000_000)
     exposure_linger_ms: float = Field(
         50, ge=0, le=10_000,

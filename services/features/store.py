@@ -11,6 +11,8 @@ Redis Cluster slot; see docs/redis-layout.md):
     ns:trending:<day>                ZSET  item → Σ weight·2^((ts − day start)/half-life)  (forward decay)
     ns:trending:merged:<uuid>        ZSET  scratch: the two days merged for a top-n read, deleted in the same MULTI
     ns:popular                       ZSET  item → Σ weight; the top `popular_max_items`
+    ns:next:<item>                   ZSET  successor item → how often a shopper's next step went from <item> to it;
+                                           the top `successors_max`, expires `successors_ttl_s` after its last write
     ns:offsets:<group>               HASH  "<topic>:<partition>" → next offset to read
 
 Writes happen in one Lua script per batch: every event is checked against its user's dedupe set,
@@ -47,6 +49,7 @@ _TYPE_BY_NAME: Final = {t.value: t for t in EventType}
 # KEYS: none (the single-Redis path builds keys from the namespace; see the module docstring).
 # ARGV: ns, group, n_events, n_offsets, recent_max, purchased_max, dedupe_ms, user_ttl_ms,
 #       half_life_ms, popular_max, windows (comma-separated seconds), weights (comma-separated, by type),
+#       successors_max, successors_ttl_ms,
 #       then n_events × (event_id, user_id, item_id, type_index, ts_ms),
 #       then n_offsets × (field, expected stored offset or -1 when unknown, next offset).
 # Returns {flags, behind}: flags = one 0/1 per event (1 = applied, 0 = duplicate) and behind = {};
@@ -59,6 +62,7 @@ local n_events, n_offsets = tonumber(ARGV[3]), tonumber(ARGV[4])
 local recent_max, purchased_max = tonumber(ARGV[5]), tonumber(ARGV[6])
 local dedupe_ms, user_ttl_ms = tonumber(ARGV[7]), tonumber(ARGV[8])
 local half_life_ms, popular_max = tonumber(ARGV[9]), tonumber(ARGV[10])
+local successors_max, successors_ttl_ms = tonumber(ARGV[13]), tonumber(ARGV[14])
 local windows, weights = {}, {}
 for w in string.gmatch(ARGV[11], '[^,]+') do windows[#windows + 1] = tonumber(w) end
 for w in string.gmatch(ARGV[12], '[^,]+') do weights[#weights + 1] = tonumber(w) end
@@ -67,7 +71,7 @@ local housekeeping_every = 4
 -- A stored offset behind the consumer's own last write means Redis lost writes: refuse the batch
 -- before touching anything, so that the consumer re-reads from the stored offset.
 local offsets_key = ns .. ':offsets:' .. group
-local offsets_base = 12 + 5 * n_events
+local offsets_base = 14 + 5 * n_events
 local behind = {}
 for i = 0, n_offsets - 1 do
   local field, expected = ARGV[offsets_base + 3 * i + 1], tonumber(ARGV[offsets_base + 3 * i + 2])
@@ -78,8 +82,8 @@ for i = 0, n_offsets - 1 do
   end
 end
 if #behind > 0 then return {{}, behind} end
-local applied, touched, newest, bought, popular, trending = {}, {}, {}, {}, {}, {}
-local base = 12
+local applied, touched, newest, bought, popular, trending, follows = {}, {}, {}, {}, {}, {}, {}
+local base = 14
 for i = 0, n_events - 1 do
   local event_id, user, item = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   local kind, ts = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
@@ -89,7 +93,21 @@ for i = 0, n_events - 1 do
     applied[#applied + 1] = 0
   else
     applied[#applied + 1] = 1
-    redis.call('ZADD', u .. ':recent', ts, item .. '\31' .. types[kind + 1] .. '\31' .. event_id)
+    local member = item .. '\31' .. types[kind + 1] .. '\31' .. event_id
+    redis.call('ZADD', u .. ':recent', ts, member)
+    -- A new step: this event is now the user's newest (in the order readers see) and the event before
+    -- it was on another item (runs on one item are one step, as in collapse_runs). A late event that
+    -- lands in the middle of the history adds no transition: it would split one already counted.
+    if redis.call('ZREVRANK', u .. ':recent', member) == 0 then
+      local before = redis.call('ZRANGE', u .. ':recent', -2, -2)[1]
+      if before then
+        local previous = string.match(before, '^([^\31]*)')
+        if previous ~= item then
+          follows[previous] = follows[previous] or {}
+          follows[previous][item] = (follows[previous][item] or 0) + 1
+        end
+      end
+    end
     for _, w in ipairs(windows) do
       redis.call('HINCRBY', u .. ':windows', w .. ':' .. math.floor(ts / (w * 1000)) .. ':' .. types[kind + 1], 1)
     end
@@ -111,6 +129,15 @@ for tkey, items in pairs(trending) do
   for item, boost in pairs(items) do redis.call('ZINCRBY', tkey, boost, item) end
 end
 for item, weight in pairs(popular) do redis.call('ZINCRBY', ns .. ':popular', weight, item) end
+-- Successor counts, summed per batch like popularity; each table keeps its top `successors_max` and
+-- expires when nobody has stepped away from its item for `successors_ttl_ms` (refreshed, like user
+-- TTLs, only when a tenth has run out: every PEXPIRE is an AOF write).
+for previous, nexts in pairs(follows) do
+  local key = ns .. ':next:' .. previous
+  for item, count in pairs(nexts) do redis.call('ZINCRBY', key, count, item) end
+  redis.call('ZREMRANGEBYRANK', key, 0, -successors_max - 1)
+  if redis.call('PTTL', key) < successors_ttl_ms * 0.9 then redis.call('PEXPIRE', key, successors_ttl_ms) end
+end
 for u, ts in pairs(newest) do
   -- House-keeping is amortised: each runs on about one batch in `housekeeping_every` per user.
   -- Readers take the newest `recent_max` events, so a list trimmed later reads the same; the
@@ -216,6 +243,7 @@ class FeatureStore:
             settings.recent_events, settings.purchased_max, settings.dedupe_window_s * 1000, settings.user_ttl_s * 1000,
             settings.trending_half_life_s * 1000, settings.popular_max_items,
             ",".join(str(w) for w in settings.windows_s), ",".join(str(POPULARITY_WEIGHT[t]) for t in _TYPES),
+            settings.successors_max, settings.successors_ttl_s * 1000,
         ]
 
     # --- keys -------------------------------------------------------------------------------
@@ -227,6 +255,10 @@ class FeatureStore:
 
     def trending_key(self, day: int) -> str:
         return f"{self.ns}:trending:{day}"
+
+    def successors_key(self, item_id: str) -> str:
+        """Item keys carry no hash tag, like `popular` and `trending`: they are shared by every user."""
+        return f"{self.ns}:next:{item_id}"
 
     @staticmethod
     def offset_field(topic: str, partition: int) -> str:
@@ -304,6 +336,19 @@ class FeatureStore:
     async def popular(self, n: int) -> list[tuple[str, float]]:
         """The global top-n by popularity weight: the cold-start and fallback answer."""
         return [(_text(item), float(score)) for item, score in await self.client.zrevrange(self.popular_key(), 0, n - 1, withscores=True)]
+
+    async def successors(self, item_id: str, n: int) -> list[tuple[str, float]]:
+        """The n items that most often came next after `item_id` (count as score), most frequent first."""
+        raw = await self.client.zrevrange(self.successors_key(item_id), 0, n - 1, withscores=True)
+        return [(_text(item), float(score)) for item, score in raw]
+
+    async def successors_and_popular(self, item_id: str, n: int, n_popular: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+        """`successors(item_id, n)` and `popular(n_popular)` in one pipelined round trip (the degraded answer's read)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zrevrange(self.successors_key(item_id), 0, n - 1, withscores=True)
+            pipe.zrevrange(self.popular_key(), 0, n_popular - 1, withscores=True)
+            nexts, popular = await pipe.execute()
+        return ([(_text(i), float(s)) for i, s in nexts], [(_text(i), float(s)) for i, s in popular])
 
     async def trending(self, n: int, now_ms: int) -> list[tuple[str, float]]:
         """Top-n items by decayed score at `now_ms` (today's and yesterday's forward-decay keys)."""

@@ -17,6 +17,7 @@ STAGE_DURATION: Final = "vitrine_gateway_stage_duration_seconds"
 TOP1_SCORE: Final = "vitrine_gateway_top1_score"
 MEAN_TOPK_SCORE: Final = "vitrine_gateway_mean_topk_score"
 DEGRADED: Final = "vitrine_gateway_degraded_total"
+ANSWERS: Final = "vitrine_gateway_answers_total"
 BATCH_SIZE: Final = "vitrine_gateway_batch_size_requests"
 INFLIGHT: Final = "vitrine_gateway_inflight_requests"
 EXPOSURES_SENT: Final = "vitrine_gateway_exposures_sent_total"
@@ -34,6 +35,12 @@ SCORE_BUCKETS: Final = tuple(float(b) for b in range(-4, 25, 2))
 BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128)
 STAGES: Final = ("features", "queue", "triton", "postprocess")
 DEPENDENCIES: Final = ("redis", "triton")
+SOURCE_MODEL, SOURCE_INTERLEAVED, SOURCE_TRENDING = "model", "interleaved", "trending"
+SOURCE_TRANSITIONS, SOURCE_POPULARITY, SOURCE_MEMORY = "transitions", "popularity", "memory"
+SOURCES: Final = (SOURCE_MODEL, SOURCE_INTERLEAVED, SOURCE_TRENDING, SOURCE_TRANSITIONS, SOURCE_POPULARITY, SOURCE_MEMORY)
+"""The `source` label: what produced an answer's items — a model through Triton, two models interleaved, trending
+(cold start), the item → next-item table (topped up with popularity), popularity from Redis, or popularity's
+in-memory copy (Redis away). A fixed set, whatever happens."""
 UNKNOWN_METHOD: Final = "unknown"
 """The `method` label of calls to paths the gateway does not serve: labels stay a fixed set whatever callers send."""
 
@@ -50,7 +57,11 @@ class GatewayMetrics:
                               ("variant", "model_version"), buckets=SCORE_BUCKETS, registry=registry)
         self.mean_topk = Histogram(MEAN_TOPK_SCORE, "Mean score of the returned items (model answers only).",
                                    ("variant", "model_version"), buckets=SCORE_BUCKETS, registry=registry)
-        self.degraded = Counter(DEGRADED.removesuffix("_total"), "Degraded answers by reason.", ("reason", "variant"), registry=registry)
+        self.degraded = Counter(DEGRADED.removesuffix("_total"), "Degraded answers by reason and the fallback that served them.",
+                                ("reason", "variant", "source"), registry=registry)
+        self.answers = Counter(ANSWERS.removesuffix("_total"),
+                               "Answers delivered, by what produced their items (model, transitions, popularity, ...), degraded or not.",
+                               ("source", "variant"), registry=registry)
         self.batch_size = Histogram(BATCH_SIZE, "Requests per Triton call.", ("model",), buckets=BATCH_BUCKETS, registry=registry)
         self.inflight = Gauge(INFLIGHT, "Recommend calls being answered right now.", registry=registry)
         self.exposures_sent = Counter(EXPOSURES_SENT.removesuffix("_total"), "Exposure records written to Kafka.", registry=registry)

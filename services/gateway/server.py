@@ -195,9 +195,12 @@ class Gateway:
             for variant, version in label_sets(metric, ("variant", "model_version")):
                 if variant not in model_of or (model_of[variant], version) in stale:
                     metric.remove(variant, version)
-        for reason, variant in label_sets(self.metrics.degraded, ("reason", "variant")):
+        for reason, variant, source in label_sets(self.metrics.degraded, ("reason", "variant", "source")):
             if variant not in model_of:
-                self.metrics.degraded.remove(reason, variant)
+                self.metrics.degraded.remove(reason, variant, source)
+        for source, variant in label_sets(self.metrics.answers, ("source", "variant")):
+            if variant not in model_of:
+                self.metrics.answers.remove(source, variant)
         for method, code, variant in label_sets(self.metrics.requests, ("method", "code", "variant")):
             if variant and variant not in model_of:
                 self.metrics.requests.remove(method, code, variant)

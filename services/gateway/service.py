@@ -2,8 +2,11 @@
 
 validate → assign the variant → the user's features (one Redis round trip) → model inputs →
 micro-batched Triton call → drop exclusions and purchases → answer, log the exposure.
+Shoppers with at most `transitions_max_history` steps skip the model: the successors of their last item
+(one more Redis read, no Triton call) topped up with popularity — not degraded, counted by source.
 Everything is bounded by the client's deadline (without one, by `request_budget_ms`). Any failure behind the gateway becomes a degraded
-answer that says why (popularity from Redis, else from memory); only bad input and bad keys are errors.
+answer that says why and what served it (model → transitions → popularity from Redis → popularity from
+memory); only bad input and bad keys are errors.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from vitrine.services.gateway.drift import DriftMonitor
 from vitrine.services.gateway.experiment import Experiment, ExperimentFollower, Variant
 from vitrine.services.gateway.interleaving import team_draft
 from vitrine.services.gateway.exposures import ExposureLog
-from vitrine.services.gateway.fallback import PopularityFallback, Ranked
-from vitrine.services.gateway.metrics import GatewayMetrics
+from vitrine.services.gateway.fallback import PopularityFallback, Ranked, steps, successors_then_popular
+from vitrine.services.gateway.metrics import (
+    SOURCE_INTERLEAVED, SOURCE_MEMORY, SOURCE_MODEL, SOURCE_POPULARITY, SOURCE_TRANSITIONS, SOURCE_TRENDING, GatewayMetrics,
+)
 from vitrine.services.gateway.ranking import POPULARITY_MODEL, ModelCatalog, RankerPool
 from vitrine.services.throttled_log import ThrottledLog
 from vitrine.settings import GatewaySettings
@@ -43,6 +48,8 @@ MAX_REQUEST_ID = 128
 MAX_BATCH_REQUESTS = 64
 COLD_START_MODEL = "trending"
 FALLBACK_MODEL = POPULARITY_MODEL
+TRANSITIONS_MODEL = "transitions"
+"""The `model_name` of an answer served from the item → next-item table (degraded or for a short history)."""
 INTERLEAVED_MODEL = "interleaved"
 
 
@@ -58,6 +65,8 @@ class Answer:
     degraded_reason: str = ""
     teams: tuple[str, ...] = ()
     """Interleaving: the variant that placed each item; empty in A/B mode."""
+    source: str = SOURCE_MODEL
+    """What produced the items (metrics.SOURCES): the `source` label of the answer and degraded counters."""
 
 
 def validate(request: pb.RecommendRequest, max_k: int, max_exclusions: int) -> None:
@@ -227,13 +236,18 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 features: UserFeatures = await self.store.user_features(request.user_id, now_ms)
         except Exception as exc:  # noqa: BLE001 - Redis away or slow: answer from the in-memory copy
             log.debug("features unavailable: %s", exc)
-            return await self._degraded(request.k, excluded, "redis_unavailable", redis_up=False), 0
+            return await self._degraded(request.k, excluded, "redis_unavailable", last_item="", redis_up=False), 0
         finally:
             self.metrics.stage.labels("features").observe(time.perf_counter() - stage)
         excluded |= features.purchased
         fresh = features.recent[-1].ts_ms if features.recent else 0
         if not features.has_history:
-            return Answer(self._top(self.fallback.trending(), request.k, excluded), COLD_START_MODEL, ""), fresh
+            return Answer(self._top(self.fallback.trending(), request.k, excluded), COLD_START_MODEL, "", source=SOURCE_TRENDING), fresh
+        history = steps(features.recent)
+        if variant is not None and variant.model_name != POPULARITY_MODEL and len(history) <= self.settings.transitions_max_history:
+            short = await self._short_history(request.k, history[-1], excluded, budget)
+            if short is not None:
+                return short, fresh
         if variant is None:
             a, b = experiment.variants
             answers = await asyncio.gather(*(self._by_model(request.k, v.name, v.model_name, v.model_version, features, excluded, budget)
@@ -242,7 +256,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             if degraded is not None:  # no credit can be given for a list one team did not fill
                 return degraded, fresh
             merged = team_draft(answers[0].items, answers[1].items, request.k, request_id, (a.name, b.name))
-            return Answer([(i, s) for i, s, _ in merged], INTERLEAVED_MODEL, "", teams=tuple(t for _, _, t in merged)), fresh
+            return Answer([(i, s) for i, s, _ in merged], INTERLEAVED_MODEL, "", teams=tuple(t for _, _, t in merged),
+                          source=SOURCE_INTERLEAVED), fresh
         return await self._by_model(request.k, variant.name, variant.model_name, variant.model_version, features, excluded, budget), fresh
 
     async def _by_model(self, k: int, variant: str, model_name: str, model_version: str, features: UserFeatures,
@@ -251,7 +266,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         if model_name == POPULARITY_MODEL:
             popular, from_redis = await self.fallback.popular()
             return Answer(self._top(popular, k, excluded), POPULARITY_MODEL, "",
-                          "" if from_redis else "redis_unavailable")
+                          "" if from_redis else "redis_unavailable", source=SOURCE_POPULARITY if from_redis else SOURCE_MEMORY)
+        last_item = features.recent[-1].item_id
         try:
             async with asyncio.timeout_at(self._loop_instant(budget)):
                 model = await self.catalog.resolve(model_name, model_version)
@@ -261,30 +277,58 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         except QueueFull:
             if self.settings.shed_mode == "reject":
                 raise
-            return await self._degraded(k, excluded, "overloaded")
+            return await self._degraded(k, excluded, "overloaded", last_item)
         except CircuitOpen:
-            return await self._degraded(k, excluded, "circuit_open")
+            return await self._degraded(k, excluded, "circuit_open", last_item)
         except (DeadlineExpired, TimeoutError):
-            return await self._degraded(k, excluded, "deadline")
+            return await self._degraded(k, excluded, "deadline", last_item)
         except Exception as exc:  # noqa: BLE001 - Triton failing, slow, or the model not ready
             timed_out = isinstance(exc, InferenceServerException) and (exc.status() or "").endswith("DEADLINE_EXCEEDED")
             reason = "triton_timeout" if timed_out else "triton_unavailable"
             self._errors.log(logging.WARNING, f"model:{model_name}:{reason}", "model call to %s failed (%s): %s", model_name, reason, exc)
-            return await self._degraded(k, excluded, reason)
+            return await self._degraded(k, excluded, reason, last_item)
         stage = time.perf_counter()
         ranked = self._top(model.decode(ids, scores), k, excluded)
         self.drift.observe(variant, model, items, ranked[0][1] if ranked else None)
         self.metrics.stage.labels("postprocess").observe(time.perf_counter() - stage)
         return Answer(ranked, model.name, model.version)
 
-    async def _degraded(self, k: int, excluded: set[str], reason: str, redis_up: bool = True) -> Answer:
+    async def _short_history(self, k: int, last_item: str, excluded: set[str], budget: float) -> Answer | None:
+        """The transitions answer for a shopper with few steps, or None when the model should answer after
+        all: the last item has no successor the shopper may see (the model knows more than popularity
+        then), or Redis did not answer within its budget."""
+        try:
+            async with asyncio.timeout(self._budget(self.settings.redis_timeout_ms / 1000, budget)):
+                successors = await self.store.successors(last_item, k + len(excluded))
+        except Exception as exc:  # noqa: BLE001 - Redis slow or away: the model path decides
+            log.debug("successors unavailable: %s", exc)
+            return None
+        items, from_table = successors_then_popular(successors, self.fallback.popular_copy, k, excluded)
+        return Answer(items, TRANSITIONS_MODEL, "", source=SOURCE_TRANSITIONS) if from_table else None
+
+    async def _degraded(self, k: int, excluded: set[str], reason: str, last_item: str, redis_up: bool = True) -> Answer:
+        """The model path failed (`reason`): successors of `last_item` topped up with popularity, read in one
+        round trip; popularity alone when the item has none the shopper may see; the in-memory copy of
+        popularity when Redis does not answer ("+redis_unavailable")."""
+        if redis_up and last_item:
+            try:
+                successors, popular = await self.fallback.successors_and_popular(last_item, k + len(excluded))
+            except Exception as exc:  # noqa: BLE001 - Redis away or slow as well
+                log.debug("fallback read failed: %s", exc)
+                return Answer(self._top(self.fallback.popular_copy, k, excluded), FALLBACK_MODEL, "",
+                              f"{reason}+redis_unavailable", source=SOURCE_MEMORY)
+            items, from_table = successors_then_popular(successors, popular, k, excluded)
+            if from_table:
+                return Answer(items, TRANSITIONS_MODEL, "", reason, source=SOURCE_TRANSITIONS)
+            return Answer(self._top(popular, k, excluded), FALLBACK_MODEL, "", reason, source=SOURCE_POPULARITY)
         if redis_up:
             popular, from_redis = await self.fallback.popular()
             if not from_redis:
                 reason = f"{reason}+redis_unavailable"
         else:
-            popular = self.fallback.popular_copy
-        return Answer(self._top(popular, k, excluded), FALLBACK_MODEL, "", reason)
+            popular, from_redis = self.fallback.popular_copy, False
+        return Answer(self._top(popular, k, excluded), FALLBACK_MODEL, "", reason,
+                      source=SOURCE_POPULARITY if from_redis else SOURCE_MEMORY)
 
     @staticmethod
     def _top(ranked: Ranked, k: int, excluded: set[str]) -> Ranked:
@@ -308,9 +352,10 @@ class RecommenderService(pb_grpc.RecommenderServicer):
     def _observe(self, method: str, variant: str, answer: Answer, elapsed: float) -> None:
         self.metrics.requests.labels(method, "OK", variant).inc()
         self.metrics.duration.labels(variant, answer.model_version).observe(elapsed)
+        self.metrics.answers.labels(answer.source, variant).inc()
         if answer.degraded_reason:
-            self.metrics.degraded.labels(answer.degraded_reason, variant).inc()
-        elif answer.items and answer.model_name not in (COLD_START_MODEL, FALLBACK_MODEL, INTERLEAVED_MODEL):
+            self.metrics.degraded.labels(answer.degraded_reason, variant, answer.source).inc()
+        elif answer.items and answer.source == SOURCE_MODEL:
             scores = [s for _, s in answer.items]
             self.metrics.top1.labels(variant, answer.model_version).observe(scores[0])
             self.metrics.mean_topk.labels(variant, answer.model_version).observe(sum(scores) / len(scores))

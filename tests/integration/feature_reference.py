@@ -21,6 +21,8 @@ class Reference:
     users: dict[str, UserFeatures]
     popular: dict[str, float]
     trending: dict[str, float]
+    successors: dict[str, dict[str, float]]
+    """item → successor → count: the item → next-item table."""
 
 
 def compute(events: list[Event], cfg: FeaturesSettings, now_ms: int) -> Reference:
@@ -54,4 +56,35 @@ def compute(events: list[Event], cfg: FeaturesSettings, now_ms: int) -> Referenc
             window_counts=counts,
             purchased=frozenset(kept),
         )
-    return Reference(users=users, popular=dict(popular), trending=dict(trending))
+    return Reference(users=users, popular=dict(popular), trending=dict(trending), successors=successors(events, cfg))
+
+
+def successors(events: list[Event], cfg: FeaturesSettings) -> dict[str, dict[str, float]]:
+    """The item → next-item table from events in arrival order (one user's events arrive in order: one partition).
+
+    From the layout's rule: an event that, on arrival, is its user's newest (by event time, then member) and
+    whose predecessor there is on another item adds one to predecessor → item; a late event adds nothing.
+    Each item keeps its `successors_max` most frequent successors (ties: the greater member stays, as in a ZSET).
+    """
+    seen: set[str] = set()
+    history: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    table: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for e in events:
+        if e.event_id in seen:
+            continue
+        seen.add(e.event_id)
+        key = (e.ts_ms, f"{e.item_id}\x1f{e.type.value}\x1f{e.event_id}")
+        mine = history[e.user_id]
+        if mine and max(mine) > key:
+            mine.append(key)
+            continue
+        if mine:
+            previous = max(mine)[1].split("\x1f", 1)[0]
+            if previous != e.item_id:
+                table[previous][e.item_id] += 1
+        mine.append(key)
+    kept = {}
+    for item, nexts in table.items():
+        ranked = sorted(nexts.items(), key=lambda pair: (pair[1], pair[0]))[-cfg.successors_max :]
+        kept[item] = dict(ranked)
+    return kept

@@ -148,6 +148,14 @@ async def _assert_matches_reference(lane: Lane, events: list[Event], now_ms: int
     top = await lane.store.trending(5, now_ms)
     assert [item for item, _ in top] == sorted(expected.trending, key=lambda i: (-expected.trending[i], i))[:5]
     assert not [key async for key in lane.store.client.scan_iter(match=f"{lane.store.ns}:trending:merged:*")]
+    assert await _successor_tables(lane) == expected.successors
+
+
+async def _successor_tables(lane: Lane) -> dict[str, dict[str, float]]:
+    """Every item → next-item table the namespace holds (read through the store, as the gateway reads)."""
+    prefix = lane.store.successors_key("")
+    items = [key.decode().removeprefix(prefix) async for key in lane.store.client.scan_iter(match=f"{prefix}*")]
+    return {item: dict(await lane.store.successors(item, 10_000)) for item in items}
 
 
 async def _publish(lane: Lane, events: list[Event]) -> None:
@@ -182,10 +190,13 @@ async def test_the_same_events_sent_twice_change_nothing(lane: Lane) -> None:
         await lane.wait_processed(len(events))
         before = await lane.store.many_user_features(sorted({e.user_id for e in events}), now_ms)
         popular_before = await lane.store.popular(10_000)
+        successors_before = await _successor_tables(lane)
+        assert successors_before  # the events hold steps from one item to another
         await _publish(lane, list(reversed(events)))  # a producer retry, or a replay
         await lane.wait_processed(2 * len(events))
         assert await lane.store.many_user_features(sorted({e.user_id for e in events}), now_ms) == before
         assert await lane.store.popular(10_000) == popular_before
+        assert await _successor_tables(lane) == successors_before
         assert await _metric(settings, "vitrine_features_events_deduplicated_total") == len(events)
         await _assert_matches_reference(lane, events, now_ms)
     finally:

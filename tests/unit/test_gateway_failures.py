@@ -62,8 +62,9 @@ class Context:
 class Store:
     """Features and popularity as Redis would give them; `delay_s` makes the feature read slow."""
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, successors: dict[str, list[tuple[str, float]]] | None = None) -> None:
         self.delay_s = delay_s
+        self.next = successors or {}
 
     async def user_features(self, user_id: str, now_ms: int) -> UserFeatures:
         if self.delay_s:
@@ -76,6 +77,12 @@ class Store:
 
     async def trending(self, n: int, now_ms: int) -> list[tuple[str, float]]:
         return POPULAR[:n]
+
+    async def successors(self, item_id: str, n: int) -> list[tuple[str, float]]:
+        return self.next.get(item_id, [])[:n]
+
+    async def successors_and_popular(self, item_id: str, n: int, n_popular: int) -> tuple[list, list]:
+        return self.next.get(item_id, [])[:n], POPULAR[:n_popular]
 
 
 class Triton:
