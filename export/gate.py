@@ -14,7 +14,9 @@ Three checks on the validation metrics recorded by `train()` (same rows for ever
    fewer than `min_slice_rows` targets are shown but not judged (too noisy to block a release).
 
 Margins and tolerances are relative (a fraction of the reference's value), so one policy fits data
-sets whose metrics differ by an order of magnitude; they live in `GatePolicy` and nowhere else.
+sets whose metrics differ by an order of magnitude. Their values are configured in the typed settings
+(`vitrine/settings.py` `GateSettings`, env `VITRINE_GATE__MARGIN` etc.; `vitrine export` flags override
+them); `GatePolicy` is the value object the checks take, built from those settings.
 """
 
 from __future__ import annotations
@@ -27,24 +29,27 @@ from pathlib import Path
 from vitrine.contracts import ranker
 from vitrine.export.metrics import METRIC_NAMES
 from vitrine.export.triton_repository import versions
+from vitrine.settings import GateSettings
 
 Metrics = Mapping[str, float]
 SliceMetrics = Mapping[str, Metrics]
 CANDIDATE, CHAMPION = "candidate", "champion"
+_DEFAULTS = GateSettings()
 
 
 @dataclass(frozen=True)
 class GatePolicy:
     """Every threshold of the gate, in one place."""
 
-    metric: str = "recall@10"
-    margin: float = 0.02
+    # Defaults are the settings' defaults: the numbers live in GateSettings only.
+    metric: str = _DEFAULTS.metric
+    margin: float = _DEFAULTS.margin
     """The candidate must reach strongest baseline × (1 + margin) overall."""
-    champion_tolerance: float = 0.01
+    champion_tolerance: float = _DEFAULTS.champion_tolerance
     """The candidate may fall below the champion by at most this fraction of the champion's value."""
-    slice_tolerance: float = 0.05
+    slice_tolerance: float = _DEFAULTS.slice_tolerance
     """In a slice the candidate may fall below the reference by at most this fraction of its value."""
-    min_slice_rows: int = 50
+    min_slice_rows: int = _DEFAULTS.min_slice_rows
     """Slices with fewer validation targets are reported but not judged."""
 
     def __post_init__(self) -> None:
@@ -52,6 +57,12 @@ class GatePolicy:
             raise ValueError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRIC_NAMES)}")
         if not 0 <= self.margin < 1 or not 0 <= self.champion_tolerance < 1 or not 0 <= self.slice_tolerance < 1:
             raise ValueError("margin and tolerances are fractions in [0, 1)")
+
+    @classmethod
+    def from_settings(cls, settings: GateSettings) -> GatePolicy:
+        """The policy the settings configure (their bounds are checked by pydantic, then again here)."""
+        return cls(metric=settings.metric, margin=settings.margin, champion_tolerance=settings.champion_tolerance,
+                   slice_tolerance=settings.slice_tolerance, min_slice_rows=settings.min_slice_rows)
 
 
 @dataclass(frozen=True)

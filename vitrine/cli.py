@@ -296,15 +296,31 @@ def export_command(
     keep: Annotated[int, typer.Option(min=1, max=100, help="Versions kept on disk and served.")] = 3,
     load: Annotated[bool, typer.Option(help="Load into the running Triton and verify it serves the new version.")] = True,
     gate: Annotated[bool, typer.Option(help="Export only runs that beat the strongest baseline by the margin, the served "
-                                            "champion (same data) and lose no slice (export/gate.py GatePolicy).")] = True,
+                                            "champion (same data) and lose no slice (settings `gate`, export/gate.py).")] = True,
+    gate_metric: Annotated[str | None, typer.Option(help="The gate's metric (default: settings gate.metric, recall@10).")] = None,
+    margin: Annotated[float | None, typer.Option(min=0.0, max=0.999, help="Relative margin over the strongest baseline "
+                                                 "(default: settings gate.margin, 0.02).")] = None,
+    champion_tolerance: Annotated[float | None, typer.Option(min=0.0, max=0.999, help="Relative tolerance below the champion "
+                                                             "(default: settings gate.champion_tolerance, 0.01).")] = None,
+    slice_tolerance: Annotated[float | None, typer.Option(min=0.0, max=0.999, help="Relative tolerance per slice "
+                                                          "(default: settings gate.slice_tolerance, 0.05).")] = None,
 ) -> None:
     """Export runs to ONNX (parity-checked) as new versions in the Triton model repository."""
-    from vitrine.export.gate import GateError, champion_record, gate_run
+    from pydantic import ValidationError
+
+    from vitrine.export.gate import GateError, GatePolicy, champion_record, gate_run
+    from vitrine.settings import GateSettings
     from vitrine.export.onnx_export import ParityError, export_run
     from vitrine.export.serving_check import ServingMismatch, load_and_verify
     from vitrine.export.validate import ModelFolderError
 
     settings = _settings()
+    flags = {"metric": gate_metric, "margin": margin, "champion_tolerance": champion_tolerance, "slice_tolerance": slice_tolerance}
+    try:
+        policy = GatePolicy.from_settings(GateSettings.model_validate(
+            {**settings.gate.model_dump(), **{k: v for k, v in flags.items() if v is not None}}))
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     chosen = runs or _newest_runs(runs_dir)
     if not chosen:
         raise _fail(FileNotFoundError(f"no run folders in {runs_dir}; run `vitrine train` first"))
@@ -315,7 +331,7 @@ def export_command(
                 record = json.loads((run_dir / "run.json").read_text())
                 folder = settings.triton.model_repository / (name or record["model"])
                 champion, about_champion = champion_record(folder, record)
-                decision = gate_run(record, champion)
+                decision = gate_run(record, champion, policy)
             except (GateError, FileNotFoundError, KeyError) as exc:
                 raise _fail(exc) from exc
             verdict = "accepted" if decision.accepted else "REJECTED"

@@ -313,6 +313,32 @@ class GatewaySettings(_Section):
         return f"{self.host}:{self.port}"
 
 
+Metric = Literal["recall@10", "recall@20", "ndcg@10", "mrr"]
+"""The offline ranking metrics (export/metrics.py METRIC_NAMES; a unit test keeps the two equal)."""
+
+
+class GateSettings(_Section):
+    """The promotion gate of `vitrine export` (export/gate.py): what a candidate model must achieve to be exported.
+
+    Margins and tolerances are relative (fractions of the reference's value), so one policy fits data sets whose
+    metrics differ by an order of magnitude. `vitrine export` flags override them for one run.
+    """
+
+    metric: Metric = Field("recall@10", description="The metric every check compares (and that names the strongest baseline).")
+    margin: float = Field(
+        0.02, ge=0, lt=1,
+        description="The candidate must reach the strongest baseline × (1 + margin) overall: a model that only ties a "
+                    "transition table cannot justify Triton and an A/B test.")
+    champion_tolerance: float = Field(
+        0.01, ge=0, lt=1,
+        description="The candidate may fall below the served champion (measured on the same data) by at most this fraction.")
+    slice_tolerance: float = Field(
+        0.05, ge=0, lt=1,
+        description="In a slice (history length, head/long tail) the candidate may fall below the strongest baseline or "
+                    "the champion by at most this fraction: an average gain must not hide a worse-served group.")
+    min_slice_rows: int = Field(50, ge=1, le=1_000_000, description="Slices with fewer validation targets are shown but not judged (too noisy).")
+
+
 class StackSettings(_Section):
     home: Path = Field(REPO_ROOT / ".stack", description="State, configs and one log file per component.")
     cache: Path = Field(
@@ -345,6 +371,7 @@ class Settings(BaseSettings):
     features: FeaturesSettings = FeaturesSettings()
     outcomes: OutcomesSettings = OutcomesSettings()
     gateway: GatewaySettings = GatewaySettings()
+    gate: GateSettings = GateSettings()
     stack: StackSettings = StackSettings()
 
     @classmethod

@@ -146,3 +146,31 @@ def test_the_gateway_refuses_an_experiment_mode_it_does_not_know() -> None:
 
     with pytest.raises(ValidationError, match="mode"):
         from_proto(pb.Experiment(salt="s", mode="shuffle", variants=[pb.Variant(name="a", model_name="gru4rec", weight=100)]))
+
+
+def _tie_with_transitions(tmp_path):  # noqa: ANN001, ANN202 - a run folder whose model ties the strongest baseline
+    import json
+
+    run = tmp_path / "run-tie"
+    run.mkdir()
+    metrics = {"recall@10": 0.63, "recall@20": 0.68, "ndcg@10": 0.47, "mrr": 0.43}
+    run.joinpath("run.json").write_text(json.dumps({
+        "model": "gru4rec", "data": {"fingerprint": "made-up", "cutoff_ms": 1}, "metrics": {"model": metrics},
+        "baselines": {"metrics": {"transitions": metrics}}}))
+    return run
+
+
+def test_export_takes_the_gate_thresholds_from_settings_and_flags_override_them(tmp_path) -> None:
+    run = _tie_with_transitions(tmp_path)
+    rejected = runner.invoke(app, ["export", str(run), "--no-load"])
+    assert rejected.exit_code == 1 and "gate REJECTED" in rejected.output and "margin 2%" in rejected.output
+    by_env = runner.invoke(app, ["export", str(run), "--no-load"], env={"VITRINE_GATE__MARGIN": "0"})
+    assert "gate accepted" in by_env.output and "margin 0%" in by_env.output  # then the export itself fails: no model.pt
+    by_flag = runner.invoke(app, ["export", str(run), "--no-load", "--margin", "0"], env={"VITRINE_GATE__MARGIN": "0.5"})
+    assert "gate accepted" in by_flag.output
+
+
+def test_export_refuses_out_of_bound_gate_flags(tmp_path) -> None:
+    assert runner.invoke(app, ["export", "--runs-dir", str(tmp_path), "--margin", "1.5"]).exit_code == 2
+    result = runner.invoke(app, ["export", "--runs-dir", str(tmp_path), "--gate-metric", "auc"])
+    assert result.exit_code == 2 and "metric" in result.output

@@ -104,3 +104,32 @@ def test_vitrine_export_refuses_a_rejected_run_and_writes_nothing(tmp_path: Path
     assert "gate REJECTED" in result.output and "transitions (strongest baseline)" in result.output
     assert "not exported (rejected by the gate)" in result.output
     assert not repository.exists()
+
+
+# --- thresholds from the typed settings (issue 14 item 2) ----------------------------------------------
+def test_the_policy_defaults_are_the_settings_defaults_and_the_metric_names_agree() -> None:
+    import typing
+
+    from vitrine.export.metrics import METRIC_NAMES
+    from vitrine.settings import GateSettings, Metric
+
+    assert GatePolicy.from_settings(GateSettings()) == GatePolicy()
+    assert GatePolicy() == GatePolicy(metric="recall@10", margin=0.02, champion_tolerance=0.01, slice_tolerance=0.05, min_slice_rows=50)
+    assert typing.get_args(Metric) == METRIC_NAMES
+
+
+def test_gate_settings_come_from_the_environment_and_out_of_bound_values_name_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from vitrine.settings import Settings
+
+    monkeypatch.setenv("VITRINE_GATE__MARGIN", "0.05")
+    monkeypatch.setenv("VITRINE_GATE__METRIC", "ndcg@10")
+    policy = GatePolicy.from_settings(Settings().gate)
+    assert (policy.margin, policy.metric) == (0.05, "ndcg@10")
+    for field, value in (("MARGIN", "1.5"), ("SLICE_TOLERANCE", "-0.1"), ("METRIC", "auc")):
+        monkeypatch.setenv(f"VITRINE_GATE__{field}", value)
+        with pytest.raises(ValidationError) as refused:
+            Settings()
+        assert field.lower() in str(refused.value)
+        monkeypatch.delenv(f"VITRINE_GATE__{field}")
