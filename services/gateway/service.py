@@ -303,7 +303,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         except Exception as exc:  # noqa: BLE001 - Redis slow or away: the model path decides
             log.debug("successors unavailable: %s", exc)
             return None
-        items, from_table = successors_then_popular(successors, self.fallback.popular_copy, k, excluded)
+        items, from_table = successors_then_popular(successors, self.fallback.popular_copy, k, excluded | {last_item})
         return Answer(items, TRANSITIONS_MODEL, "", source=SOURCE_TRANSITIONS) if from_table else None
 
     async def _degraded(self, k: int, excluded: set[str], reason: str, last_item: str, redis_up: bool = True) -> Answer:
@@ -317,10 +317,12 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 log.debug("fallback read failed: %s", exc)
                 return Answer(self._top(self.fallback.popular_copy, k, excluded), FALLBACK_MODEL, "",
                               f"{reason}+redis_unavailable", source=SOURCE_MEMORY)
-            items, from_table = successors_then_popular(successors, popular, k, excluded)
+            # The last item is never its own successor (a run on one item is one step): not shown back either.
+            skip = excluded | {last_item}
+            items, from_table = successors_then_popular(successors, popular, k, skip)
             if from_table:
                 return Answer(items, TRANSITIONS_MODEL, "", reason, source=SOURCE_TRANSITIONS)
-            return Answer(self._top(popular, k, excluded), FALLBACK_MODEL, "", reason, source=SOURCE_POPULARITY)
+            return Answer(self._top(popular, k, skip), FALLBACK_MODEL, "", reason, source=SOURCE_POPULARITY)
         if redis_up:
             popular, from_redis = await self.fallback.popular()
             if not from_redis:

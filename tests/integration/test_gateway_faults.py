@@ -26,13 +26,15 @@ from tests.integration.invariants import eventually
 from vitrine.contracts import topics
 from vitrine.contracts.events import Event, EventType
 from vitrine.services.events.publisher import publish
+from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.services.gateway.experiment import Experiment, ExperimentStore, Variant
 from vitrine.services.gateway.metrics import EXPERIMENT_REVISION, REQUESTS, REQUEST_DURATION
 from vitrine.services.gateway.server import DEPENDENCY_HEALTH
 from vitrine.services.stack import Stack
 from vitrine.services.stack.components import settings_env
-from vitrine.settings import VariantSettings
+from vitrine.services.stack.launcher import free_port
+from vitrine.settings import Settings, VariantSettings
 from vitrine.v1 import recommender_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -234,3 +236,98 @@ async def test_series_of_a_variant_that_left_the_experiment_disappear(stack: Sta
     store = ExperimentStore(client, namespace)
     await client.delete(store.key, store.audit_key)
     await client.aclose()
+
+
+# --- issue 14.5: the transitions fallback --------------------------------------------------------------
+FOLLOWERS_B, FOLLOWERS_C = 5, 2
+"""Shoppers who stepped from item A to B, and from A to C: A's successor table must read B 5, C 2."""
+
+
+async def _successor_table(stack: Stack) -> tuple[str, str, str]:
+    """Items A, B, C of this test's own making, with A → B stepped by 5 shoppers and A → C by 2 (each step a
+    run of events, which is one step); the same events are then sent again, as a producer retry or a replay
+    would, and the table must not change: every replayed shopper ends with a new step B|C → Z, so once Z's
+    predecessors show all of them the replay before it (same user, same partition) has been applied."""
+    tag = uuid.uuid4().hex[:6]
+    a, b, c, z = (f"tr-{tag}-{x}" for x in "abcz")
+    now_ms = int(time.time() * 1000)
+    events = []
+    for n in range(FOLLOWERS_B + FOLLOWERS_C):
+        user, after = f"tr-{tag}-u{n}", b if n < FOLLOWERS_B else c
+        events += [Event(event_id=f"{user}-1", user_id=user, item_id=a, type=EventType.VIEW, ts_ms=now_ms + 1),
+                   Event(event_id=f"{user}-2", user_id=user, item_id=a, type=EventType.CLICK, ts_ms=now_ms + 2),
+                   Event(event_id=f"{user}-3", user_id=user, item_id=after, type=EventType.VIEW, ts_ms=now_ms + 3)]
+    bootstrap = stack.settings.kafka.bootstrap_servers
+    await publish(events, bootstrap, topics.EVENTS, retime=False)
+    client = aioredis.Redis(host=stack.settings.redis.host, port=stack.settings.redis.port)
+    store = FeatureStore(client, stack.settings.features)
+    try:
+        async def counted() -> dict[str, float] | None:
+            table = dict(await store.successors(a, 10))
+            return table if table == {b: FOLLOWERS_B, c: FOLLOWERS_C} else None
+
+        await eventually(counted, 20, "A's successor table to count every shopper's step once")
+        users = sorted({e.user_id for e in events})
+        sentinels = [Event(event_id=f"{u}-4", user_id=u, item_id=z, type=EventType.VIEW, ts_ms=now_ms + 4) for u in users]
+        await publish(events + sentinels, bootstrap, topics.EVENTS, retime=False)
+
+        async def replay_applied() -> bool | None:
+            into_z = sum(count for item in (b, c) for nxt, count in await store.successors(item, 10) if nxt == z)
+            return True if into_z == len(users) else None
+
+        await eventually(replay_applied, 20, "the replayed events and the sentinels behind them")
+        assert dict(await store.successors(a, 10)) == {b: FOLLOWERS_B, c: FOLLOWERS_C}  # exactly once
+    finally:
+        await client.aclose()
+    return a, b, c
+
+
+async def _shopper(stack: Stack, items: list[str]) -> str:
+    user = f"tr-shopper-{uuid.uuid4().hex[:6]}"
+    now_ms = int(time.time() * 1000)
+    await publish([Event(event_id=f"{user}-{n}", user_id=user, item_id=item, type=EventType.VIEW, ts_ms=now_ms + n)
+                   for n, item in enumerate(items)], stack.settings.kafka.bootstrap_servers, topics.EVENTS, retime=False)
+    return user
+
+
+def _dead_triton(stack: Stack) -> Settings:
+    """The stack's settings with Triton's gRPC port pointing at a port nobody listens on."""
+    return stack.settings.model_copy(update={"triton": stack.settings.triton.model_copy(update={"grpc_port": free_port()})})
+
+
+async def test_with_triton_unreachable_a_shopper_after_a_gets_as_successors_first_marked_degraded_by_transitions(stack: Stack) -> None:
+    a, b, c = await _successor_table(stack)
+    user = await _shopper(stack, ["i297", "i1654", a])  # three steps: above transitions_max_history, so for the model
+    async with private_gateway(_dead_triton(stack)) as settings, GatewayClient(settings.gateway.address, STOREFRONT) as client:
+        async def features_read() -> pb.RecommendResponse | None:
+            reply = await client.recommend(user, k=6, timeout_s=5)
+            return reply if reply.model_name == "transitions" and reply.degraded else None
+
+        first = await eventually(features_read, 20, "the degraded transitions answer")
+        replies = [first] + [await client.recommend(user, k=6, timeout_s=5) for _ in range(10)]
+        for reply in replies:
+            items = [i.item_id for i in reply.items]
+            assert reply.degraded and reply.model_name == "transitions", (reply.model_name, reply.degraded_reason)
+            assert reply.degraded_reason in {"triton_unavailable", "triton_timeout", "circuit_open"}
+            assert items[:2] == [b, c] and len(items) == 6 and len(set(items)) == 6 and a not in items
+        text = await metrics_text(settings)
+        assert re.search(r'vitrine_gateway_degraded_total\{[^}]*source="transitions"[^}]*\} [1-9]', text)
+
+
+async def test_a_shopper_with_one_step_gets_the_transitions_answer_without_the_model_and_not_degraded(stack: Stack) -> None:
+    a, b, c = await _successor_table(stack)
+    user = await _shopper(stack, [a])
+    # Triton unreachable: an answer that needed the model would be degraded.
+    async with private_gateway(_dead_triton(stack), transitions_max_history=1) as settings, \
+            GatewayClient(settings.gateway.address, STOREFRONT) as client:
+        async def features_read() -> pb.RecommendResponse | None:
+            reply = await client.recommend(user, k=4, timeout_s=5)
+            return reply if reply.model_name != "trending" else None  # trending: the step not yet in Redis
+
+        reply = await eventually(features_read, 20, "the shopper's step in the gateway's features")
+        assert not reply.degraded and reply.model_name == "transitions", (reply.model_name, reply.degraded_reason)
+        items = [i.item_id for i in reply.items]
+        assert items[:2] == [b, c] and len(items) == 4 and len(set(items)) == 4 and a not in items
+        text = await metrics_text(settings)
+        assert re.search(r'vitrine_gateway_answers_total\{[^}]*source="transitions"[^}]*\} [1-9]', text)
+        assert "vitrine_gateway_degraded_total{" not in text

@@ -18,6 +18,7 @@ import re
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,13 +124,15 @@ async def traffic(stack: Stack) -> AsyncIterator[Traffic]:
     await producer.send_and_wait(topics.EVENTS, b"{not json")
     await producer.stop()
     users = sorted({e.user_id for e in normal})[:300]
+    steps = Counter(e.user_id for e in normal)
+    longest = max(users, key=lambda u: (steps[u], u))  # > gateway.transitions_max_history events: ranked by a model
     async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-experimenter") as admin:
         previous = await admin.get_experiment()
     await _set_experiment(stack, pb.Experiment(name="default", salt="vitrine", variants=AB))
     try:
         async with GatewayClient(stack.settings.gateway.address, "vitrine-demo-storefront") as client:
             async def warmed() -> bool | None:
-                return True if (await client.recommend(users[-1])).model_name in ("gru4rec", "sasrec") else None
+                return True if (await client.recommend(longest)).model_name in ("gru4rec", "sasrec") else None
 
             await eventually(warmed, 20, "features of the traffic users")
             # Interleaving: both models rank every request; these shoppers click only control's slots.
