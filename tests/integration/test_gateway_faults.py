@@ -272,7 +272,9 @@ async def _successor_table(stack: Stack) -> tuple[str, str, str]:
         await publish(events + sentinels, bootstrap, topics.EVENTS, retime=False)
 
         async def replay_applied() -> bool | None:
-            into_z = sum(count for item in (b, c) for nxt, count in await store.successors(item, 10) if nxt == z)
+            into_z = 0.0
+            for item in (b, c):
+                into_z += dict(await store.successors(item, 10)).get(z, 0.0)
             return True if into_z == len(users) else None
 
         await eventually(replay_applied, 20, "the replayed events and the sentinels behind them")
