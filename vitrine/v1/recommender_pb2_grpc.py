@@ -53,7 +53,7 @@ class RecommenderServicer:
 
     def Recommend(self, request, context):
         """k items for one user. Never fails because a dependency is down: the answer is then
-        degraded (popularity) and says so. Fails with INVALID_ARGUMENT on bad input,
+        degraded (transitions, else popularity) and says so. Fails with INVALID_ARGUMENT on bad input,
         UNAUTHENTICATED / PERMISSION_DENIED on a bad key, DEADLINE_EXCEEDED past the deadline.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
