@@ -64,6 +64,12 @@ class _FlushingRebalance(Rebalance):
             await owner.commit_processed(revoked)
             owner.forget(revoked)
 
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        # aiokafka may assign while a batch or a flush is in flight (seen: a rejoin that revoked nothing); the
+        # seek drops buffers and resets offsets, so it waits for that work to finish instead of racing it.
+        async with self.owner.batch_lock:
+            await self.owner.seek_to_stored_offsets(assigned)
+
 
 class ArchiveConsumer(StoredOffsetsMember):
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
@@ -168,8 +174,23 @@ class ArchiveConsumer(StoredOffsetsMember):
         await super().rewind(differ, batch)
 
     # --- one batch ------------------------------------------------------------------------------
+    async def _current(self, batch: Batch) -> Batch:
+        """The batch without partitions sought (or revoked) since it was fetched: a rebalance may run between
+        `getmany` and this batch taking the lock, and its seek to the stored offset makes those records stale
+        (they are read again from there). getmany leaves the position one past the last record it returned."""
+        assigned = self.consumer.assignment()
+        current = {}
+        for tp, records in batch.items():
+            if tp in assigned and await self.consumer.position(tp) == records[-1].offset + 1:
+                current[tp] = records
+            else:
+                log.info("%s:%d: %d records fetched before a rebalance's seek dropped (read again from the stored offset)",
+                         tp.topic, tp.partition, len(records))
+        return current
+
     async def process(self, batch: Batch) -> None:
         self._raise_if_fatal()
+        batch = await self._current(batch)
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
         opened = time.monotonic()
@@ -254,21 +275,33 @@ class ArchiveConsumer(StoredOffsetsMember):
                 pass
             async with self.batch_lock:
                 await self.flush_partitions(self._due(time.monotonic()))
-                if time.monotonic() - self.last_compaction >= self.cfg.compaction_interval_s:
-                    await self.compact_owned()
+            if time.monotonic() - self.last_compaction >= self.cfg.compaction_interval_s:
+                await self.compact_owned()
 
     async def compact_owned(self) -> None:
-        """Merge the closed hours' small files of every partition this member owns (caller holds the batch lock)."""
+        """Merge the closed hours' small files of every partition this member owns.
+
+        One hour folder per hold of the batch lock: a backlog of closed hours (say after a long outage)
+        interleaves with consuming and rebalancing instead of stalling them."""
         self.last_compaction = time.monotonic()
         now_ms = int(time.time() * 1000)
         grace_ms = int(self.cfg.compaction_grace_s * 1000)
         for tp in sorted(self.consumer.assignment()):
+            table = self.store.table_of(tp.topic)
             groups = await asyncio.to_thread(self.store.compaction_candidates, tp.topic, tp.partition, now_ms, grace_ms,
                                              self.cfg.compaction_min_files)
-            table = self.store.table_of(tp.topic)
             for group in groups:
-                started = time.perf_counter()
-                done = await self._with_redis_retry(lambda g=group: asyncio.to_thread(self.store.compact, g))
+                async with self.batch_lock:
+                    if tp not in self.consumer.assignment():
+                        break  # revoked meanwhile: its new owner compacts it
+                    # Listed outside the lock: a flush since may have added a file here; the group must be all of them.
+                    current = await asyncio.to_thread(self.store.compaction_candidates, tp.topic, tp.partition, now_ms, grace_ms,
+                                                      self.cfg.compaction_min_files)
+                    group = next((g for g in current if g[0].folder == group[0].folder), None)
+                    if group is None:
+                        continue
+                    started = time.perf_counter()
+                    done = await self._with_redis_retry(lambda g=group: asyncio.to_thread(self.store.compact, g))
                 self.metrics.compactions.labels(table).inc()
                 self.metrics.files_compacted.labels(table).inc(done.merged)
                 self.metrics.files_written.labels(table, COMPACTION).inc()

@@ -40,11 +40,11 @@ import re
 import types
 import typing
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,6 +54,7 @@ from vitrine.contracts.events import Event
 from vitrine.contracts.exposures import Exposure
 from vitrine.services.dead_letters import fsync_dir
 
+T = TypeVar("T")
 HOUR_MS: Final = 3_600_000
 OFFSET_DIGITS: Final = 20
 """Offsets are int64: 19 digits and a spare; zero-padded so that file names sort by offset."""
@@ -522,6 +523,12 @@ class ArchiveStore:
 
 # --- reading with DuckDB -------------------------------------------------------------------------------------
 
+READ_ATTEMPTS: Final = 5
+"""Reads of a query whose files a compaction deleted meanwhile (each after listing the files again)."""
+VANISHED: Final = ("No files found", "No such file")
+"""DuckDB's words for a listed file that is gone."""
+
+
 def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -550,23 +557,43 @@ class ArchiveReader:
         self.store = store
         self.con = duckdb.connect(config={"threads": threads} if threads else {})
         self.file_counts: dict[str, int] = {}
+        self._views()
+
+    def _views(self) -> None:
         hive_types = "{" + ", ".join(f"{_sql_string(k)}: {_sql_string(v)}" for k, v in HIVE_TYPES.items()) + "}"
-        for table, topic in store.topics.items():
-            files = store.files(topic)
+        for table, topic in self.store.topics.items():
+            files = self.store.files(topic)
             self.file_counts[table] = len(files)
             if files:
                 listing = "[" + ", ".join(_sql_string(str(f)) for f in files) + "]"
-                self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet({listing}, hive_partitioning = true, "
+                self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet({listing}, hive_partitioning = true, "
                                  f"union_by_name = true, hive_types = {hive_types})")
             else:  # an empty archive still has the tables, so that a query says 0 instead of failing
                 empty = pa.schema([*SCHEMAS[table], pa.field("topic", pa.string()), pa.field("date", pa.date32()), pa.field("hour", pa.int32())])
                 self.con.register(f"_empty_{table}", empty.empty_table())
-                self.con.execute(f"CREATE VIEW {table} AS SELECT * FROM _empty_{table}")
+                self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _empty_{table}")
+
+    def _retrying(self, run: Callable[[], T]) -> T:
+        """`run()`; when a listed file vanished meanwhile (a compaction deleted the parts it merged), list the files
+        again and rerun: the merged file holds the same rows."""
+        import duckdb
+
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return run()
+            except duckdb.IOException as exc:
+                if attempt + 1 == READ_ATTEMPTS or not any(m in str(exc) for m in VANISHED):
+                    raise
+                self._views()
+        raise AssertionError("unreachable")
 
     def query(self, sql: str, parameters: Sequence[object] = ()) -> QueryResult:
-        cursor = self.con.execute(sql, list(parameters))
-        columns = [d[0] for d in cursor.description] if cursor.description else []
-        return QueryResult(columns, cursor.fetchall() if columns else [])
+        def run() -> QueryResult:
+            cursor = self.con.execute(sql, list(parameters))
+            columns = [d[0] for d in cursor.description] if cursor.description else []
+            return QueryResult(columns, cursor.fetchall() if columns else [])
+
+        return self._retrying(run)
 
     def stats(self) -> dict[str, Any]:
         """Per table: rows, files, time coverage, and rows per date (and per type for events)."""
@@ -601,7 +628,7 @@ class ArchiveReader:
             clauses.append("date <= CAST(? AS DATE)")
             parameters.append(until)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        return self.con.sql(
-            f"SELECT event_id, user_id, item_id, type, ts_ms FROM events {where} "
-            "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY kafka_partition, kafka_offset) = 1 "
-            "ORDER BY ts_ms, event_id", params=parameters).to_arrow_table()
+        sql = (f"SELECT event_id, user_id, item_id, type, ts_ms FROM events {where} "
+               "QUALIFY row_number() OVER (PARTITION BY event_id ORDER BY kafka_partition, kafka_offset) = 1 "
+               "ORDER BY ts_ms, event_id")
+        return self._retrying(lambda: self.con.sql(sql, params=parameters).to_arrow_table())
