@@ -523,8 +523,9 @@ class ArchiveStore:
 
 # --- reading with DuckDB -------------------------------------------------------------------------------------
 
-READ_ATTEMPTS: Final = 5
-"""Reads of a query whose files a compaction deleted meanwhile (each after listing the files again)."""
+READ_ATTEMPTS: Final = 20
+"""Tries of a read whose files a compaction deleted meanwhile, each after listing the files again (a compaction
+merges one hour folder of one partition at a time, so a reader that loses this race many times over is rare)."""
 VANISHED: Final = ("No files found", "No such file")
 """DuckDB's words for a listed file that is gone."""
 
@@ -557,7 +558,7 @@ class ArchiveReader:
         self.store = store
         self.con = duckdb.connect(config={"threads": threads} if threads else {})
         self.file_counts: dict[str, int] = {}
-        self._views()
+        self._retrying(lambda: None)  # creates the views, re-listing if a file vanishes while they are bound
 
     def _views(self) -> None:
         hive_types = "{" + ", ".join(f"{_sql_string(k)}: {_sql_string(v)}" for k, v in HIVE_TYPES.items()) + "}"
@@ -574,17 +575,19 @@ class ArchiveReader:
                 self.con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM _empty_{table}")
 
     def _retrying(self, run: Callable[[], T]) -> T:
-        """`run()`; when a listed file vanished meanwhile (a compaction deleted the parts it merged), list the files
-        again and rerun: the merged file holds the same rows."""
+        """(Re)create the views if needed, then `run()`. When a listed file vanished meanwhile (a compaction deleted
+        the parts it merged; binding a view reads the files too), list the files again and retry: the merged file
+        holds the same rows."""
         import duckdb
 
         for attempt in range(READ_ATTEMPTS):
             try:
+                if attempt or not self.file_counts:
+                    self._views()
                 return run()
             except duckdb.IOException as exc:
                 if attempt + 1 == READ_ATTEMPTS or not any(m in str(exc) for m in VANISHED):
                     raise
-                self._views()
         raise AssertionError("unreachable")
 
     def query(self, sql: str, parameters: Sequence[object] = ()) -> QueryResult:
