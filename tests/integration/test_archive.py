@@ -71,8 +71,10 @@ class ArchiveLane:
         offsets = await asyncio.to_thread(self.store.next_offsets, [(t, p) for t in topics for p in range(PARTITIONS)])
         return sum(offsets.values())
 
-    async def wait_committed(self, records: int, timeout_s: float = 90) -> None:
+    async def wait_committed(self, records: int, process: subprocess.Popen, timeout_s: float = 90) -> None:
         async def done() -> bool | None:
+            if process.poll() is not None:
+                raise AssertionError(f"archive exited with {process.returncode}: {process.log.read_text()[-3000:]}")
             return True if await self.committed() >= records else None
 
         await eventually(done, timeout_s, f"{records} records committed to the archive", interval_s=0.05)
@@ -195,7 +197,7 @@ async def test_a_consumer_killed_mid_stream_and_restarted_archives_every_record_
     assert kafka_at_kill < at_kill - 1000, f"Kafka's offsets ({kafka_at_kill}) are near the archive's ({at_kill}): the resume point is ambiguous"
     second, settings = lane.start(flush_rows=1000, flush_interval_s=0.5)
     try:
-        await lane.wait_committed(len(reference))
+        await lane.wait_committed(len(reference), second)
         assert_archive_holds_exactly(lane, reference)
         # Resumed exactly at the archive's offsets: the rest read once, nothing before them read again.
         assert await _metric(settings, "vitrine_archive_records_consumed_total") == len(reference) - at_kill
@@ -244,7 +246,7 @@ async def test_compaction_under_a_running_consumer_keeps_every_record_once(lane:
         for wave in range(6):
             events = _events(600, past, seed=10 + wave, span_ms=4 * HOUR_MS)
             reference |= await _send(lane, _records(events))
-            await lane.wait_committed(len(reference))
+            await lane.wait_committed(len(reference), process)
         sending = False
         await asyncio.wait_for(reader, 60)
         assert reads > 0
@@ -287,7 +289,7 @@ async def test_bad_records_go_to_the_dlq_with_reasons_and_only_valid_rows_are_ar
             records.insert(position, (b"same-key", raw))
         sent = await _send(lane, records)
         await _send(lane, [(b"u", bad_exposure), (b"u", exposure.model_dump_json().encode())], lane.settings.archive.exposures_topic)
-        await lane.wait_committed(len(records) + 2)
+        await lane.wait_committed(len(records) + 2, process)
         dead: dict[bytes, str] = {}
         deadline = time.monotonic() + 30
         while len(dead) < len(bad) + 1 and time.monotonic() < deadline:
