@@ -127,6 +127,14 @@ async def _metric(settings: Settings, name: str, labels: str = "") -> float:
                if line.startswith(name + "{") or line.startswith(name + " ") if labels in line)
 
 
+async def assert_promtool_accepts_the_metrics(settings: Settings) -> None:
+    """`promtool check metrics` finds nothing to say (names, units, _total suffixes, help texts)."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        text = (await client.get(f"http://127.0.0.1:{settings.archive.metrics_port}/metrics")).text
+    checked = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), checked.stdout + checked.stderr
+
+
 def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -260,6 +268,7 @@ async def test_compaction_under_a_running_consumer_keeps_every_record_once(lane:
         assert await _metric(settings, "vitrine_archive_compactions_total") >= 4
         assert visible(lane.store.parts(lane.events_topic)) == lane.store.parts(lane.events_topic)
         assert_archive_holds_exactly(lane, reference)
+        await assert_promtool_accepts_the_metrics(settings)
         assert process.poll() is None
     finally:
         sending = False
@@ -304,6 +313,7 @@ async def test_bad_records_go_to_the_dlq_with_reasons_and_only_valid_rows_are_ar
         assert_archive_holds_exactly(lane, {key: value for key, value in sent.items() if value not in bad})
         exposures = ArchiveReader(lane.store).query("SELECT request_id, item_ids FROM exposures").rows
         assert exposures == [("r2", ["i1"])]
+        await assert_promtool_accepts_the_metrics(settings)
         assert process.poll() is None  # bad input never kills the consumer
     finally:
         await dlq.stop()

@@ -263,3 +263,55 @@ def test_the_training_loader_reads_a_date_range_once_per_event_id(tmp_path: Path
     assert middle.type.dtype.name == "int8" and set(middle.type.tolist()) == {0}
     with pytest.raises(ValueError, match="after"):
         load(tmp_path, since="2026-12-03", until="2026-12-01", events_topic=TOPIC)
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+def _cli(*args: str):  # noqa: ANN202
+    from typer.testing import CliRunner
+
+    from vitrine.cli import app
+
+    return CliRunner().invoke(app, list(args), env={"VITRINE_ARCHIVE__EVENTS_TOPIC": TOPIC, "COLUMNS": "300"})
+
+
+def _small_archive(root: Path) -> ArchiveStore:
+    store = _store(root)
+    store.flush(TOPIC, 0, 0, 29, _rows(0, 29, ts_ms=lambda o: T0 + (o % 3) * 24 * HOUR), expected_next=None)
+    return store
+
+
+def test_data_stats_sample_and_query_read_the_archive(tmp_path: Path) -> None:
+    import json
+
+    _small_archive(tmp_path)
+    stats = _cli("data", "stats", "--root", str(tmp_path), "--json")
+    assert stats.exit_code == 0, stats.output
+    events = json.loads(stats.stdout)["events"]
+    assert events["rows"] == 30 and events["files"] == 3 and events["first"].startswith("2026-12-01T13")
+    table = _cli("data", "stats", "--root", str(tmp_path))
+    assert table.exit_code == 0 and "30 rows in 3 files" in table.output and "2026-12-03" in table.output
+    sample = _cli("data", "sample", "--n", "5", "--root", str(tmp_path), "--json")
+    assert sample.exit_code == 0 and len(json.loads(sample.stdout)) == 5
+    query = _cli("data", "query", "SELECT hour, count(*) AS n FROM events GROUP BY hour", "--root", str(tmp_path))
+    assert query.exit_code == 0 and query.stdout.splitlines()[0].split() == ["hour", "n"] and "30" not in query.stdout.splitlines()[0]
+
+
+def test_data_commands_refuse_bad_input_with_exit_2(tmp_path: Path) -> None:
+    _small_archive(tmp_path)
+    assert _cli("data", "sample", "--n", "0", "--root", str(tmp_path)).exit_code == 2
+    assert _cli("data", "sample", "--table", "orders", "--root", str(tmp_path)).exit_code == 2
+    bad_sql = _cli("data", "query", "SELEKT 1", "--root", str(tmp_path))
+    assert bad_sql.exit_code == 2 and "syntax error" in bad_sql.output.lower()
+    missing = _cli("data", "stats", "--root", str(tmp_path / "nowhere"))
+    assert missing.exit_code == 2 and "is not a folder" in missing.output
+
+
+def test_train_reads_the_archive_and_refuses_bad_date_flags(tmp_path: Path) -> None:
+    _small_archive(tmp_path)
+    assert "use them with --archive" in _cli("train", "--since", "2026-12-01").output
+    backwards = _cli("train", "--archive", str(tmp_path), "--since", "2026-12-03", "--until", "2026-12-01")
+    assert backwards.exit_code == 2 and "is after --until" in backwards.output
+    assert _cli("train", "--archive", str(tmp_path), "--since", "01/12/2026").exit_code == 2
+    empty = _cli("train", "--archive", str(tmp_path), "--since", "2027-01-01")
+    assert empty.exit_code == 2 and "has no events" in empty.output
