@@ -28,7 +28,7 @@ Compaction (`compact`): the files of one partition in a closed hour are merged i
 the union's range [min first, max last], written as a temp file, fsync'd and renamed in; then the small
 files are deleted. Between the rename and the deletes both exist, so readers apply the *shadow rule*: a
 file whose range lies inside another file's range (same folder, same partition) is ignored. A crash in
-between leaves only shadowed files behind, which `recover` and the next compaction delete.
+between leaves only shadowed files behind, which `recover` deletes.
 """
 
 from __future__ import annotations
