@@ -412,9 +412,17 @@ class ArchiveStore:
     def flush(self, topic: str, partition: int, first: int, last: int, rows: Sequence[Row], expected_next: int | None) -> Staged:
         """Commit the records [first, last] of one partition (their valid rows, possibly none): stage, commit, publish."""
         staged = self.stage(topic, partition, first, last, rows)
-        self.commit(staged, expected_next)
+        try:
+            self.commit(staged, expected_next)
+        except (OffsetsDisagree, ValueError):
+            self.unstage(staged)  # refused before the commit point: nothing of it may stay behind
+            raise
         self.publish(staged)
         return staged
+
+    def unstage(self, staged: Staged) -> None:
+        for part in staged.parts:
+            (self.root / part.folder / part.temp_name).unlink(missing_ok=True)
 
     def stage(self, topic: str, partition: int, first: int, last: int, rows: Sequence[Row]) -> Staged:
         """Step 1: one temp file per hour the rows touch, each fsync'd with its folder. Invisible to readers."""
