@@ -8,6 +8,7 @@ import logging
 import re
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -94,7 +95,7 @@ def stack_status() -> None:
 
 @stack_app.command("logs")
 def stack_logs(
-    component: Annotated[str, typer.Argument(help="redis, redis-exporter, kafka, triton, features, prometheus or supervisord")],
+    component: Annotated[str, typer.Argument(help="redis, redis-exporter, kafka, triton, features, outcomes, archive, gateway, prometheus or supervisord")],
     lines: Annotated[int, typer.Option("--lines", "-n", min=1, max=100_000, help="How many lines from the end.")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
 ) -> None:
@@ -113,16 +114,30 @@ events_app = typer.Typer(help="Storefront events: generate (and later publish) t
 app.add_typer(events_app, name="events")
 
 
-def _load_events(preset: str | None, events: Path | None, movielens: Path | None, seed: int, drift_at_day: float | None):
-    """One of: a synthetic preset, a JSONL file of events, a MovieLens ratings file."""
+def _load_events(preset: str | None, events: Path | None, movielens: Path | None, seed: int, drift_at_day: float | None,
+                 archive: Path | None = None, since: datetime | None = None, until: datetime | None = None):
+    """One of: a synthetic preset, a JSONL file of events, a MovieLens ratings file, the event archive (a date range)."""
     from vitrine.export.data import movielens as ml
     from vitrine.export.data import synthetic
     from vitrine.export.data.table import EventTable
 
-    chosen = [name for name, value in (("--preset", preset), ("--events", events), ("--movielens", movielens)) if value]
+    chosen = [name for name, value in (("--preset", preset), ("--events", events), ("--movielens", movielens), ("--archive", archive)) if value]
     if len(chosen) > 1:
         raise typer.BadParameter(f"choose one data source, not {' and '.join(chosen)}")
+    if archive is None and (since or until):
+        raise typer.BadParameter("--since and --until choose dates of the archive: use them with --archive")
+    if since and until and since > until:
+        raise typer.BadParameter(f"--since {since.date()} is after --until {until.date()}")
     try:
+        if archive:
+            from vitrine.export.data.archive import load as load_archive
+
+            table = load_archive(archive, since and since.date(), until and until.date(), _settings().archive.events_topic)
+            if not len(table):
+                raise ValueError(f"the archive at {archive} has no events between {since and since.date() or 'the start'} "
+                                 f"and {until and until.date() or 'the end'}")
+            return table, {"source": f"archive:{archive}", "since": since and since.date().isoformat(),
+                           "until": until and until.date().isoformat()}
         if events:
             return EventTable.read_jsonl(events), {"source": f"events:{events.name}"}
         if movielens:
@@ -141,6 +156,8 @@ EventsOption = Annotated[Path | None, typer.Option(exists=True, dir_okay=False, 
 MovieLensOption = Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="MovieLens ratings.csv or u.data.")]
 SeedOption = Annotated[int, typer.Option(min=0, help="Seed of the synthetic data and of training.")]
 DriftOption = Annotated[float | None, typer.Option(min=0, help="Synthetic only: a new item line takes off from this day.")]
+ArchiveOption = Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Event archive folder (`vitrine archive run`'s root).")]
+DateOption = Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help="With --archive: first (--since) or last (--until) UTC date, inclusive.")]
 
 
 RateOption = Annotated[float | None, typer.Option(min=0.001, max=10_000_000, help="Events per second (default: as fast as possible).")]
@@ -218,6 +235,10 @@ def features_run() -> None:
 
 from vitrine.commands.outcomes import app as outcomes_app  # noqa: E402 - after the helpers it uses
 app.add_typer(outcomes_app, name="outcomes")
+from vitrine.commands.archive import app as archive_app  # noqa: E402
+app.add_typer(archive_app, name="archive")
+from vitrine.commands.data import app as data_app  # noqa: E402 - `vitrine data stats|sample|query` (the archive, by DuckDB)
+app.add_typer(data_app, name="data")
 
 
 @app.command("train")
@@ -226,6 +247,9 @@ def train_command(
     preset: PresetOption = None,
     events: EventsOption = None,
     movielens: MovieLensOption = None,
+    archive: ArchiveOption = None,
+    since: DateOption = None,
+    until: DateOption = None,
     seed: SeedOption = 7,
     drift_at_day: DriftOption = None,
     epochs: Annotated[int, typer.Option(min=1, max=1000)] = 10,
@@ -251,7 +275,7 @@ def train_command(
     unknown = [m for m in model if m not in ARCHITECTURES]
     if unknown:
         raise typer.BadParameter(f"unknown model {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}", param_hint="--model")
-    table, info = _load_events(preset, events, movielens, seed, drift_at_day)
+    table, info = _load_events(preset, events, movielens, seed, drift_at_day, archive, since, until)
     try:
         dataset = sequences.build(table, max_len=max_len, validation_fraction=validation_fraction, seed=seed)
     except ValueError as exc:

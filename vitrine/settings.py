@@ -193,6 +193,63 @@ class OutcomesSettings(_Section):
         description="Rejected records the DLQ would not take: `<group_id>.jsonl`, one fsync'd JSON line each.")
 
 
+class ArchiveSettings(_Section):
+    """The event archive (`vitrine archive run`): `events` and `recs.served` as Parquet files by date and hour,
+    each file committed together with the Kafka offsets it covers (docs/archive.md)."""
+
+    group_id: str = Field("vitrine-archive", pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+    events_topic: str = Field(topics.EVENTS, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Archived as the `events` table.")
+    exposures_topic: str = Field(topics.RECS_SERVED, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Archived as the `exposures` table.")
+    root: Path | None = Field(
+        None, description="Folder of the archive (Hive-style topic=/date=/hour= partitions); unset: `<stack.home>/archive`. "
+                          "Use `Settings.archive_root`, which resolves the default.")
+    flush_rows: int = Field(
+        50_000, ge=1, le=10_000_000,
+        description="A Kafka partition's buffer is written as files once it holds this many rows: bounds memory "
+                    "(partitions × flush_rows rows) and sets the typical file size.")
+    flush_interval_s: float = Field(
+        60.0, gt=0, le=86_400,
+        description="…or once its oldest record has waited this long: how far the archive may trail the topic. "
+                    "Shorter means fresher data and more small files for compaction to merge.")
+    flush_check_interval_s: float = Field(1.0, gt=0, le=3600, description="How often buffers are checked for age while no records arrive.")
+    compaction_min_files: int = Field(
+        4, ge=2, le=100_000,
+        description="A closed hour in which one Kafka partition has at least this many files gets them merged into one.")
+    compaction_grace_s: float = Field(
+        600.0, ge=0, le=30 * 86_400,
+        description="An hour counts as closed (eligible for compaction) this long after it ended; later, late events "
+                    "still land there in new files, merged by a later pass.")
+    compaction_interval_s: float = Field(60.0, gt=0, le=86_400, description="How often closed hours are looked at for compaction.")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet column compression.")
+    max_batch: int = Field(2000, ge=1, le=100_000, description="Most records read from Kafka in one poll.")
+    poll_timeout_ms: int = Field(100, ge=1, le=10_000)
+    commit_interval_s: float = Field(
+        1.0, ge=0, le=60, description="Kafka commits are a hint (the archive's own offset files hold the truth): at most this often.")
+    metrics_host: Host = "127.0.0.1"
+    metrics_port: Port = 19700
+    write_retry_max_s: float = Field(5.0, gt=0, le=300, description="Back-off ceiling while a disk write or a DLQ send keeps failing.")
+    offset_check_interval_s: float = Field(
+        1.0, gt=0, le=3600,
+        description="While idle, how often the stored offsets are compared with this member's (another writer is noticed).")
+    dlq_topic: str = Field(topics.ARCHIVE_DLQ, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Where records that fail their contract go.")
+    dlq_send_attempts: int = Field(5, ge=1, le=100, description="Tries per rejected record before it is spilled to `dlq_spill_dir` and skipped.")
+    dlq_send_timeout_ms: int = Field(10_000, ge=100, le=300_000, description="Bound on one DLQ send (metadata wait included).")
+    dlq_spill_dir: Path = Field(
+        Path(os.environ.get("VITRINE_CACHE", Path.home() / ".cache" / "vitrine")) / "dlq-spill",
+        description="Rejected records the DLQ would not take: `<group_id>.jsonl`, one fsync'd JSON line each.")
+
+    @property
+    def redis_retry_max_s(self) -> float:
+        """The name `StoredOffsetsMember` reads for its retry ceiling (here it bounds disk writes, not Redis)."""
+        return self.write_retry_max_s
+
+    @model_validator(mode="after")
+    def _two_topics(self) -> ArchiveSettings:
+        if self.events_topic == self.exposures_topic:
+            raise ValueError("events_topic and exposures_topic must differ: each is archived as its own table")
+        return self
+
+
 Role = Literal["storefront", "experimenter", "admin"]
 
 
@@ -370,6 +427,7 @@ class Settings(BaseSettings):
     prometheus: PrometheusSettings = PrometheusSettings()
     features: FeaturesSettings = FeaturesSettings()
     outcomes: OutcomesSettings = OutcomesSettings()
+    archive: ArchiveSettings = ArchiveSettings()
     gateway: GatewaySettings = GatewaySettings()
     gate: GateSettings = GateSettings()
     stack: StackSettings = StackSettings()
@@ -408,6 +466,11 @@ class Settings(BaseSettings):
                 update[section_name] = section.model_copy(update=ports)
         update["stack"] = self.stack.model_copy(update={"home": self.stack.home.with_name(f"{self.stack.home.name}-{offset}")})
         return self.model_copy(update=update)
+
+    @property
+    def archive_root(self) -> Path:
+        """Where the archive lives: `archive.root`, or `archive/` in the stack's home (a test stack gets its own)."""
+        return (self.archive.root or self.stack.home / "archive").expanduser().resolve()
 
     @property
     def kafka_home(self) -> Path:

@@ -29,10 +29,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Final
 
-from pydantic import ValidationError
-
-from vitrine.contracts.events import MAX_FUTURE_SKEW_MS, MIN_TS_MS, Event, EventRejected, EventType
-from vitrine.contracts.exposures import INTERLEAVE, Exposure
+from vitrine.contracts.events import Event, EventType
+from vitrine.contracts.exposures import INTERLEAVE, Exposure, parse_exposure  # noqa: F401 - parse_exposure: re-exported (it moved to the contract)
 
 CREDITED: Final = {EventType.CLICK: "clicks", EventType.ADD_TO_CART: "add_to_carts", EventType.PURCHASE: "purchases"}
 """Event types that earn an exposure credit, and the `UserOutcome` field each one counts in."""
@@ -302,25 +300,3 @@ def attribute(state: UserState, records: list[Exposure | Event], windows: Window
     join.prune()
     join.c.recount_pre_events = {key: state.rows[key].first_ts_ms for key in join.c.recount_pre_events}
     return join.c
-
-
-def parse_exposure(raw: bytes | str | None, now_ms: int | None = None) -> Exposure:
-    """Validate one `recs.served` record. Raises `EventRejected` with reason `not_json`, `missing_field`,
-    `invalid_field` or `absurd_timestamp` (the same reasons as events, so the DLQ speaks one language)."""
-    if raw is None:
-        raise EventRejected("not_json", "empty record value")
-    try:
-        exposure = Exposure.model_validate_json(raw)
-    except ValidationError as exc:
-        kinds = {e["type"] for e in exc.errors()}
-        reason = ("not_json" if kinds & {"json_invalid", "json_type", "model_type"}
-                  else "missing_field" if "missing" in kinds else "invalid_field")
-        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'exposure'}: {e['msg']}" for e in exc.errors(include_url=False)[:5])
-        raise EventRejected(reason, detail) from exc
-    if exposure.ts_ms < MIN_TS_MS or (now_ms is not None and exposure.ts_ms > now_ms + MAX_FUTURE_SKEW_MS):
-        raise EventRejected("absurd_timestamp", f"ts_ms {exposure.ts_ms} is not a plausible event time")
-    if exposure.mode == INTERLEAVE and not exposure.slot_variants:
-        raise EventRejected("invalid_field", "an interleaved exposure must name the team of each slot (slot_variants)")
-    if not exposure.user_id or not exposure.request_id:
-        raise EventRejected("invalid_field", "user_id and request_id must not be empty")
-    return exposure

@@ -232,6 +232,7 @@ def prometheus(settings: Settings) -> Component:
                 triton_metrics_target=f"{settings.triton.host}:{settings.triton.metrics_port}",
                 features_target=f"{settings.features.metrics_host}:{settings.features.metrics_port}",
                 outcomes_target=f"{settings.outcomes.metrics_host}:{settings.outcomes.metrics_port}",
+                archive_target=f"{settings.archive.metrics_host}:{settings.archive.metrics_port}",
                 gateway_target=f"{settings.gateway.metrics_host}:{settings.gateway.metrics_port}",
                 rules_file=str(ALERT_RULES),
             ),
@@ -291,6 +292,19 @@ def outcomes(settings: Settings) -> Component:
     )
 
 
+def archive(settings: Settings) -> Component:
+    cfg, root = settings.archive, settings.archive_root
+    return Component(
+        name="archive",
+        command=[sys.executable, "-m", "vitrine", "archive", "run"],
+        ports={"metrics": (cfg.metrics_host, cfg.metrics_port)},
+        probe=health.archive_ready,
+        url=f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics (group {cfg.group_id}, {cfg.events_topic} + {cfg.exposures_topic} → {root})",
+        env=settings_env(settings),
+        prepare=lambda: root.mkdir(parents=True, exist_ok=True),
+    )
+
+
 def gateway(settings: Settings) -> Component:
     cfg = settings.gateway
     return Component(
@@ -304,7 +318,7 @@ def gateway(settings: Settings) -> Component:
 
 
 BUILDERS: tuple[Callable[[Settings], Component], ...] = (
-    redis, redis_exporter, kafka, triton, features, outcomes, gateway, prometheus)
+    redis, redis_exporter, kafka, triton, features, outcomes, archive, gateway, prometheus)
 """Start order: dependencies first, Prometheus last so that its targets are already up."""
 
 

@@ -130,6 +130,20 @@ async def outcomes_ready(settings: Settings) -> str | None:
                                   ASSIGNED_PARTITIONS)
 
 
+async def archive_ready(settings: Settings) -> str | None:
+    """The archive serves metrics, owns at least one partition (so it has recovered that partition's files and
+    sought to their offsets: recovery runs on assignment) and can write into its root folder."""
+    import os
+
+    from vitrine.services.archive.metrics import ASSIGNED_PARTITIONS
+
+    root = settings.archive_root
+    if not root.is_dir() or not os.access(root, os.W_OK | os.X_OK):
+        return f"archive root {root} is not a writable folder"
+    return await _owns_partitions(f"http://{settings.archive.metrics_host}:{settings.archive.metrics_port}/metrics",
+                                  ASSIGNED_PARTITIONS)
+
+
 async def _owns_partitions(url: str, gauge: str) -> str | None:
     try:
         async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:

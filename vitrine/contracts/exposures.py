@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vitrine.contracts.events import MAX_FUTURE_SKEW_MS, MIN_TS_MS, EventRejected
 
 AB: Final = "ab"
 INTERLEAVE: Final = "interleave"
@@ -49,3 +51,25 @@ class Exposure(BaseModel):
         if self.slot_variants and len(self.slot_variants) != len(self.item_ids):
             raise ValueError("slot_variants must name one variant per slot")
         return self
+
+
+def parse_exposure(raw: bytes | str | None, now_ms: int | None = None) -> Exposure:
+    """Validate one `recs.served` record. Raises `EventRejected` with reason `not_json`, `missing_field`,
+    `invalid_field` or `absurd_timestamp` (the same reasons as events, so the DLQ speaks one language)."""
+    if raw is None:
+        raise EventRejected("not_json", "empty record value")
+    try:
+        exposure = Exposure.model_validate_json(raw)
+    except ValidationError as exc:
+        kinds = {e["type"] for e in exc.errors()}
+        reason = ("not_json" if kinds & {"json_invalid", "json_type", "model_type"}
+                  else "missing_field" if "missing" in kinds else "invalid_field")
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'exposure'}: {e['msg']}" for e in exc.errors(include_url=False)[:5])
+        raise EventRejected(reason, detail) from exc
+    if exposure.ts_ms < MIN_TS_MS or (now_ms is not None and exposure.ts_ms > now_ms + MAX_FUTURE_SKEW_MS):
+        raise EventRejected("absurd_timestamp", f"ts_ms {exposure.ts_ms} is not a plausible event time")
+    if exposure.mode == INTERLEAVE and not exposure.slot_variants:
+        raise EventRejected("invalid_field", "an interleaved exposure must name the team of each slot (slot_variants)")
+    if not exposure.user_id or not exposure.request_id:
+        raise EventRejected("invalid_field", "user_id and request_id must not be empty")
+    return exposure

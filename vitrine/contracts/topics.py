@@ -14,4 +14,7 @@ EVENTS_DLQ: Final = "events.dlq"
 OUTCOMES_DLQ: Final = "outcomes.dlq"
 """Exposures and events the outcome service rejected, with the reason (header `reason`)."""
 
-ALL: Final[tuple[str, ...]] = (EVENTS, RECS_SERVED, EVENTS_DLQ, OUTCOMES_DLQ)
+ARCHIVE_DLQ: Final = "archive.dlq"
+"""Events and exposures the archive rejected (not valid under their contract), with the reason (header `reason`)."""
+
+ALL: Final[tuple[str, ...]] = (EVENTS, RECS_SERVED, EVENTS_DLQ, OUTCOMES_DLQ, ARCHIVE_DLQ)
