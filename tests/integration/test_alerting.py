@@ -20,7 +20,12 @@ from tests.integration.invariants import eventually
 from vitrine.services.stack import Stack
 from vitrine.services.stack.components import EXTRA_RULES_DIR, pipeline_trigger_token_file
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+FIRE_AFTER = "10s"
+"""`for:` of the planted rules. Not 0: a reload makes Prometheus rediscover its Alertmanagers (a few seconds), and an
+alert that fires before that is dropped and re-sent only after `--rules.alert.resend-delay` (1 min)."""
 
 
 def _rules(retrain: str, other: str) -> str:
@@ -29,10 +34,12 @@ def _rules(retrain: str, other: str) -> str:
     rules:
       - alert: {retrain}
         expr: vector(1)
+        for: {FIRE_AFTER}
         labels: {{severity: ticket, action: retrain}}
         annotations: {{summary: "test-only: the retrain path"}}
       - alert: {other}
         expr: vector(1)
+        for: {FIRE_AFTER}
         labels: {{severity: page}}
 """
 
@@ -71,7 +78,7 @@ async def test_prometheus_delivers_a_retrain_alert_to_the_pipeline_trigger(stack
                       if a["labels"]["alertname"] in (retrain, other)}
             return routed if len(routed) == 2 else None
 
-        routed = await eventually(in_alertmanager, timeout_s=60, what="both test alerts in Alertmanager", interval_s=1)
+        routed = await eventually(in_alertmanager, timeout_s=90, what="both test alerts in Alertmanager", interval_s=1)
         assert routed == {retrain: ["pipeline-trigger"], other: ["null"]}
 
         # The webhook: after group_wait, one POST for the retrain group only, with the stack's bearer token.

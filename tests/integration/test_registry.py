@@ -4,6 +4,7 @@ Triton's own REST APIs, against values read from the run folder in plain Python.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -27,6 +28,11 @@ from vitrine.services.stack.components import settings_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 runner = CliRunner()
+
+
+async def _vitrine(args: list[str], env: dict[str, str]):  # noqa: ANN202 - click's Result
+    """`vitrine …` in a worker thread: the commands run their own event loop (asyncio.run)."""
+    return await asyncio.to_thread(runner.invoke, app, args, env=env)
 
 
 def _key(name: str) -> str:
@@ -65,8 +71,9 @@ def registry(stack: Stack) -> Registry:
     return Registry(cfg.tracking_url, cfg.experiment, cfg.timeout_s)
 
 
-def _api(stack: Stack, path: str, **params: str) -> dict:
-    reply = httpx.get(f"{stack.settings.registry.tracking_url}/api/2.0/mlflow/{path}", params=params, timeout=10)
+def _api(stack: Stack, endpoint: str, **params: str) -> dict:
+    """MLflow's REST API read directly (not through export/registry.py, the code under test)."""
+    reply = httpx.get(f"{stack.settings.registry.tracking_url}/api/2.0/mlflow/{endpoint}", params=params, timeout=10)
     assert reply.status_code == 200, reply.text
     return reply.json()
 
@@ -129,7 +136,7 @@ async def test_an_exported_version_is_registered_served_and_listed(
     stack: Stack, tiny_run: Path, exported_name: str, triton_client: triton.InferenceServerClient, tmp_path: Path,
 ) -> None:
     env = settings_env(stack.settings)
-    exported = runner.invoke(app, ["export", str(tiny_run), "--name", exported_name, "--no-gate"], env=env)
+    exported = await _vitrine(["export", str(tiny_run), "--name", exported_name, "--no-gate"], env)
     assert exported.exit_code == 0, exported.output
     assert f"{exported_name} v1: served by Triton" in exported.output
 
@@ -157,16 +164,16 @@ async def test_an_exported_version_is_registered_served_and_listed(
     assert served.reference == on_disk["reference"]
 
     # `vitrine models list` and `show` read the registry.
-    listed = runner.invoke(app, ["models", "list", "--json"], env=env)
+    listed = await _vitrine(["models", "list", "--json"], env)
     assert listed.exit_code == 0, listed.output
     row = next(r for r in json.loads(listed.output) if r["name"] == exported_name)
     assert row["aliases"] == {"challenger": version["version"]} and row["latest_triton_version"] == "1"
-    table = runner.invoke(app, ["models", "list"], env=env)
+    table = await _vitrine(["models", "list"], env)
     assert re.search(rf"^{exported_name}\s+1\s+v1\s+v1\s+challenger=v1$", table.output, re.MULTILINE), table.output
-    shown = runner.invoke(app, ["models", "show", exported_name, version["version"], "--json"], env=env)
+    shown = await _vitrine(["models", "show", exported_name, version["version"], "--json"], env)
     assert shown.exit_code == 0 and json.loads(shown.output)["metrics"]["model.recall_10"] == pytest.approx(
         json.loads((tiny_run / "run.json").read_text())["metrics"]["model"]["recall@10"])
-    missing = runner.invoke(app, ["models", "show", exported_name, "99"], env=env)
+    missing = await _vitrine(["models", "show", exported_name, "99"], env)
     assert missing.exit_code == 1 and "no version 99" in missing.output
 
 
@@ -174,7 +181,7 @@ async def test_a_version_whose_registry_entry_is_gone_is_not_served_from_disk(
     stack: Stack, tiny_run: Path, exported_name: str, triton_client: triton.InferenceServerClient,
 ) -> None:
     """A config that names a registry URI never falls back to a local file: a wrong registry is an error."""
-    exported = runner.invoke(app, ["export", str(tiny_run), "--name", exported_name, "--no-gate"], env=settings_env(stack.settings))
+    exported = await _vitrine(["export", str(tiny_run), "--name", exported_name, "--no-gate"], settings_env(stack.settings))
     assert exported.exit_code == 0, exported.output
     catalog = ModelCatalog(triton_client, stack.settings.triton.model_repository, refresh_s=60, call_timeout_s=5,
                            registry_url="http://127.0.0.1:9", registry_timeout_s=2)
