@@ -411,7 +411,10 @@ class StackSettings(_Section):
     )
     kafka_version: str = "4.1.1"
     pytriton_version: str = "0.7.0"
-    startup_timeout_s: float = Field(120.0, gt=0, le=1800, description="Upper bound for one component to turn healthy.")
+    startup_timeout_s: float = Field(
+        120.0, gt=0, le=1800,
+        description="Upper bound for one component to turn healthy. The slowest first start is MLflow's (database "
+                    "migrations, ~20 s on 2 cores; Triton loading every model is next): 120 s leaves room on a busy machine.")
     stop_timeout_s: float = Field(30.0, gt=0, le=600)
     log_tail_lines: int = Field(30, ge=1, le=10_000, description="Log lines shown when a component fails.")
     demo_keys: bool = Field(True, description="The local stack's gateway accepts the published demo keys (README) and serves reflection.")

@@ -55,7 +55,7 @@ def test_the_webhook_points_at_the_trigger_with_a_bearer_token_file(settings: Se
     config = yaml.safe_load(rendered.read_text())
     webhook = next(r for r in config["receivers"] if r["name"] == "pipeline-trigger")["webhook_configs"][0]
     assert webhook["url"] == f"http://127.0.0.1:{settings.pipeline_trigger.port}/alerts" == settings.pipeline_trigger.url
-    assert settings.pipeline_trigger.port == 19700 + 4000  # shifted with the stack
+    assert settings.pipeline_trigger.port == Settings().pipeline_trigger.port + 4000  # shifted with the stack
     authorization = webhook["http_config"]["authorization"]
     token = pipeline_trigger_token_file(settings)
     assert authorization == {"type": "Bearer", "credentials_file": str(token)}
