@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # One-shot, idempotent setup of everything Vitrine needs on a fresh Debian machine:
-#   - Debian packages: redis-server, prometheus, prometheus-redis-exporter (only when missing)
+#   - Debian packages: redis-server, prometheus, prometheus-redis-exporter, prometheus-alertmanager (only when missing)
 #   - .venv with the vitrine package (re-installed only when pyproject or constraints change)
 #   - Apache Kafka (KRaft) jars from Maven Central into the cache folder
 #   - a Triton backend folder prepared from the nvidia-pytriton wheel (tritonserver 2.51, python backend)
 # A second run only checks stamps and takes about a second.
 #
 # Environment: PYTHON (interpreter for the venv, default python3), VITRINE_CACHE (default ~/.cache/vitrine),
-#              VITRINE_EXTRAS (pip extras, default "dev,train": tests train small models with torch).
+#              VITRINE_EXTRAS (pip extras, default "dev,train,registry": tests train small models with torch
+#              and log them to the stack's MLflow server).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 CACHE="${VITRINE_CACHE:-$HOME/.cache/vitrine}"
-EXTRAS="${VITRINE_EXTRAS:-dev,train}"
+EXTRAS="${VITRINE_EXTRAS:-dev,train,registry}"
 VENV="$ROOT/.venv"
 KAFKA_POM="$ROOT/deploy/kafka/pom.xml"
 PYTRITON_VERSION="0.7.0"   # ships tritonserver 2.51 with the python backend
@@ -34,6 +35,9 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v prometheus-redis-exporter >/dev/null || missing+=(prometheus-redis-exporter)
+# Debian names the binary prometheus-alertmanager (not alertmanager); amtool comes with it.
+command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)
+command -v amtool >/dev/null || missing+=(prometheus-alertmanager)
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 if ((${#missing[@]})); then
@@ -43,7 +47,7 @@ if ((${#missing[@]})); then
   quiet $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
   # Debian's packages start system-wide services on the standard ports; Vitrine runs its own
   # instances on its own ports, so stop the system ones where a service manager started them.
-  for svc in redis-server prometheus prometheus-redis-exporter; do
+  for svc in redis-server prometheus prometheus-redis-exporter prometheus-alertmanager; do
     $SUDO service "$svc" stop >/dev/null 2>&1 || true
   done
 else

@@ -12,7 +12,8 @@ import io
 import json
 import shutil
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +29,12 @@ from vitrine.export.drift import POPULARITY_BUCKETS, history_stats, popularity_c
 from vitrine.export.models import NEG, ServingRanker
 from vitrine.export.topk import unexplained_id_differences
 from vitrine.export.train import VALIDATION_SAMPLE, load_run
+from vitrine.export.registry import METADATA_PARAMETER_PREFIX, metadata_parameter
 from vitrine.export.triton_repository import (
     ModelSpec,
     TensorSpec,
     add_version,
+    config_parameters,
     production_config,
     prune,
     versions,
@@ -58,6 +61,13 @@ class ExportResult:
     folder: Path
     removed_versions: list[int]
     max_abs_score_diff: float
+    metadata_uri: str | None = None
+    """Where the version's metadata lives in the registry (also in its Triton config); None without a registry."""
+
+
+Publish = Callable[[str, int, dict[str, bytes]], str]
+"""(model name, Triton version, files by name) → the metadata URI: uploads a version's files to the registry
+before the version is written, so that its config can say where its metadata lives."""
 
 
 def spec_for(name: str, max_len: int, max_k: int, keep_versions: int) -> ModelSpec:
@@ -185,14 +195,29 @@ def _shapes(config: mc.ModelConfig) -> str:
     return ", ".join(f"{t.name}{list(t.dims)}" for t in [*config.input, *config.output])
 
 
+def _metadata_parameters(folder: Path, kept: list[int], new_version: int, uri: str | None) -> tuple[tuple[str, str], ...]:
+    """The config's per-version metadata URIs: those of versions still kept, plus the new one's."""
+    existing = {k: v for k, v in config_parameters(folder).items() if k.startswith(METADATA_PARAMETER_PREFIX)}
+    wanted = {metadata_parameter(v) for v in kept}
+    merged = {k: v for k, v in existing.items() if k in wanted}
+    if uri is not None:
+        merged[metadata_parameter(new_version)] = uri
+    return tuple(sorted(merged.items()))
+
+
 def export_run(
     run_dir: Path,
     repository: Path,
     name: str | None = None,
     max_k: int = 50,
     keep_versions: int = 3,
+    publish: Publish | None = None,
 ) -> ExportResult:
-    """Export one run as the next version of model `name` (default: the run's architecture)."""
+    """Export one run as the next version of model `name` (default: the run's architecture).
+
+    With `publish` (the registry), the version's files are uploaded first and its config carries their URI
+    (`parameters { key: "vitrine.metadata.<version>" }`): the gateway learns the vocabulary and drift reference
+    from Triton's config API and the registry, without reading the model repository's files."""
     model, record, vocabulary = load_run(run_dir)
     max_len = int(record["parameters"]["max_len"])
     serving = ServingRanker(model, k=max_k)
@@ -212,12 +237,17 @@ def export_run(
     model_name = name or record["model"]
     spec = spec_for(model_name, max_len, serving.k, keep_versions)
     _check_compatible(repository / model_name, spec)
+    metadata_bytes = json.dumps(metadata).encode()
+    number = max(versions(repository / model_name), default=0) + 1
+    uri = publish(model_name, number, {"model.onnx": onnx_bytes, ranker.METADATA_FILE: metadata_bytes}) if publish else None
+    kept = [*versions(repository / model_name), number][-keep_versions:]
+    spec = replace(spec, parameters=_metadata_parameters(repository / model_name, kept, number, uri))
     folder = write_model_folder(repository, spec)
-    version = add_version(folder, onnx_bytes, extra_files={ranker.METADATA_FILE: json.dumps(metadata).encode()})
+    version = add_version(folder, onnx_bytes, version=number, extra_files={ranker.METADATA_FILE: metadata_bytes})
     try:
         validate_model_folder(folder)
     except Exception:
         shutil.rmtree(version)
         raise
     removed = prune(folder, keep_versions)
-    return ExportResult(model_name, int(version.name), version, removed, worst)
+    return ExportResult(model_name, int(version.name), version, removed, worst, uri)

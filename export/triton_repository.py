@@ -55,6 +55,9 @@ class ModelSpec:
     tensorrt_fp16: bool = False
     """Offer TensorRT FP16 as an execution accelerator in the production config (GPU only)."""
     warmup_batch_sizes: tuple[int, ...] = field(default=(1,))
+    parameters: tuple[tuple[str, str], ...] = ()
+    """Config `parameters` (key, string value) in both configs: e.g. where each version's metadata lives in the
+    registry (`vitrine.metadata.<version>`), so that a client learns it from Triton's config API."""
 
 
 def _tensors(container, specs: tuple[TensorSpec, ...]) -> None:  # noqa: ANN001 - protobuf repeated field
@@ -71,6 +74,8 @@ def _common(spec: ModelSpec) -> mc.ModelConfig:
         size for size in spec.preferred_batch_sizes if size <= spec.max_batch_size
     )
     config.dynamic_batching.max_queue_delay_microseconds = spec.max_queue_delay_us
+    for key, value in spec.parameters:
+        config.parameters[key].string_value = value
     for batch in spec.warmup_batch_sizes:
         warmup = config.model_warmup.add(name=f"warmup_batch_{batch}", batch_size=batch)
         for tensor in spec.inputs:
@@ -109,6 +114,15 @@ def write_model_folder(repository: Path, spec: ModelSpec) -> Path:
     (folder / "config.pbtxt").write_text(render(production_config(spec)))
     (folder / "configs" / f"{CPU_CONFIG_NAME}.pbtxt").write_text(render(cpu_config(spec)))
     return folder
+
+
+def config_parameters(folder: Path) -> dict[str, str]:
+    """The string parameters of a model folder's production config (empty when there is none yet)."""
+    path = folder / "config.pbtxt"
+    if not path.is_file():
+        return {}
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    return {key: value.string_value for key, value in config.parameters.items()}
 
 
 def versions(folder: Path) -> list[int]:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from vitrine.settings import Settings
 
 app = typer.Typer(help="Vitrine: real-time recommendations on Kafka, Redis and Triton.", no_args_is_help=True)
-stack_app = typer.Typer(help="The local stack: Redis, Kafka, Triton, Prometheus under supervisord.", no_args_is_help=True)
+stack_app = typer.Typer(help="The local stack: Redis, Kafka, MLflow, Triton, the services, Alertmanager, Prometheus under supervisord.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 
 
@@ -95,7 +95,7 @@ def stack_status() -> None:
 
 @stack_app.command("logs")
 def stack_logs(
-    component: Annotated[str, typer.Argument(help="redis, redis-exporter, kafka, triton, features, outcomes, archive, gateway, prometheus or supervisord")],
+    component: Annotated[str, typer.Argument(help="redis, redis-exporter, kafka, mlflow, triton, features, outcomes, archive, gateway, alertmanager, prometheus or supervisord")],
     lines: Annotated[int, typer.Option("--lines", "-n", min=1, max=100_000, help="How many lines from the end.")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
 ) -> None:
@@ -239,6 +239,8 @@ from vitrine.commands.archive import app as archive_app  # noqa: E402
 app.add_typer(archive_app, name="archive")
 from vitrine.commands.data import app as data_app  # noqa: E402 - `vitrine data stats|sample|query` (the archive, by DuckDB)
 app.add_typer(data_app, name="data")
+from vitrine.commands.models import app as models_app  # noqa: E402
+app.add_typer(models_app, name="models")
 
 
 @app.command("train")
@@ -264,8 +266,12 @@ def train_command(
     threads: Annotated[int, typer.Option(min=1, max=64, help="Torch threads; on a machine shared with other heavy work 1 can be several times faster than 2.")] = 2,
     out: Annotated[Path, typer.Option(file_okay=False, help="Where run folders go.")] = Path("runs"),
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    registry: Annotated[bool | None, typer.Option(
+        "--registry/--no-registry",
+        help="Log each run to the model registry (settings `registry`). Default: when it answers; --registry: "
+             "an unreachable registry is an error (checked before training); --no-registry: never.")] = None,
 ) -> None:
-    """Train next-item models on events and record each run (parameters, data fingerprint, metrics)."""
+    """Train next-item models on events and record each run (parameters, data fingerprint, metrics), also in the registry."""
     from vitrine.export.data import sequences
     from vitrine.export.models import ARCHITECTURES
     from vitrine.export.train import TrainConfig, train
@@ -275,6 +281,7 @@ def train_command(
     unknown = [m for m in model if m not in ARCHITECTURES]
     if unknown:
         raise typer.BadParameter(f"unknown model {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}", param_hint="--model")
+    tracker = _training_registry(registry)
     table, info = _load_events(preset, events, movielens, seed, drift_at_day, archive, since, until)
     try:
         dataset = sequences.build(table, max_len=max_len, validation_fraction=validation_fraction, seed=seed)
@@ -291,6 +298,26 @@ def train_command(
         run_dir = train(config, dataset, info, out, progress=progress)
         record = json.loads((run_dir / "run.json").read_text())
         typer.echo(_metrics_table(record) + f"\n{architecture}: trained in {record['duration_s']:.0f}s → {run_dir}")
+        if tracker is not None:
+            logged = tracker.log_training_run(run_dir, source="vitrine train")
+            typer.echo(f"{architecture}: logged to the registry as run {logged.run_id} "
+                       f"({tracker.tracking_url}/#/experiments/{logged.experiment_id}/runs/{logged.run_id})")
+
+
+def _training_registry(wanted: bool | None):  # noqa: ANN202 - export.registry.Registry | None
+    """The registry `vitrine train` logs to: None with --no-registry, or by default when it does not answer."""
+    from vitrine.commands.models import RegistryMissing, connect
+
+    if wanted is False:
+        return None
+    try:
+        return connect(_settings(), "runs are logged there")
+    except RegistryMissing as exc:
+        if wanted:
+            raise _fail(exc) from exc
+        typer.secho(f"note: {exc}; training without it (`vitrine export` logs the run later; --no-registry hides this note)",
+                    fg=typer.colors.YELLOW, err=True)
+        return None
 
 
 def _metrics_table(record: dict) -> str:
@@ -328,11 +355,18 @@ def export_command(
                                                              "(default: settings gate.champion_tolerance, 0.01).")] = None,
     slice_tolerance: Annotated[float | None, typer.Option(min=0.0, max=0.999, help="Relative tolerance per slice "
                                                           "(default: settings gate.slice_tolerance, 0.05).")] = None,
+    registry: Annotated[bool, typer.Option(
+        "--registry/--no-registry",
+        help="Register each exported version in the model registry (alias challenger) and put its metadata's registry "
+             "URI into the Triton config; an unreachable registry is an error before anything is written. "
+             "--no-registry: the gateway then reads the version's metadata from the local model repository "
+             "(local stack only).")] = True,
 ) -> None:
-    """Export runs to ONNX (parity-checked) as new versions in the Triton model repository."""
+    """Export runs to ONNX (parity-checked) as new versions in the Triton model repository, registered in MLflow."""
     from pydantic import ValidationError
 
     from vitrine.export.gate import GateError, GatePolicy, champion_record, gate_run
+    from vitrine.export.registry import RegistryError
     from vitrine.settings import GateSettings
     from vitrine.export.onnx_export import ParityError, export_run
     from vitrine.export.serving_check import ServingMismatch, load_and_verify
@@ -348,6 +382,7 @@ def export_command(
     chosen = runs or _newest_runs(runs_dir)
     if not chosen:
         raise _fail(FileNotFoundError(f"no run folders in {runs_dir}; run `vitrine train` first"))
+    tracker = None  # connected when the first run passes the gate: a rejection needs no registry
     rejected = []
     for run_dir in chosen:
         if gate:
@@ -364,8 +399,21 @@ def export_command(
                 typer.secho("\n".join(f"  {reason}" for reason in decision.reasons), fg=typer.colors.RED, err=True)
                 rejected.append(run_dir.name)
                 continue
+        if registry and tracker is None:
+            from vitrine.commands.models import RegistryMissing, connect
+
+            try:  # before anything is written
+                tracker = connect(settings, "exported versions are registered there (or pass --no-registry)")
+            except RegistryMissing as exc:
+                raise _fail(exc) from exc
         try:
-            result = export_run(run_dir, settings.triton.model_repository, name=name, max_k=max_k, keep_versions=keep)
+            logged = tracker.log_training_run(run_dir, source="vitrine export") if tracker is not None else None
+        except (FileNotFoundError, RegistryError) as exc:
+            raise _fail(exc) from exc
+        publish = _publisher(tracker, logged.run_id) if tracker is not None and logged is not None else None
+        try:
+            result = export_run(run_dir, settings.triton.model_repository, name=name, max_k=max_k, keep_versions=keep,
+                                publish=publish)
         except (ParityError, ModelFolderError, FileNotFoundError) as exc:
             raise _fail(exc) from exc
         typer.echo(f"{result.model} v{result.version}: parity ok (max |Δscore| {result.max_abs_score_diff:.1e}) → {result.folder}"
@@ -380,9 +428,36 @@ def export_command(
                             "it is served at the next `vitrine stack up`", fg=typer.colors.YELLOW)
             else:
                 typer.echo(f"{result.model} v{result.version}: served by Triton, top-k equal to onnxruntime in-process")
+        if tracker is not None and logged is not None:
+            from vitrine.export.registry import CHALLENGER
+
+            registered = tracker.register_version(result.model, logged.run_id, result.version,
+                                                  description=f"exported from {run_dir.name}")
+            tracker.set_alias(result.model, CHALLENGER, registered.version)
+            typer.echo(f"{result.model} v{result.version}: registered as {result.model} version {registered.version} "
+                       f"(alias {CHALLENGER}) in {tracker.tracking_url}")
     if rejected:
         typer.secho(f"not exported (rejected by the gate): {', '.join(rejected)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
+
+
+def _publisher(tracker, run_id: str):  # noqa: ANN001, ANN202
+    """Uploads a version's files to the run's artifacts and returns its metadata URI (export_run's `publish`)."""
+    import tempfile
+
+    from vitrine.contracts import ranker
+    from vitrine.export.registry import metadata_uri
+
+    def publish(model: str, version: int, files: dict[str, bytes]) -> str:
+        with tempfile.TemporaryDirectory(prefix="vitrine-export-") as folder:
+            paths = []
+            for file_name, content in files.items():
+                (Path(folder) / file_name).write_bytes(content)
+                paths.append(Path(folder) / file_name)
+            tracker.log_export(run_id, model, version, paths)
+        return metadata_uri(run_id, model, version, ranker.METADATA_FILE)
+
+    return publish
 
 
 gateway_app = typer.Typer(help="The gRPC gateway storefronts call.", no_args_is_help=True)

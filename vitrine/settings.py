@@ -396,6 +396,70 @@ class GateSettings(_Section):
     min_slice_rows: int = Field(50, ge=1, le=1_000_000, description="Slices with fewer validation targets are shown but not judged (too noisy).")
 
 
+class RegistrySettings(_Section):
+    """The model registry: an MLflow tracking server with its model registry (`export/registry.py` owns the names).
+
+    The local stack runs it as the `mlflow` component (SQLite backend and artifacts under the stack home);
+    production points `url` at its own server. Clients talk HTTP only (artifacts are proxied by the server),
+    so nothing assumes a filesystem shared with it.
+    """
+
+    host: Host = "127.0.0.1"
+    port: Port = 15050
+    url: str = Field(
+        "", pattern=r"^(https?://[^\s/]+(/[^\s]*)?)?$",
+        description="The registry's base URL; empty: the local stack's server at http://host:port. "
+                    "Production sets it (e.g. https://mlflow.internal).")
+    experiment: str = Field("vitrine-training", pattern=r"^[A-Za-z0-9_.\-/ ]{1,200}$",
+                            description="MLflow experiment that holds every training run.")
+    workers: int = Field(1, ge=1, le=16, description="Server worker processes on the local stack (each holds ~150 MB; 2 cores here).")
+    timeout_s: float = Field(
+        10.0, gt=0, le=300,
+        description="Bound on one registry HTTP call (also how long the gateway waits for a version's metadata).")
+    probe_timeout_s: float = Field(
+        3.0, gt=0, le=60, description="How long `vitrine train|export` wait to learn whether the registry is reachable at all.")
+
+    @property
+    def tracking_url(self) -> str:
+        return self.url.rstrip("/") or f"http://{self.host}:{self.port}"
+
+
+class AlertmanagerSettings(_Section):
+    """Alertmanager (the `alertmanager` stack component): Prometheus sends it firing alerts; it routes those
+    labelled `action: retrain` to the pipeline trigger's webhook and drops the rest (deploy/alertmanager/)."""
+
+    host: Host = "127.0.0.1"
+    port: Port = 19793
+    group_wait_s: int = Field(
+        30, ge=0, le=3600,
+        description="First notification of a new group waits this long for more alerts of the same name to join it.")
+    group_interval_s: int = Field(300, ge=1, le=86400, description="A group that changed is notified again at most this often.")
+    repeat_interval_s: int = Field(
+        4 * 3600, ge=60, le=30 * 86400,
+        description="An unchanged, still firing group is re-sent this often: a retrain takes well under 4 h, so a repeat "
+                    "means the first trigger did not fix the drift.")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class PipelineTriggerSettings(_Section):
+    """The pipeline trigger's webhook (a service still to be built): where Alertmanager posts `action: retrain` alerts."""
+
+    host: Host = "127.0.0.1"
+    port: Port = 19710
+    path: str = Field("/alerts", pattern=r"^/[A-Za-z0-9_./-]*$")
+    token_file: Path | None = Field(
+        None,
+        description="File holding the bearer token Alertmanager sends (http_config.authorization.credentials_file); "
+                    "default: <stack home>/alertmanager/pipeline-trigger.token, created by `vitrine stack up`.")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}{self.path}"
+
+
 class StackSettings(_Section):
     home: Path = Field(REPO_ROOT / ".stack", description="State, configs and one log file per component.")
     cache: Path = Field(
@@ -404,7 +468,10 @@ class StackSettings(_Section):
     )
     kafka_version: str = "4.1.1"
     pytriton_version: str = "0.7.0"
-    startup_timeout_s: float = Field(120.0, gt=0, le=1800, description="Upper bound for one component to turn healthy.")
+    startup_timeout_s: float = Field(
+        120.0, gt=0, le=1800,
+        description="Upper bound for one component to turn healthy. The slowest first start is MLflow's (database "
+                    "migrations, ~20 s on 2 cores; Triton loading every model is next): 120 s leaves room on a busy machine.")
     stop_timeout_s: float = Field(30.0, gt=0, le=600)
     log_tail_lines: int = Field(30, ge=1, le=10_000, description="Log lines shown when a component fails.")
     demo_keys: bool = Field(True, description="The local stack's gateway accepts the published demo keys (README) and serves reflection.")
@@ -430,6 +497,9 @@ class Settings(BaseSettings):
     archive: ArchiveSettings = ArchiveSettings()
     gateway: GatewaySettings = GatewaySettings()
     gate: GateSettings = GateSettings()
+    registry: RegistrySettings = RegistrySettings()
+    alertmanager: AlertmanagerSettings = AlertmanagerSettings()
+    pipeline_trigger: PipelineTriggerSettings = PipelineTriggerSettings()
     stack: StackSettings = StackSettings()
 
     @classmethod

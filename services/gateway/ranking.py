@@ -3,7 +3,12 @@ inputs, and the micro-batched, circuit-broken Triton calls.
 
 The encoding is the one training used (`export/data/sequences.py`): a user's recent events collapse
 into steps, the newest `max_len` steps are left-padded, unknown items map to the unknown id; the
-vocabulary comes from the version's `metadata.json` in the model repository.
+vocabulary (and the drift reference) comes from the version's `metadata.json`, found through Triton's
+config API: an exported version's config carries `parameters { key: "vitrine.metadata.<version>" }`, a
+`runs:/` URI in the model registry, which the gateway downloads over HTTP from `registry.url`. So
+gateway and Triton share no filesystem, as in production. Fallback, for versions exported without a
+registry (the committed v1 models, `vitrine export --no-registry`): the file beside the version's
+model.onnx in the local model repository — it works only where the gateway can read that folder.
 
 Nothing here waits without a bound on the request path: Triton's readiness is asked with a timeout,
 once per model however many requests find the cache stale (they keep serving the cached version
@@ -22,12 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
 from vitrine.contracts import ranker
 from vitrine.export.data.sequences import OOV, PAD, collapse_runs, encode_history
+from vitrine.export.registry import artifact_http_url, metadata_parameter
 from vitrine.services.features.store import RecentEvent
 from vitrine.services.gateway.batcher import MicroBatcher
 from vitrine.services.gateway.breaker import CircuitBreaker
@@ -55,7 +62,12 @@ class ServedModel:
 
     @classmethod
     def load(cls, repository: Path, name: str, version: str) -> ServedModel:
-        metadata = json.loads((repository / name / version / ranker.METADATA_FILE).read_text())
+        """From the version's metadata.json in a local model repository (tools and the no-registry fallback)."""
+        return cls.from_metadata(name, version, (repository / name / version / ranker.METADATA_FILE).read_bytes())
+
+    @classmethod
+    def from_metadata(cls, name: str, version: str, raw: bytes) -> ServedModel:
+        metadata = json.loads(raw)
         serving, items = metadata["serving"], tuple(metadata["vocabulary"])
         first = int(serving["first_item_id"])
         return cls(name, version, int(serving["max_len"]), int(serving["max_k"]), items, first,
@@ -103,9 +115,12 @@ class ModelCatalog:
     newest version Triton has ready, re-checked every `refresh_s` in the background while requests
     go on with the version last seen (so a Triton that stops answering changes nothing for them)."""
 
-    def __init__(self, client: triton.InferenceServerClient, repository: Path, refresh_s: float, call_timeout_s: float) -> None:
+    def __init__(self, client: triton.InferenceServerClient, repository: Path, refresh_s: float, call_timeout_s: float,
+                 registry_url: str = "", registry_timeout_s: float = 10.0) -> None:
         self.client = client
         self.repository = repository
+        self.registry_url = registry_url
+        self.registry_timeout_s = registry_timeout_s
         self.refresh_s = refresh_s
         self.call_timeout_s = call_timeout_s
         self._models: dict[ModelKey, ServedModel] = {}
@@ -145,9 +160,36 @@ class ModelCatalog:
             model = await _shared(self._loading, key, lambda: self._load(name, version))
         return model
 
+    async def metadata_uri(self, name: str, version: str) -> str | None:
+        """The registry URI of the version's metadata from Triton's config of the model, or None when the
+        version was exported without a registry."""
+        reply = await self.client.get_model_config(name, version, as_json=True, client_timeout=self.call_timeout_s)
+        parameters = reply.get("config", {}).get("parameters", {})
+        entry = parameters.get(metadata_parameter(version))
+        return entry.get("string_value") or None if entry else None
+
+    async def _fetch(self, uri: str) -> bytes:
+        if not self.registry_url:
+            raise LookupError(f"model metadata is in the registry ({uri}) but no registry URL is configured")
+        async with httpx.AsyncClient(timeout=self.registry_timeout_s) as client:
+            response = await client.get(artifact_http_url(self.registry_url, uri))
+        if response.status_code != 200:
+            raise LookupError(f"registry answered {response.status_code} for {uri}: {response.text[:200]}")
+        return response.content
+
     async def _load(self, name: str, version: str) -> ServedModel:
-        # Parsing a vocabulary of 100k items takes tens of ms: never on the event loop.
-        model = await asyncio.to_thread(ServedModel.load, self.repository, name, version)
+        uri = await self.metadata_uri(name, version)
+        if uri is None:
+            # No registry entry (committed or --no-registry versions): the local repository's file, documented
+            # as the local-stack fallback. A version whose config names a URI never falls back: its metadata
+            # must come from where the export put it, or the version is not served.
+            log.info("model %s v%s has no registry metadata in its Triton config; reading %s from %s",
+                     name, version, ranker.METADATA_FILE, self.repository)
+            model = await asyncio.to_thread(ServedModel.load, self.repository, name, version)
+        else:
+            raw = await self._fetch(uri)
+            # Parsing a vocabulary of 100k items takes tens of ms: never on the event loop.
+            model = await asyncio.to_thread(ServedModel.from_metadata, name, version, raw)
         self._models[(name, version)] = model
         return model
 

@@ -74,7 +74,8 @@ class Gateway:
                                     retry=Retry(NoBackoff(), 1))
         self.store = FeatureStore(self.redis, settings.features)
         self.triton = triton.InferenceServerClient(settings.triton.grpc_url)
-        self.catalog = ModelCatalog(self.triton, settings.triton.model_repository, cfg.refresh_s, cfg.triton_timeout_ms / 1000)
+        self.catalog = ModelCatalog(self.triton, settings.triton.model_repository, cfg.refresh_s, cfg.triton_timeout_ms / 1000,
+                                    settings.registry.tracking_url, settings.registry.timeout_s)
         self.rankers = RankerPool(cfg, self.triton, self.metrics)
         depth = cfg.max_k + cfg.max_exclusions + settings.features.purchased_max
         self.fallback = PopularityFallback(self.store, depth, cfg.refresh_s, cfg.redis_timeout_ms / 1000)

@@ -28,6 +28,12 @@ from vitrine.settings import REPO_ROOT, Settings
 
 Probe = Callable[[Settings], Awaitable[str | None]]
 ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
+ALERTMANAGER_CONFIG = REPO_ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+EXTRA_RULES_DIR = "rules.d"
+"""Under the stack's prometheus/ folder: more rule files (`*.yml`) Prometheus loads beside ALERT_RULES after a
+reload. Empty on a normal stack; tests plant short-lived rules there (e.g. one that fires at once)."""
+MLFLOW_WORKER_TIMEOUT_S = 60
+"""Uvicorn worker timeout of the MLflow server: above its slowest call here (a model.pt upload of a few MB)."""
 
 
 class SetupMissing(RuntimeError):
@@ -217,12 +223,87 @@ def triton(settings: Settings) -> Component:
     )
 
 
+def mlflow(settings: Settings) -> Component:
+    """The model registry: MLflow's tracking server with its SQLite backend and proxied artifact store under
+    the stack home. Clients upload and download artifacts through the server's HTTP API (`mlflow-artifacts:/`),
+    so neither `vitrine export` nor the gateway needs the server's filesystem, as in production.
+    The first start runs the database migrations (~20 s); `stack.startup_timeout_s` allows for it."""
+    cfg, home = settings.registry, settings.stack.home / "mlflow"
+    binary = Path(sys.executable).parent / "mlflow"
+
+    def prepare() -> None:
+        _require(binary, "the MLflow server (pip extra `registry`)")
+        (home / "artifacts").mkdir(parents=True, exist_ok=True)
+
+    return Component(
+        name="mlflow",
+        command=[
+            str(binary), "server",
+            "--backend-store-uri", f"sqlite:///{home / 'db.sqlite'}",
+            "--artifacts-destination", str(home / "artifacts"),
+            "--serve-artifacts",
+            "--host", cfg.host, "--port", str(cfg.port),
+            "--workers", str(cfg.workers),
+        ],
+        ports={"http": (cfg.host, cfg.port)},
+        probe=health.mlflow_ready,
+        url=f"{cfg.tracking_url} (UI and API; experiment {cfg.experiment!r})",
+        prepare=prepare,
+    )
+
+
+def pipeline_trigger_token_file(settings: Settings) -> Path:
+    """The bearer token Alertmanager sends to the pipeline trigger: configured, or one per local stack."""
+    return settings.pipeline_trigger.token_file or settings.stack.home / "alertmanager" / "pipeline-trigger.token"
+
+
+def render_alertmanager_config(settings: Settings) -> str:
+    cfg = settings.alertmanager
+    return Template(ALERTMANAGER_CONFIG.read_text()).substitute(
+        group_wait=f"{cfg.group_wait_s}s", group_interval=f"{cfg.group_interval_s}s",
+        repeat_interval=f"{cfg.repeat_interval_s}s", pipeline_trigger_url=settings.pipeline_trigger.url,
+        token_file=str(pipeline_trigger_token_file(settings)),
+    )
+
+
+def alertmanager(settings: Settings) -> Component:
+    """Routes Prometheus' alerts: `action: retrain` to the pipeline trigger's webhook, the rest to nowhere."""
+    cfg, home = settings.alertmanager, settings.stack.home / "alertmanager"
+    config = home / "alertmanager.yml"
+
+    def prepare() -> None:
+        (home / "data").mkdir(parents=True, exist_ok=True)
+        token = pipeline_trigger_token_file(settings)
+        if not token.exists():  # a fresh random token per local stack; the trigger service reads the same file
+            token.parent.mkdir(parents=True, exist_ok=True)
+            token.write_text(base64.urlsafe_b64encode(os.urandom(24)).decode())
+            token.chmod(0o600)
+        _write_if_changed(config, render_alertmanager_config(settings))
+
+    return Component(
+        name="alertmanager",
+        command=[
+            _binary("prometheus-alertmanager"),
+            f"--config.file={config}",
+            f"--storage.path={home / 'data'}",
+            f"--web.listen-address={cfg.host}:{cfg.port}",
+            # A single instance: no gossip port (it would need one more port per stack).
+            "--cluster.listen-address=",
+        ],
+        ports={"web": (cfg.host, cfg.port)},
+        probe=health.alertmanager_ready,
+        url=f"{cfg.url} (webhook → {settings.pipeline_trigger.url} for action=retrain)",
+        prepare=prepare,
+    )
+
+
 def prometheus(settings: Settings) -> Component:
     cfg, home = settings.prometheus, settings.stack.home / "prometheus"
     config = home / "prometheus.yml"
 
     def prepare() -> None:
         (home / "data").mkdir(parents=True, exist_ok=True)
+        (home / EXTRA_RULES_DIR).mkdir(parents=True, exist_ok=True)
         _write_if_changed(
             config,
             _template("prometheus.yml").substitute(
@@ -235,6 +316,8 @@ def prometheus(settings: Settings) -> Component:
                 archive_target=f"{settings.archive.metrics_host}:{settings.archive.metrics_port}",
                 gateway_target=f"{settings.gateway.metrics_host}:{settings.gateway.metrics_port}",
                 rules_file=str(ALERT_RULES),
+                extra_rules=str(home / EXTRA_RULES_DIR / "*.yml"),
+                alertmanager_target=f"{settings.alertmanager.host}:{settings.alertmanager.port}",
             ),
         )
 
@@ -318,8 +401,9 @@ def gateway(settings: Settings) -> Component:
 
 
 BUILDERS: tuple[Callable[[Settings], Component], ...] = (
-    redis, redis_exporter, kafka, triton, features, outcomes, archive, gateway, prometheus)
-"""Start order: dependencies first, Prometheus last so that its targets are already up."""
+    redis, redis_exporter, kafka, mlflow, triton, features, outcomes, archive, gateway, alertmanager, prometheus)
+"""Start order: dependencies first (the gateway fetches versions' metadata from MLflow), Alertmanager before
+Prometheus, which sends it alerts, and Prometheus last so that its targets are already up."""
 
 
 def build_all(settings: Settings) -> list[Component]:

@@ -110,6 +110,22 @@ async def prometheus_ready(settings: Settings) -> str | None:
     return await _http_ok(f"{settings.prometheus.url}/-/ready")
 
 
+async def mlflow_ready(settings: Settings) -> str | None:
+    """The server answers /health and a real registry call (the database is migrated and answers queries)."""
+    base = settings.registry.tracking_url
+    if reason := await _http_ok(f"{base}/health"):
+        return reason
+    return await _http_ok(f"{base}/api/2.0/mlflow/registered-models/search?max_results=1")
+
+
+async def alertmanager_ready(settings: Settings) -> str | None:
+    """Ready (config loaded) and its v2 API answers: Prometheus can post alerts to it."""
+    base = settings.alertmanager.url
+    if reason := await _http_ok(f"{base}/-/ready"):
+        return reason
+    return await _http_ok(f"{base}/api/v2/status")
+
+
 async def redis_exporter_ready(settings: Settings) -> str | None:
     return await _http_ok(f"http://{settings.redis_exporter.host}:{settings.redis_exporter.port}/metrics")
 

@@ -162,11 +162,11 @@ def _tie_with_transitions(tmp_path):  # noqa: ANN001, ANN202 - a run folder whos
 
 def test_export_takes_the_gate_thresholds_from_settings_and_flags_override_them(tmp_path) -> None:
     run = _tie_with_transitions(tmp_path)
-    rejected = runner.invoke(app, ["export", str(run), "--no-load"])
+    rejected = runner.invoke(app, ["export", str(run), "--no-load", "--no-registry"])
     assert rejected.exit_code == 1 and "gate REJECTED" in rejected.output and "margin 2%" in rejected.output
-    by_env = runner.invoke(app, ["export", str(run), "--no-load"], env={"VITRINE_GATE__MARGIN": "0"})
+    by_env = runner.invoke(app, ["export", str(run), "--no-load", "--no-registry"], env={"VITRINE_GATE__MARGIN": "0"})
     assert "gate accepted" in by_env.output and "margin 0%" in by_env.output  # then the export itself fails: no model.pt
-    by_flag = runner.invoke(app, ["export", str(run), "--no-load", "--margin", "0"], env={"VITRINE_GATE__MARGIN": "0.5"})
+    by_flag = runner.invoke(app, ["export", str(run), "--no-load", "--no-registry", "--margin", "0"], env={"VITRINE_GATE__MARGIN": "0.5"})
     assert "gate accepted" in by_flag.output
 
 

@@ -393,6 +393,12 @@ class Repository:
         (folder / ranker.METADATA_FILE).write_text(json.dumps(
             {"serving": {"first_item_id": 2, "max_len": 5, "max_k": 4}, "vocabulary": [f"{version}-{i}" for i in ITEMS]}))
 
+    async def get_model_config(self, name, version, as_json, client_timeout):  # noqa: ANN001, ANN201
+        """No `vitrine.metadata.<version>` parameter: versions exported without a registry (the file fallback)."""
+        if self.unreachable:
+            raise InferenceServerException("failed to connect", status="StatusCode.UNAVAILABLE")
+        return {"config": {"name": name, "parameters": {}}}
+
     async def get_model_metadata(self, name, as_json, client_timeout):  # noqa: ANN001, ANN201
         self.metadata_calls += 1
         await asyncio.wait_for(self.hang.wait(), client_timeout)

@@ -20,7 +20,8 @@ def settings(tmp_path) -> Settings:
 
 def test_components_start_in_dependency_order_with_distinct_ports(settings: Settings) -> None:
     components = build_all(settings)
-    assert [c.name for c in components] == ["redis", "redis-exporter", "kafka", "triton", "features", "outcomes", "archive", "gateway", "prometheus"]
+    assert [c.name for c in components] == [
+        "redis", "redis-exporter", "kafka", "mlflow", "triton", "features", "outcomes", "archive", "gateway", "alertmanager", "prometheus"]
     ports = [port for c in components for _, port in c.ports.values()]
     assert len(ports) == len(set(ports))
 

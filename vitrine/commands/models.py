@@ -1,0 +1,149 @@
+"""`vitrine models …`: what the model registry holds, and the registry hooks of `vitrine train` and `vitrine export`.
+
+The registry is MLflow at `registry.url` (default: the local stack's `mlflow` component). Names, tags and
+aliases are defined in `export/registry.py`; this module only parses, prints and decides what a missing
+registry means for each command:
+
+- `vitrine train`: logs each run when the registry answers. Default (no flag): a registry that does not
+  answer is reported and skipped — the run folder is complete without it, and `vitrine export` logs it later.
+  `--registry` makes an unreachable registry an error; `--no-registry` skips it.
+- `vitrine export`: registers every exported version (alias `challenger`) and writes the registry URI of its
+  metadata into its Triton config. A registry that does not answer is an error *before* anything is written,
+  unless `--no-registry`: then the version is served with its metadata read from the local model repository,
+  which only works where the gateway shares that folder (the local stack), never in production.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import typer
+
+from vitrine.settings import Settings
+
+app = typer.Typer(help="The model registry (MLflow): registered models, versions, aliases.", no_args_is_help=True)
+
+MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+"""Registered model names are Triton model names (see vitrine.cli._model_name)."""
+VERSION = re.compile(r"[1-9][0-9]{0,9}")
+
+
+class RegistryMissing(RuntimeError):
+    """The registry is required but does not answer."""
+
+
+def connect(settings: Settings, why: str):  # noqa: ANN201 - export.registry.Registry, imported lazily (mlflow is slow to import)
+    """A client of the configured registry, after a quick reachability check that names the URL and the way out."""
+    from vitrine.export.registry import Registry, reachable
+
+    cfg = settings.registry
+    reason = reachable(cfg.tracking_url, cfg.probe_timeout_s)
+    if reason is not None:
+        raise RegistryMissing(
+            f"the model registry at {cfg.tracking_url} does not answer ({reason}); {why}. Start it with "
+            f"`vitrine stack up` (component mlflow) or set VITRINE_REGISTRY__URL")
+    return Registry(cfg.tracking_url, cfg.experiment, cfg.timeout_s)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(1)
+
+
+def _name(value: str) -> str:
+    if not MODEL_NAME.fullmatch(value):
+        raise typer.BadParameter("a model name is lower-case letters, digits and _ (a Triton model name), at most 64")
+    return value
+
+
+def _version(value: str | None) -> str | None:
+    if value is not None and not VERSION.fullmatch(value):
+        raise typer.BadParameter("a registry version is a positive whole number, e.g. 3")
+    return value
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _when(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M") if ms else "-"
+
+
+def _metric(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "-"
+
+
+def _registry_or_exit(settings: Settings):  # noqa: ANN202
+    try:
+        return connect(settings, "`vitrine models` reads it")
+    except RegistryMissing as exc:
+        raise _fail(str(exc)) from exc
+
+
+def list_models(settings: Settings) -> list[dict[str, Any]]:
+    return _registry_or_exit(settings).models()
+
+
+@app.command("list")
+def list_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Every registered model (= Triton model name): versions, the newest, aliases (champion, challenger)."""
+    from vitrine.cli import _settings
+
+    rows = list_models(_settings())
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no registered models yet (`vitrine export` registers each exported version)")
+        return
+    table = [["model", "versions", "latest", "triton", "aliases"]]
+    for row in rows:
+        aliases = ", ".join(f"{alias}=v{version}" for alias, version in row["aliases"].items()) or "-"
+        table.append([row["name"], str(row["versions"]), f"v{row['latest_version']}" if row["latest_version"] else "-",
+                      f"v{row['latest_triton_version']}" if row["latest_triton_version"] else "-", aliases])
+    typer.echo(_table(table))
+
+
+@app.command("show")
+def show_command(
+    name: Annotated[str, typer.Argument(help="Registered model name (the Triton model name), e.g. gru4rec.", callback=_name)],
+    version: Annotated[str | None, typer.Argument(help="Registry version; default: every version.", callback=_version)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """A registered model's versions (Triton version, aliases, run, Recall@10), or one version in detail."""
+    from vitrine.cli import _settings
+    from vitrine.export.registry import RegistryError
+
+    registry = _registry_or_exit(_settings())
+    try:
+        result: Any = registry.version(name, version) if version else registry.versions(name)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    if version is None:
+        table = [["version", "triton", "aliases", "recall@10", "created", "run"]]
+        for row in result:
+            table.append([f"v{row['version']}", f"{row['triton_model']}:v{row['triton_version']}" if row["triton_version"] else "-",
+                          ", ".join(row["aliases"]) or "-", _metric(row["recall_10"]), _when(row["created_ms"]), row["run_id"] or "-"])
+        typer.echo(_table(table))
+        return
+    typer.echo(f"{result['name']} v{result['version']}  aliases: {', '.join(result['aliases']) or '-'}  "
+               f"→ Triton {result['triton_model']}:v{result['triton_version']}")
+    typer.echo(f"source {result['source']}  run {result['run_id']}  created {_when(result['created_ms'])}")
+    for section in ("run_tags", "params"):
+        if result.get(section):
+            typer.echo(f"\n{section.replace('_', ' ')}:")
+            typer.echo(_table([[k, str(v)] for k, v in result[section].items()]))
+    headline = {k: v for k, v in result.get("metrics", {}).items() if ".slice." not in k and not k.startswith("slice.")}
+    if headline:
+        typer.echo("\nmetrics (overall; --json for every slice):")
+        typer.echo(_table([[k, _metric(v)] for k, v in headline.items()]))
