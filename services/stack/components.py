@@ -234,6 +234,7 @@ def prometheus(settings: Settings) -> Component:
                 outcomes_target=f"{settings.outcomes.metrics_host}:{settings.outcomes.metrics_port}",
                 archive_target=f"{settings.archive.metrics_host}:{settings.archive.metrics_port}",
                 gateway_target=f"{settings.gateway.metrics_host}:{settings.gateway.metrics_port}",
+                triggers_target=f"{settings.triggers.host}:{settings.triggers.port}",
                 rules_file=str(ALERT_RULES),
             ),
         )
@@ -317,8 +318,34 @@ def gateway(settings: Settings) -> Component:
     )
 
 
+def ensure_token(path: Path) -> None:
+    """The bearer token Alertmanager must send: created once (random, mode 0600), never overwritten."""
+    import secrets
+
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_urlsafe(32) + "\n")
+
+
+def triggers(settings: Settings) -> Component:
+    cfg = settings.triggers
+    token = settings.triggers_token_file
+    return Component(
+        name="triggers",
+        command=[sys.executable, "-m", "vitrine", "triggers", "run"],
+        ports={"http": (cfg.host, cfg.port)},
+        probe=health.triggers_ready,
+        url=f"http://{cfg.host}:{cfg.port}/alerts (Alertmanager webhook, bearer token in {token}; /healthz, /metrics)",
+        env=settings_env(settings),
+        prepare=lambda: ensure_token(token),
+    )
+
+
 BUILDERS: tuple[Callable[[Settings], Component], ...] = (
-    redis, redis_exporter, kafka, triton, features, outcomes, archive, gateway, prometheus)
+    redis, redis_exporter, kafka, triton, features, outcomes, archive, gateway, triggers, prometheus)
 """Start order: dependencies first, Prometheus last so that its targets are already up."""
 
 
