@@ -205,16 +205,18 @@ class Pipeline:
         return {"models": decisions}
 
     def _export(self, record: dict) -> dict:
-        exported = dict(record["steps"]["export"].get("models", {}))  # a resumed export keeps what it already loaded
+        exported = dict(record["steps"]["export"].get("models", {}))  # a resumed export keeps what it already wrote
+        p = self.settings.pipeline
         for model, decision in record["steps"]["gate"]["models"].items():
-            if not decision["accepted"] or model in exported:
+            if not decision["accepted"] or exported.get(model, {}).get("loaded"):
                 continue
-            name = record["params"]["model_names"][model]
-            exported[model] = publish.publish(Path(record["steps"]["train"]["runs"][model]), Path(record["params"]["repository"]),
-                                              name, self.settings.triton.grpc_url, self.settings.pipeline.max_k,
-                                              self.settings.pipeline.keep_versions)
+            if model not in exported:
+                exported[model] = publish.write_version(Path(record["steps"]["train"]["runs"][model]), Path(record["params"]["repository"]),
+                                                        record["params"]["model_names"][model], p.max_k, p.keep_versions)
+                self.recorder.step(record["run_id"], "export", "running", models=exported)
+            exported[model] = publish.load_version(exported[model], self.settings.triton.grpc_url)
             self.recorder.step(record["run_id"], "export", "running", models=exported)
-            self.report(f"{name} v{exported[model]['version']}: exported, loaded and parity-checked in Triton")
+            self.report(f"{exported[model]['model']} v{exported[model]['version']}: exported, loaded and parity-checked in Triton")
         return {"models": exported}
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
