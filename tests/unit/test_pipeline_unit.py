@@ -193,9 +193,14 @@ def test_the_recorder_keeps_each_steps_status_timings_and_numbers(tmp_path: Path
     recorder = FileRunRecorder(tmp_path)
     run_id = new_run_id()
     recorder.start(run_id, "manual", {"window": {"since": "2026-01-01", "until": "2026-01-07"}})
-    recorder.step(run_id, "validate", "running")
-    recorder.step(run_id, "validate", "running", checks=[1, 2])  # numbers added while running keep the start time
+    recorder.step(run_id, "validate", "running", attempt_numbers=1)
+    recorder.step(run_id, "validate", "failed", reason="x")
+    recorder.step(run_id, "validate", "running")  # a resumed step starts clean
+    started = recorder.load(run_id)["steps"]["validate"]["started_at"]
+    assert "attempt_numbers" not in recorder.load(run_id)["steps"]["validate"]
     time.sleep(0.01)
+    recorder.step(run_id, "validate", "running", checks=[1, 2])  # numbers added while running keep the start time
+    assert recorder.load(run_id)["steps"]["validate"]["started_at"] == started
     recorder.step(run_id, "validate", "succeeded", events=123)
     step = recorder.load(run_id)["steps"]["validate"]
     assert step["status"] == "succeeded" and step["events"] == 123 and step["checks"] == [1, 2] and step["duration_s"] > 0

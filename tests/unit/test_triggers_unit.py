@@ -78,6 +78,9 @@ def test_the_bearer_token_is_required_exactly() -> None:
     assert not authorised(TOKEN.decode(), TOKEN)
     assert not authorised("Bearer wrong", TOKEN)
     assert not authorised(f"Basic {TOKEN.decode()}", TOKEN)
+    assert not authorised(f"Bearer {TOKEN.decode()[:-1]}", TOKEN)  # a prefix of the token is not the token
+    assert not authorised("Bearer ", TOKEN)
+    assert not authorised(f"Bearer {TOKEN.decode()}x", TOKEN)
 
 
 def test_duplicates_busy_and_debounce_are_decided_in_that_order(tmp_path: Path) -> None:
