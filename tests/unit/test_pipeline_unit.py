@@ -216,3 +216,23 @@ def test_synthetic_item_ids_map_to_the_storefronts_categories_and_others_are_unk
     category_of = synthetic_categories("tiny", 7)
     out = category_of(np.array(["i0", "i5", "i79", "i80", "sku-1", "i"]))
     assert out.tolist() == [f"c{truth[0]:02d}", f"c{truth[5]:02d}", f"c{truth[79]:02d}", "", "", ""]
+
+
+def test_the_candidates_rows_reach_the_champion_in_the_champions_own_ids_and_history_length() -> None:
+    from pathlib import Path as _Path
+
+    from vitrine.export.data.sequences import Dataset, Vocabulary
+    from vitrine.export.pipeline.champion import Champion, _reencode
+
+    # Candidate ids: 0 pad, 1 unknown, a=2, b=3, c=4. Champion ids: c=2, a=3 (it never saw b).
+    dataset = Dataset(vocabulary=Vocabulary(("a", "b", "c")), cutoff_ms=0, train_inputs=np.zeros((1, 3), dtype=np.int64),
+                      train_types=np.zeros((1, 3), dtype=np.int64), train_targets=np.zeros((1, 3), dtype=np.int64),
+                      valid_inputs=np.array([[0, 2, 3], [4, 1, 2]]), valid_types=np.array([[0, 1, 2], [1, 1, 4]]),
+                      valid_targets=np.array([4, 3]), train_item_counts=np.zeros(5, dtype=np.int64), max_len=3,
+                      valid_returning=np.array([True, False]), valid_target_ids=np.array(["c", "b"]))
+    short = Champion("m", 1, _Path("."), ("c", "a"), max_len=2, max_k=10, record={})
+    items, types, targets = _reencode(dataset, short)
+    assert items.tolist() == [[3, 1], [1, 3]] and types.tolist() == [[1, 2], [1, 4]] and targets.tolist() == [2, 1]
+    longer = Champion("m", 1, _Path("."), ("c", "a"), max_len=4, max_k=10, record={})
+    items, _, _ = _reencode(dataset, longer)
+    assert items.tolist() == [[0, 0, 3, 1], [0, 2, 1, 3]]
