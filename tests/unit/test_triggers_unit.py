@@ -154,3 +154,33 @@ async def test_a_notification_without_retrain_alerts_is_ignored(service) -> None
     _, client = service
     response = await client.post("/alerts", json=notification(action="page"), headers=AUTH)
     assert response.status == 200 and (await response.json())["status"] == "ignored"
+
+
+async def test_an_oversized_body_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    settings = Settings(stack={"home": tmp_path / "stack"}, triggers={"max_body_bytes": 1024})
+    service = TriggerService(settings, TOKEN, command=[sys.executable, "-c", "pass"])
+    async with TestClient(TestServer(service.app())) as client:
+        response = await client.post("/alerts", data=b"x" * 4096, headers=AUTH)
+        assert response.status == 413 and "1024 bytes" in (await response.json())["error"]
+    assert service._child is None
+
+
+async def test_the_schedule_starts_debounced_runs_with_the_schedule_trigger(tmp_path: Path) -> None:
+    settings = Settings(stack={"home": tmp_path / "stack"}, triggers={"debounce_s": 3600})
+    argv_file = tmp_path / "argv"
+    command = [sys.executable, "-c", f"import sys, pathlib; pathlib.Path({str(argv_file)!r}).write_text(' '.join(sys.argv[1:]))"]
+    service = TriggerService(settings, TOKEN, command=command)
+    ticking = asyncio.create_task(service.schedule(0.05))
+    try:
+        for _ in range(200):
+            if argv_file.exists() and argv_file.read_text():
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)  # several more ticks: all debounced
+    finally:
+        ticking.cancel()
+        if service._child is not None:
+            await service._child.wait()
+    assert argv_file.read_text().startswith("--trigger schedule --run-id ")
+    assert service.metrics.started.labels("schedule")._value.get() == 1
+    assert service.metrics.rejected.labels("debounced")._value.get() >= 2
