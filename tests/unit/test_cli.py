@@ -199,3 +199,19 @@ def test_pipeline_settings_out_of_bounds_are_named() -> None:
 def test_pipeline_status_without_runs_is_a_clear_error(tmp_path) -> None:
     result = runner.invoke(app, ["pipeline", "status"], env={"VITRINE_STACK__HOME": str(tmp_path)})
     assert result.exit_code == 1 and "no pipeline runs yet" in result.output
+
+
+def test_pipeline_list_and_status_show_a_crashed_run_as_crashed(tmp_path) -> None:
+    from vitrine.export.pipeline.record import FileRunRecorder, new_run_id
+
+    recorder = FileRunRecorder(tmp_path / "pipeline")
+    done, crashed = new_run_id(), new_run_id()
+    recorder.start(done, "manual", {"window": {"since": "2026-11-01", "until": "2026-11-30"}})
+    recorder.finish(done, "rejected", "no candidate passed the gate")
+    recorder.start(crashed, "drift", {"window": {"since": "2026-11-02", "until": "2026-12-01"}})  # nobody holds the lock
+    env = {"VITRINE_STACK__HOME": str(tmp_path)}
+    listed = runner.invoke(app, ["pipeline", "list"], env=env)
+    assert listed.exit_code == 0
+    assert f"{done}  manual    rejected" in listed.output and f"{crashed}  drift     crashed" in listed.output
+    status = runner.invoke(app, ["pipeline", "status", crashed], env=env)
+    assert status.exit_code == 0 and "crashed" in status.output and "validate" in status.output

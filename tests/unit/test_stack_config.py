@@ -76,3 +76,17 @@ def test_tail_returns_the_last_lines(tmp_path) -> None:
     log.write_text("".join(f"line {i}\n" for i in range(100)))
     assert tail(log, 3) == "line 97\nline 98\nline 99\n"
     assert "no log" in tail(tmp_path / "missing.log", 3)
+
+
+def test_the_triggers_component_creates_its_token_once_readable_only_by_its_owner(settings: Settings) -> None:
+    import stat
+
+    triggers = next(c for c in build_all(settings) if c.name == "triggers")
+    assert triggers.command[-2:] == ["triggers", "run"] and triggers.ports == {"http": ("127.0.0.1", settings.triggers.port)}
+    token = settings.triggers_token_file
+    assert not token.exists()
+    triggers.prepare()
+    first = token.read_text()
+    assert len(first.strip()) >= 32 and stat.S_IMODE(token.stat().st_mode) == 0o600
+    triggers.prepare()  # a second `stack up` keeps the token Alertmanager already has
+    assert token.read_text() == first
