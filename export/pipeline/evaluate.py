@@ -36,8 +36,8 @@ def summarise(ranks: np.ndarray, dataset: Dataset) -> dict:
                        for name, mask in slice_masks(dataset).items() if mask.any()}}
 
 
-def evaluate(run_dir: Path, dataset: Dataset, champion: Champion | None, k: int) -> dict:
-    """{"candidate": summary, "champion": summary | None, "k": k}."""
+def evaluate(run_dir: Path, dataset: Dataset, champion: Champion | None) -> dict:
+    """{"candidate": summary, "champion": summary | None, "k": the champion's top-k (None: full-catalogue ranks)}."""
     ours = candidate_ranks(run_dir, dataset)
     if champion is None:
         return {"candidate": summarise(ours, dataset), "champion": None, "k": None}

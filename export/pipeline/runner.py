@@ -185,7 +185,7 @@ class Pipeline:
         results = {}
         for model, run_dir in record["steps"]["train"]["runs"].items():
             champion = champions[model]
-            results[model] = {**evaluation.evaluate(Path(run_dir), dataset, champion, self.settings.pipeline.max_k),
+            results[model] = {**evaluation.evaluate(Path(run_dir), dataset, champion),
                               "champion_version": champion and champion.version}
         return {"models": results}
 

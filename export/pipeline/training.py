@@ -3,7 +3,6 @@ folders; the pipeline keeps them under its run's folder so that resume and repro
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from vitrine.export.data import sequences
@@ -41,5 +40,3 @@ def train_all(dataset: sequences.Dataset, data_info: dict, params: dict, out: Pa
         runs[architecture] = str(run_dir)
     return runs
 
-
-__all__ = ["asdict", "build_dataset", "train_all", "train_config", "training_params"]
