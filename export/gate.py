@@ -51,12 +51,18 @@ class GatePolicy:
     """In a slice the candidate may fall below the reference by at most this fraction of its value."""
     min_slice_rows: int = _DEFAULTS.min_slice_rows
     """Slices with fewer validation targets are reported but not judged."""
+    champion_margin: float | None = None
+    """None (`vitrine export`): the candidate may fall below the champion by `champion_tolerance`. A number (the
+    pipeline): it must *beat* the champion by this relative margin on `metric`, and every other metric may fall
+    at most `champion_tolerance` below the champion's — a challenger has to earn its A/B test."""
 
     def __post_init__(self) -> None:
         if self.metric not in METRIC_NAMES:
             raise ValueError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRIC_NAMES)}")
         if not 0 <= self.margin < 1 or not 0 <= self.champion_tolerance < 1 or not 0 <= self.slice_tolerance < 1:
             raise ValueError("margin and tolerances are fractions in [0, 1)")
+        if self.champion_margin is not None and not 0 <= self.champion_margin < 1:
+            raise ValueError("champion_margin is a fraction in [0, 1)")
 
     @classmethod
     def from_settings(cls, settings: GateSettings) -> GatePolicy:
@@ -117,17 +123,23 @@ def gate(
     table: list[GateCheck] = []
     reasons: list[str] = []
 
-    def judge(check: str, reference: str, ours: float, theirs: float, required: float, note: str = "") -> None:
+    def judge(check: str, reference: str, ours: float, theirs: float, required: float, note: str = "", name: str = metric) -> None:
         passed = ours >= required
         table.append(GateCheck(check, reference, ours, theirs, required, passed, note))
         if not passed:
-            reasons.append(f"{check}: {metric} {ours:.4f} < {required:.4f} required against {reference} ({theirs:.4f}{', ' + note if note else ''})")
+            reasons.append(f"{check}: {name} {ours:.4f} < {required:.4f} required against {reference} ({theirs:.4f}{', ' + note if note else ''})")
 
     judge("overall", f"{best} (strongest baseline)", candidate_metrics[metric], baselines[best][metric],
           baselines[best][metric] * (1 + policy.margin), f"margin {policy.margin:.0%}")
-    if champion is not None:
+    if champion is not None and policy.champion_margin is None:
         judge("overall", CHAMPION, candidate_metrics[metric], champion[metric],
               champion[metric] * (1 - policy.champion_tolerance), f"tolerance {policy.champion_tolerance:.0%}")
+    elif champion is not None:
+        judge("overall", CHAMPION, candidate_metrics[metric], champion[metric],
+              champion[metric] * (1 + policy.champion_margin), f"margin {policy.champion_margin:.0%}")
+        for other in (m for m in METRIC_NAMES if m != metric and m in champion and m in candidate_metrics):
+            judge(f"overall {other}", CHAMPION, candidate_metrics[other], champion[other],
+                  champion[other] * (1 - policy.champion_tolerance), f"{other}, tolerance {policy.champion_tolerance:.0%}", name=other)
     ours_by_slice = (slices or {}).get(CANDIDATE, {})
     for reference in (best, CHAMPION):
         theirs_by_slice = (slices or {}).get(reference)

@@ -8,7 +8,10 @@ Slices are the ways a candidate can win on average and still hurt a group of sho
 - history length (steps before the target): cold-ish shoppers with 1 step vs. long histories, where
   sequence models should earn their keep;
 - the target item's popularity: the head (top `HEAD_SHARE` of the vocabulary by training count) vs.
-  the long tail (the rest, and targets unknown at training time, which no ranker can hit).
+  the long tail (the rest, and targets unknown at training time, which no ranker can hit);
+- new shoppers (no step before the cutoff) vs. returning ones;
+- the target item's category, when the dataset carries one per target (the pipeline sets it from a
+  pluggable item → category function, `export/pipeline/slices.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ HISTORY_BUCKETS: tuple[tuple[str, int, int], ...] = (
 HEAD_SHARE = 0.2
 """Share of the vocabulary (most trained-on first) whose items count as head targets."""
 HEAD_SLICE, TAIL_SLICE = "head items", "long-tail items"
+NEW_SLICE, RETURNING_SLICE = "new shoppers", "returning shoppers"
+"""A new shopper had no step before the cutoff (their whole history lies in the held-out period)."""
+CATEGORY_PREFIX = "category "
+"""Per-category slices are named "category <name>" (only when the dataset carries target categories)."""
 EVAL_BATCH = 1024
 """Validation rows scored at once: bounds memory at EVAL_BATCH × catalogue scores."""
 
@@ -71,6 +78,11 @@ def slice_masks(dataset: Dataset) -> dict[str, np.ndarray]:
     head_end = FIRST_ITEM + math.ceil(HEAD_SHARE * n_items)
     head = (dataset.valid_targets >= FIRST_ITEM) & (dataset.valid_targets < head_end)
     masks[HEAD_SLICE], masks[TAIL_SLICE] = head, ~head
+    if dataset.valid_returning is not None:
+        masks[NEW_SLICE], masks[RETURNING_SLICE] = ~dataset.valid_returning, dataset.valid_returning.copy()
+    if dataset.valid_target_category is not None:
+        for category in sorted(set(dataset.valid_target_category.tolist()) - {""}):
+            masks[CATEGORY_PREFIX + category] = dataset.valid_target_category == category
     return masks
 
 

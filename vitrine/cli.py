@@ -95,7 +95,7 @@ def stack_status() -> None:
 
 @stack_app.command("logs")
 def stack_logs(
-    component: Annotated[str, typer.Argument(help="redis, redis-exporter, kafka, mlflow, triton, features, outcomes, archive, gateway, alertmanager, prometheus or supervisord")],
+    component: Annotated[str, typer.Argument(help="redis, redis-exporter, kafka, mlflow, triton, features, outcomes, archive, gateway, triggers, alertmanager, prometheus or supervisord")],
     lines: Annotated[int, typer.Option("--lines", "-n", min=1, max=100_000, help="How many lines from the end.")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
 ) -> None:
@@ -241,6 +241,10 @@ from vitrine.commands.data import app as data_app  # noqa: E402 - `vitrine data 
 app.add_typer(data_app, name="data")
 from vitrine.commands.models import app as models_app  # noqa: E402
 app.add_typer(models_app, name="models")
+from vitrine.commands.pipeline import app as pipeline_app  # noqa: E402 - `vitrine pipeline run|resume|status|list|reproduce`
+app.add_typer(pipeline_app, name="pipeline")
+from vitrine.commands.triggers import app as triggers_app  # noqa: E402 - `vitrine triggers run` (webhook → pipeline)
+app.add_typer(triggers_app, name="triggers")
 
 
 @app.command("train")

@@ -444,20 +444,80 @@ class AlertmanagerSettings(_Section):
         return f"http://{self.host}:{self.port}"
 
 
-class PipelineTriggerSettings(_Section):
-    """The pipeline trigger's webhook (a service still to be built): where Alertmanager posts `action: retrain` alerts."""
+Architecture = Literal["gru4rec", "sasrec"]
+ModelPrefix = Annotated[str, Field(pattern=r"^([a-z][a-z0-9_]{0,31})?$")]
+
+
+class PipelineSettings(_Section):
+    """`vitrine pipeline run`: validate the archive's newest window → train → evaluate against the served champion
+    → gate → export and load the challenger (docs/pipeline.md). Every threshold of the data checks lives here."""
+
+    models: tuple[Architecture, ...] = Field(("gru4rec", "sasrec"), min_length=1, description="Architectures trained per run.")
+    model_prefix: ModelPrefix = Field(
+        "", description="Repository model name = prefix + architecture (tests use a private prefix; empty in production).")
+    window_days: int = Field(14, ge=1, le=365, description="Trailing window of the archive (UTC dates) a run trains on.")
+    # --- data checks (validate step) ---
+    min_events: int = Field(1000, ge=10, le=1_000_000_000, description="Fewer events in the window stop the run.")
+    volume_min_ratio: float = Field(
+        0.5, ge=0, le=1,
+        description="Events in the window ÷ events in the previous window of the same length must be at least this "
+                    "(a broken producer or a lost partition shows as a drop). Not judged when the previous window is empty.")
+    volume_max_ratio: float = Field(3.0, ge=1, le=1000, description="…and at most this (a replay or a bot shows as a jump).")
+    max_unknown_item_share: float = Field(
+        0.5, ge=0, le=1,
+        description="Share of events whose item the champion's vocabulary does not know: above it the catalogue changed so "
+                    "much that the champion comparison says little. Not judged without a champion.")
+    min_events_per_type: int = Field(1, ge=0, le=1_000_000_000, description="Each event type (view, click, add_to_cart, purchase) needs this many events.")
+    max_empty_hour_share: float = Field(
+        0.25, ge=0, le=1,
+        description="Share of hours between the window's first and last event without any event: a gap means a consumer or "
+                    "producer outage, and a model trained across it learns the outage.")
+    max_future_skew_s: float = Field(300.0, ge=0, le=86_400, description="Events later than now + this are future timestamps: the run stops.")
+    # --- training ---
+    epochs: int = Field(10, ge=1, le=1000)
+    batch_size: int = Field(128, ge=1, le=65536)
+    learning_rate: float = Field(2e-3, gt=0, lt=1)
+    dim: int = Field(64, ge=4, le=1024)
+    max_len: int = Field(20, ge=2, le=512, description="History steps the model sees.")
+    validation_fraction: float = Field(0.1, ge=0.01, le=0.5, description="The newest share of the window is the held-out slice.")
+    seed: int = Field(7, ge=0)
+    threads: int = Field(2, ge=1, le=64, description="Torch threads while training.")
+    # --- gate against the champion ---
+    champion_margin: float = Field(
+        0.01, ge=0, lt=1,
+        description="The candidate must beat the served champion on the gate's metric by this relative margin; the other "
+                    "metrics may fall at most gate.champion_tolerance below it, and no slice beyond gate.slice_tolerance.")
+    gate_baselines: tuple[Literal["popularity", "transitions", "cooccurrence"], ...] = Field(
+        ("popularity", "transitions", "cooccurrence"), min_length=1,
+        description="Baselines the candidate must beat (the strongest of them by gate.margin, and in every slice). Dropping "
+                    "one is a deliberate, recorded choice, e.g. where a transition table cannot be served.")
+    category_source: Literal["synthetic", "none"] = Field(
+        "synthetic", description="How item ids map to categories for the per-category slices: the synthetic storefront's "
+                                 "i<n> ids (export/data/synthetic.py), or none (the category slices are skipped and the record says so).")
+    category_preset: str = Field("default", pattern=r"^[a-z]{1,16}$", description="Synthetic storefront preset whose categories apply.")
+    category_seed: int = Field(7, ge=0, description="…and its seed.")
+    # --- export ---
+    max_k: int = Field(50, ge=1, le=1000, description="Items returned by the exported graph's top-k.")
+    keep_versions: int = Field(3, ge=1, le=100, description="Versions kept on disk and served per model.")
+    reproduce_tolerance: float = Field(1e-6, ge=0, le=0.1, description="`vitrine pipeline reproduce`: largest |Δmetric| that still counts as equal.")
+
+
+class TriggersSettings(_Section):
+    """The trigger service (`vitrine triggers run`): Alertmanager's webhook and an optional schedule start pipeline runs."""
 
     host: Host = "127.0.0.1"
-    port: Port = 19710
-    path: str = Field("/alerts", pattern=r"^/[A-Za-z0-9_./-]*$")
+    port: Port = Field(19800, description="HTTP: POST /alerts, GET /healthz, GET /metrics.")
     token_file: Path | None = Field(
-        None,
-        description="File holding the bearer token Alertmanager sends (http_config.authorization.credentials_file); "
-                    "default: <stack home>/alertmanager/pipeline-trigger.token, created by `vitrine stack up`.")
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}{self.path}"
+        None, description="File holding the bearer token Alertmanager sends; unset: `<stack.home>/triggers/token`, "
+                          "created with a random token by `vitrine stack up`.")
+    debounce_s: float = Field(3600.0, ge=0, le=30 * 86_400, description="No new run starts within this long after the last one started.")
+    dedupe_ttl_s: float = Field(
+        86_400.0, gt=0, le=30 * 86_400,
+        description="How long a notification's identity (groupKey + firing alerts) is remembered: a repeat inside it is a duplicate.")
+    schedule_interval_s: float | None = Field(
+        None, ge=60, le=365 * 86_400, description="Start a scheduled run this often (unset: no schedule).")
+    action_label: str = Field("retrain", min_length=1, max_length=64, description="Only firing alerts labelled action=<this> start a run.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="Larger webhook bodies are refused (413).")
 
 
 class StackSettings(_Section):
@@ -499,7 +559,8 @@ class Settings(BaseSettings):
     gate: GateSettings = GateSettings()
     registry: RegistrySettings = RegistrySettings()
     alertmanager: AlertmanagerSettings = AlertmanagerSettings()
-    pipeline_trigger: PipelineTriggerSettings = PipelineTriggerSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    triggers: TriggersSettings = TriggersSettings()
     stack: StackSettings = StackSettings()
 
     @classmethod
@@ -541,6 +602,15 @@ class Settings(BaseSettings):
     def archive_root(self) -> Path:
         """Where the archive lives: `archive.root`, or `archive/` in the stack's home (a test stack gets its own)."""
         return (self.archive.root or self.stack.home / "archive").expanduser().resolve()
+
+    @property
+    def pipeline_home(self) -> Path:
+        """Pipeline runs (`runs/<run_id>/record.json` and artefacts) and the lock file: `<stack.home>/pipeline`."""
+        return self.stack.home / "pipeline"
+
+    @property
+    def triggers_token_file(self) -> Path:
+        return (self.triggers.token_file or self.stack.home / "triggers" / "token").expanduser().resolve()
 
     @property
     def kafka_home(self) -> Path:

@@ -16,7 +16,7 @@ items from 2; histories are left-padded to `max_len` so that the most recent ste
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -58,6 +58,8 @@ class Steps:
     type: np.ndarray
     """Event type index + 1 (0 is padding), as the models take it."""
     ts_ms: np.ndarray
+    raw_item: np.ndarray | None = None
+    """The item id of each step (strings), beside its model index."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,12 @@ class Dataset:
     train_item_counts: np.ndarray
     """[vocabulary.size] training interactions per item: the popularity baseline."""
     max_len: int
+    valid_returning: np.ndarray | None = None
+    """[M] True where the shopper had steps before the cutoff (a returning shopper), False for a new one."""
+    valid_target_ids: np.ndarray | None = None
+    """[M] the raw item id of each target (also for targets outside the vocabulary): category slices need it."""
+    valid_target_category: np.ndarray | None = field(default=None)
+    """[M] category of each target ("" = unknown), set by whoever knows the catalogue (the pipeline)."""
 
 
 def collapse(table: EventTable, vocabulary: Vocabulary) -> Steps:
@@ -93,7 +101,7 @@ def collapse(table: EventTable, vocabulary: Vocabulary) -> Steps:
     step_type = np.zeros(len(starts), dtype=np.int64)
     np.maximum.at(step_type, step_of_event, kinds)
     user_start = np.append(np.flatnonzero(new_user[starts]), len(starts))
-    return Steps(user_start=user_start, item=items[starts], type=step_type, ts_ms=times[starts])
+    return Steps(user_start=user_start, item=items[starts], type=step_type, ts_ms=times[starts], raw_item=raw_items[starts])
 
 
 def collapse_runs(items: Sequence[str], types: Sequence[int]) -> tuple[list[str], list[int]]:
@@ -141,6 +149,8 @@ def build(
 
     steps = collapse(table, vocabulary)
     train_in, train_ty, train_tg, valid_in, valid_ty, valid_tg = [], [], [], [], [], []
+    valid_returning: list[bool] = []
+    valid_ids: list[str] = []
     for u in range(len(steps.user_start) - 1):
         lo, hi = steps.user_start[u], steps.user_start[u + 1]
         items, kinds, times = steps.item[lo:hi], steps.type[lo:hi], steps.ts_ms[lo:hi]
@@ -161,9 +171,12 @@ def build(
             valid_in.append(x)
             valid_ty.append(t)
             valid_tg.append(items[position])
+            valid_returning.append(n_train > 0)
+            valid_ids.append(str(steps.raw_item[lo + position]))  # type: ignore[index]
     if not train_in or not valid_tg:
         raise ValueError("the time split left no training windows or no validation targets")
-    valid = (np.stack(valid_in), np.stack(valid_ty), np.array(valid_tg, dtype=np.int64))
+    valid = (np.stack(valid_in), np.stack(valid_ty), np.array(valid_tg, dtype=np.int64),
+             np.array(valid_returning, dtype=bool), np.array(valid_ids, dtype=str))
     if len(valid[2]) > max_validation:
         keep = np.sort(np.random.default_rng(seed).choice(len(valid[2]), size=max_validation, replace=False))
         valid = tuple(v[keep] for v in valid)  # type: ignore[assignment]
@@ -176,6 +189,8 @@ def build(
         valid_inputs=valid[0],
         valid_types=valid[1],
         valid_targets=valid[2],
+        valid_returning=valid[3],
+        valid_target_ids=valid[4],
         train_item_counts=item_counts,
         max_len=max_len,
     )

@@ -253,15 +253,20 @@ def mlflow(settings: Settings) -> Component:
 
 
 def pipeline_trigger_token_file(settings: Settings) -> Path:
-    """The bearer token Alertmanager sends to the pipeline trigger: configured, or one per local stack."""
-    return settings.pipeline_trigger.token_file or settings.stack.home / "alertmanager" / "pipeline-trigger.token"
+    """The bearer token Alertmanager sends to the trigger service (the file the service reads its token from)."""
+    return settings.triggers_token_file
+
+
+def pipeline_trigger_url(settings: Settings) -> str:
+    """Where Alertmanager posts `action: retrain` alerts: the trigger service's webhook."""
+    return f"http://{settings.triggers.host}:{settings.triggers.port}/alerts"
 
 
 def render_alertmanager_config(settings: Settings) -> str:
     cfg = settings.alertmanager
     return Template(ALERTMANAGER_CONFIG.read_text()).substitute(
         group_wait=f"{cfg.group_wait_s}s", group_interval=f"{cfg.group_interval_s}s",
-        repeat_interval=f"{cfg.repeat_interval_s}s", pipeline_trigger_url=settings.pipeline_trigger.url,
+        repeat_interval=f"{cfg.repeat_interval_s}s", pipeline_trigger_url=pipeline_trigger_url(settings),
         token_file=str(pipeline_trigger_token_file(settings)),
     )
 
@@ -273,11 +278,7 @@ def alertmanager(settings: Settings) -> Component:
 
     def prepare() -> None:
         (home / "data").mkdir(parents=True, exist_ok=True)
-        token = pipeline_trigger_token_file(settings)
-        if not token.exists():  # a fresh random token per local stack; the trigger service reads the same file
-            token.parent.mkdir(parents=True, exist_ok=True)
-            token.write_text(base64.urlsafe_b64encode(os.urandom(24)).decode())
-            token.chmod(0o600)
+        ensure_token(pipeline_trigger_token_file(settings))  # the trigger service reads the same file
         _write_if_changed(config, render_alertmanager_config(settings))
 
     return Component(
@@ -292,7 +293,7 @@ def alertmanager(settings: Settings) -> Component:
         ],
         ports={"web": (cfg.host, cfg.port)},
         probe=health.alertmanager_ready,
-        url=f"{cfg.url} (webhook → {settings.pipeline_trigger.url} for action=retrain)",
+        url=f"{cfg.url} (webhook → {pipeline_trigger_url(settings)} for action=retrain)",
         prepare=prepare,
     )
 
@@ -315,6 +316,7 @@ def prometheus(settings: Settings) -> Component:
                 outcomes_target=f"{settings.outcomes.metrics_host}:{settings.outcomes.metrics_port}",
                 archive_target=f"{settings.archive.metrics_host}:{settings.archive.metrics_port}",
                 gateway_target=f"{settings.gateway.metrics_host}:{settings.gateway.metrics_port}",
+                triggers_target=f"{settings.triggers.host}:{settings.triggers.port}",
                 rules_file=str(ALERT_RULES),
                 extra_rules=str(home / EXTRA_RULES_DIR / "*.yml"),
                 alertmanager_target=f"{settings.alertmanager.host}:{settings.alertmanager.port}",
@@ -400,10 +402,37 @@ def gateway(settings: Settings) -> Component:
     )
 
 
+def ensure_token(path: Path) -> None:
+    """The bearer token Alertmanager must send: created once (random, mode 0600), never overwritten."""
+    import secrets
+
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_urlsafe(32) + "\n")
+
+
+def triggers(settings: Settings) -> Component:
+    cfg = settings.triggers
+    token = settings.triggers_token_file
+    return Component(
+        name="triggers",
+        command=[sys.executable, "-m", "vitrine", "triggers", "run"],
+        ports={"http": (cfg.host, cfg.port)},
+        probe=health.triggers_ready,
+        url=f"http://{cfg.host}:{cfg.port}/alerts (Alertmanager webhook, bearer token in {token}; /healthz, /metrics)",
+        env=settings_env(settings),
+        prepare=lambda: ensure_token(token),
+    )
+
+
 BUILDERS: tuple[Callable[[Settings], Component], ...] = (
-    redis, redis_exporter, kafka, mlflow, triton, features, outcomes, archive, gateway, alertmanager, prometheus)
-"""Start order: dependencies first (the gateway fetches versions' metadata from MLflow), Alertmanager before
-Prometheus, which sends it alerts, and Prometheus last so that its targets are already up."""
+    redis, redis_exporter, kafka, mlflow, triton, features, outcomes, archive, gateway, triggers, alertmanager, prometheus)
+"""Start order: dependencies first (the gateway fetches versions' metadata from MLflow), the trigger service before
+Alertmanager, which posts to it, Alertmanager before Prometheus, which sends it alerts, and Prometheus last so that
+its targets are already up."""
 
 
 def build_all(settings: Settings) -> list[Component]:

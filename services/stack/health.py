@@ -160,6 +160,19 @@ async def archive_ready(settings: Settings) -> str | None:
                                   ASSIGNED_PARTITIONS)
 
 
+async def triggers_ready(settings: Settings) -> str | None:
+    """The trigger service answers GET /healthz (its token was readable: it refuses to start without one)."""
+    url = f"http://{settings.triggers.host}:{settings.triggers.port}/healthz"
+    try:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if response.status_code != 200 or response.json().get("status") != "ok":
+        return f"GET /healthz answered {response.status_code}"
+    return None
+
+
 async def _owns_partitions(url: str, gauge: str) -> str | None:
     try:
         async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:

@@ -41,7 +41,11 @@ def settings() -> Settings:
     repository = shifted.stack.home / "model_repository"
     shutil.rmtree(repository, ignore_errors=True)
     shutil.copytree(base.triton.model_repository, repository)
-    return shifted.model_copy(update={"triton": shifted.triton.model_copy(update={"model_repository": repository})})
+    # A pipeline run started by the stack's own trigger service (test_alerting) trains one small model under a private
+    # name, so that it neither takes the CPU for minutes nor adds versions of the models other tests serve.
+    pipeline = shifted.pipeline.model_copy(update={"models": ("gru4rec",), "epochs": 1, "model_prefix": "alerted_"})
+    return shifted.model_copy(update={"triton": shifted.triton.model_copy(update={"model_repository": repository}),
+                                      "pipeline": pipeline})
 
 
 @pytest.fixture(scope="session")

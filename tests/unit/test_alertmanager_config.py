@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vitrine.services.stack.components import build_all, pipeline_trigger_token_file, render_alertmanager_config
+from vitrine.services.stack.components import build_all, pipeline_trigger_token_file, pipeline_trigger_url, render_alertmanager_config
 from vitrine.settings import Settings
 
 AMTOOL = shutil.which("amtool")
@@ -54,8 +54,8 @@ def test_only_retrain_alerts_reach_the_pipeline_trigger(rendered: Path, labels: 
 def test_the_webhook_points_at_the_trigger_with_a_bearer_token_file(settings: Settings, rendered: Path) -> None:
     config = yaml.safe_load(rendered.read_text())
     webhook = next(r for r in config["receivers"] if r["name"] == "pipeline-trigger")["webhook_configs"][0]
-    assert webhook["url"] == f"http://127.0.0.1:{settings.pipeline_trigger.port}/alerts" == settings.pipeline_trigger.url
-    assert settings.pipeline_trigger.port == Settings().pipeline_trigger.port + 4000  # shifted with the stack
+    assert webhook["url"] == f"http://127.0.0.1:{settings.triggers.port}/alerts" == pipeline_trigger_url(settings)
+    assert settings.triggers.port == Settings().triggers.port + 4000  # shifted with the stack
     authorization = webhook["http_config"]["authorization"]
     token = pipeline_trigger_token_file(settings)
     assert authorization == {"type": "Bearer", "credentials_file": str(token)}

@@ -174,3 +174,44 @@ def test_export_refuses_out_of_bound_gate_flags(tmp_path) -> None:
     assert runner.invoke(app, ["export", "--runs-dir", str(tmp_path), "--margin", "1.5"]).exit_code == 2
     result = runner.invoke(app, ["export", "--runs-dir", str(tmp_path), "--gate-metric", "auc"])
     assert result.exit_code == 2 and "metric" in result.output
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["pipeline", "run", "--trigger", "cron"], "is not one of manual, schedule, drift"),
+    (["pipeline", "run", "--window-days", "0"], "--window-days"),
+    (["pipeline", "run", "--until", "2026-13-01"], "--until"),
+    (["pipeline", "run", "--run-id", "../../etc"], "is not a run id"),
+    (["pipeline", "resume", "latest"], "is not a run id"),
+    (["pipeline", "reproduce", "x/y"], "is not a run id"),
+])
+def test_pipeline_refuses_bad_flags_with_exit_2(args: list[str], says: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_pipeline_settings_out_of_bounds_are_named() -> None:
+    result = runner.invoke(app, ["pipeline", "list"], env={"VITRINE_PIPELINE__WINDOW_DAYS": "0"})
+    assert result.exit_code == 2 and "pipeline.window_days" in result.output
+    result = runner.invoke(app, ["pipeline", "list"], env={"VITRINE_TRIGGERS__SCHEDULE_INTERVAL_S": "5"})
+    assert result.exit_code == 2 and "triggers.schedule_interval_s" in result.output
+
+
+def test_pipeline_status_without_runs_is_a_clear_error(tmp_path) -> None:
+    result = runner.invoke(app, ["pipeline", "status"], env={"VITRINE_STACK__HOME": str(tmp_path)})
+    assert result.exit_code == 1 and "no pipeline runs yet" in result.output
+
+
+def test_pipeline_list_and_status_show_a_crashed_run_as_crashed(tmp_path) -> None:
+    from vitrine.export.pipeline.record import FileRunRecorder, new_run_id
+
+    recorder = FileRunRecorder(tmp_path / "pipeline")
+    done, crashed = new_run_id(), new_run_id()
+    recorder.start(done, "manual", {"window": {"since": "2026-11-01", "until": "2026-11-30"}})
+    recorder.finish(done, "rejected", "no candidate passed the gate")
+    recorder.start(crashed, "drift", {"window": {"since": "2026-11-02", "until": "2026-12-01"}})  # nobody holds the lock
+    env = {"VITRINE_STACK__HOME": str(tmp_path)}
+    listed = runner.invoke(app, ["pipeline", "list"], env=env)
+    assert listed.exit_code == 0
+    assert f"{done}  manual    rejected" in listed.output and f"{crashed}  drift     crashed" in listed.output
+    status = runner.invoke(app, ["pipeline", "status", crashed], env=env)
+    assert status.exit_code == 0 and "crashed" in status.output and "validate" in status.output

@@ -21,7 +21,8 @@ def settings(tmp_path) -> Settings:
 def test_components_start_in_dependency_order_with_distinct_ports(settings: Settings) -> None:
     components = build_all(settings)
     assert [c.name for c in components] == [
-        "redis", "redis-exporter", "kafka", "mlflow", "triton", "features", "outcomes", "archive", "gateway", "alertmanager", "prometheus"]
+        "redis", "redis-exporter", "kafka", "mlflow", "triton", "features", "outcomes", "archive", "gateway", "triggers",
+        "alertmanager", "prometheus"]
     ports = [port for c in components for _, port in c.ports.values()]
     assert len(ports) == len(set(ports))
 
@@ -60,6 +61,7 @@ def test_prepare_renders_kafka_and_prometheus_configs_without_placeholders(setti
     assert f"127.0.0.1:{settings.triton.metrics_port}" in rendered
     assert f"127.0.0.1:{settings.redis_exporter.port}" in rendered
     assert "job_name: archive" in rendered and f"127.0.0.1:{settings.archive.metrics_port}" in rendered
+    assert "job_name: triggers" in rendered and f"127.0.0.1:{settings.triggers.port}" in rendered
 
 
 def test_port_in_use_sees_a_listening_socket() -> None:
@@ -76,3 +78,17 @@ def test_tail_returns_the_last_lines(tmp_path) -> None:
     log.write_text("".join(f"line {i}\n" for i in range(100)))
     assert tail(log, 3) == "line 97\nline 98\nline 99\n"
     assert "no log" in tail(tmp_path / "missing.log", 3)
+
+
+def test_the_triggers_component_creates_its_token_once_readable_only_by_its_owner(settings: Settings) -> None:
+    import stat
+
+    triggers = next(c for c in build_all(settings) if c.name == "triggers")
+    assert triggers.command[-2:] == ["triggers", "run"] and triggers.ports == {"http": ("127.0.0.1", settings.triggers.port)}
+    token = settings.triggers_token_file
+    assert not token.exists()
+    triggers.prepare()
+    first = token.read_text()
+    assert len(first.strip()) >= 32 and stat.S_IMODE(token.stat().st_mode) == 0o600
+    triggers.prepare()  # a second `stack up` keeps the token Alertmanager already has
+    assert token.read_text() == first
