@@ -44,18 +44,31 @@ class _Embeddings(nn.Module):
 
 
 class SequenceRecommender(nn.Module):
-    """Common interface: `encode` → [B, L, D]; `logits` scores every item from a hidden state."""
+    """Common interface: `encode` → [B, L, D]; `logits` scores every item from a hidden state.
 
-    def __init__(self, n_items: int, dim: int, dropout: float) -> None:
+    Items are scored by a dot product with the output table: the input item embeddings when `tied`,
+    else a table of their own. Untied, "what this item is" (input) and "what comes after such a
+    history" (output) need not share one vector — a transition graph is not symmetric.
+    """
+
+    def __init__(self, n_items: int, dim: int, dropout: float, tied: bool = True) -> None:
         super().__init__()
         self.n_items = n_items
         self.embed = _Embeddings(n_items, dim, dropout)
+        self.output = None if tied else nn.Embedding(n_items, dim)
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=dim**-0.5)
+
+    @property
+    def output_table(self) -> torch.Tensor:
+        """[n_items, D] the vectors items are scored with."""
+        return self.embed.items.weight if self.output is None else self.output.weight
 
     def encode(self, items: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        scores = hidden @ self.embed.items.weight.T
+        scores = hidden @ self.output_table.T
         # Padding and the unknown-item row are never recommended.
         blocked = torch.zeros(self.n_items, dtype=torch.bool, device=hidden.device)
         blocked[:FIRST_ITEM] = True
@@ -63,8 +76,8 @@ class SequenceRecommender(nn.Module):
 
 
 class GRU4Rec(SequenceRecommender):
-    def __init__(self, n_items: int, dim: int = 64, dropout: float = 0.1) -> None:
-        super().__init__(n_items, dim, dropout)
+    def __init__(self, n_items: int, dim: int = 64, dropout: float = 0.1, tied: bool = True) -> None:
+        super().__init__(n_items, dim, dropout, tied)
         self.cell = nn.GRUCell(dim, dim)
         self.out = nn.Linear(dim, dim)
 
@@ -103,8 +116,9 @@ class _CausalBlock(nn.Module):
 
 
 class SASRec(SequenceRecommender):
-    def __init__(self, n_items: int, max_len: int, dim: int = 64, heads: int = 2, blocks: int = 2, dropout: float = 0.2) -> None:
-        super().__init__(n_items, dim, dropout)
+    def __init__(self, n_items: int, max_len: int, dim: int = 64, heads: int = 2, blocks: int = 2, dropout: float = 0.2,
+                 tied: bool = True) -> None:
+        super().__init__(n_items, dim, dropout, tied)
         if dim % heads:
             raise ValueError("dim must be a multiple of heads")
         self.positions = nn.Embedding(max_len, dim)
@@ -129,11 +143,12 @@ class SASRec(SequenceRecommender):
         return self.norm(x)
 
 
-def build(architecture: Architecture, n_items: int, max_len: int, dim: int, dropout: float | None = None) -> SequenceRecommender:
+def build(architecture: Architecture, n_items: int, max_len: int, dim: int, dropout: float | None = None,
+          tied: bool = True) -> SequenceRecommender:
     if architecture == "gru4rec":
-        return GRU4Rec(n_items, dim=dim, dropout=0.1 if dropout is None else dropout)
+        return GRU4Rec(n_items, dim=dim, dropout=0.1 if dropout is None else dropout, tied=tied)
     if architecture == "sasrec":
-        return SASRec(n_items, max_len=max_len, dim=dim, dropout=0.2 if dropout is None else dropout)
+        return SASRec(n_items, max_len=max_len, dim=dim, dropout=0.2 if dropout is None else dropout, tied=tied)
     raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 

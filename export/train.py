@@ -41,6 +41,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     dim: int = 64
     dropout: float | None = None
+    tied: bool = True
+    """Score items with their input embeddings (True) or with an output table of their own."""
     max_len: int = 20
     seed: int = 7
     threads: int = 2
@@ -98,7 +100,7 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True)
-    model = build(config.architecture, dataset.vocabulary.size, dataset.max_len, config.dim, config.dropout)
+    model = build(config.architecture, dataset.vocabulary.size, dataset.max_len, config.dim, config.dropout, config.tied)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     inputs = torch.from_numpy(dataset.train_inputs)
     types = torch.from_numpy(dataset.train_types)
@@ -117,9 +119,9 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
             real = targets[index] != 0  # only real positions are scored (left padding has no target)
             hidden, target = model.encode(inputs[index], types[index])[real], targets[index][real]
             if q is None:
-                loss = full_softmax_loss(hidden, target, model.embed.items.weight)
+                loss = full_softmax_loss(hidden, target, model.output_table)
             else:
-                loss = sampled_softmax_loss(hidden, target, model.embed.items.weight,
+                loss = sampled_softmax_loss(hidden, target, model.output_table,
                                             draw_negatives(q, config.negatives, generator), q)
             optimizer.zero_grad()
             loss.backward()
@@ -168,7 +170,7 @@ def load_run(run_dir: Path) -> tuple[SequenceRecommender, dict, tuple[str, ...]]
             raise FileNotFoundError(f"{run_dir} is not a complete run folder: {name} is missing")
     saved = torch.load(run_dir / "model.pt", weights_only=True)
     config = TrainConfig(**saved["config"])
-    model = build(config.architecture, saved["n_items"], config.max_len, config.dim, config.dropout)
+    model = build(config.architecture, saved["n_items"], config.max_len, config.dim, config.dropout, config.tied)
     model.load_state_dict(saved["state_dict"])
     model.eval()
     return model, json.loads((run_dir / "run.json").read_text()), tuple(json.loads((run_dir / "vocabulary.json").read_text()))

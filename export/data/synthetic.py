@@ -7,6 +7,23 @@ What makes it learnable beyond popularity, as real shops are:
   with `transition_prob` the next item is one of the current item's few successors;
 - each viewed item may go down the funnel view → click → add_to_cart → purchase;
 - optional drift: from `drift_at_ms` on, a new item line appears and takes `drift_share` of sessions.
+
+What makes it more than a transition table — structure that a model of the whole history can learn
+and a first-order counter cannot, as in real shops (issue 14; `first_order` is the storefront without it):
+- *shopping missions* (longer-range intent): each session pursues one of `missions` missions, drawn
+  from the shopper's own mission preferences (Dirichlet `mission_concentration`: most shoppers stick
+  to one). When a session leaves the item path (1 - `transition_prob`), with `mission_move_prob` it
+  follows its mission's route: mission m maps the current category c to its own next category
+  (the camera, then the lens, then the bag) and goes to one of that category's `route_items` best
+  sellers. From the last item alone every mission's route is possible (`missions` × `route_items`
+  candidates beside the item's successors); the shopper's earlier steps say which route she is on;
+- *repeat purchases*: a share `consumable_share` of items are consumables; a session starts, with
+  `repeat_prob`, by buying again one of the consumables this shopper bought before — a step that the
+  previous item cannot predict but the history can;
+- optionally, *affinity drift within a session* (`session_focus` > 0, off by default): the categories a
+  session jumps to lean towards those it already visited.
+The catalogue, the successors and the affinities do not depend on these settings. The shopper
+simulator (`services/simulator/`) models relevance by successors and affinities only, not by missions.
 """
 
 from __future__ import annotations
@@ -36,7 +53,7 @@ class StorefrontConfig:
     """Mean number of distinct items a session looks at (geometric)."""
     zipf_exponent: float = 1.05
     affinity_concentration: float = 0.15
-    transition_prob: float = 0.65
+    transition_prob: float = 0.45
     successors: int = 4
     click_prob: float = 0.35
     cart_prob: float = 0.3
@@ -47,17 +64,34 @@ class StorefrontConfig:
     drift_at_ms: int | None = None
     drift_items: int = 120
     drift_share: float = 0.5
+    missions: int = 4
+    """Shopping missions, each a route between categories (1 with `mission_move_prob` 0: none)."""
+    mission_concentration: float = 0.1
+    """Dirichlet concentration of a shopper's mission preferences (small: each sticks to one or two)."""
+    mission_move_prob: float = 0.7
+    """When a session leaves the item path: chance that it follows its mission's route."""
+    route_items: int = 3
+    """A route move goes to one of this many most popular items of the route's next category."""
+    session_focus: float = 0.0
+    """Weight added to each category visited in the session when an affinity move is drawn (0: off)."""
+    consumable_share: float = 0.15
+    """Share of items that are bought again (consumables)."""
+    repeat_prob: float = 0.3
+    """Chance that a session of a shopper who bought consumables starts by buying one of them again."""
     seed: int = 7
 
     def __post_init__(self) -> None:
-        for name in ("n_users", "n_items", "n_categories", "successors", "days"):
+        for name in ("n_users", "n_items", "n_categories", "successors", "days", "missions", "route_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("transition_prob", "click_prob", "cart_prob", "purchase_prob", "drift_share"):
+        for name in ("transition_prob", "click_prob", "cart_prob", "purchase_prob", "drift_share", "mission_move_prob",
+                     "consumable_share", "repeat_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1]")
         if self.sessions_per_user <= 0 or self.steps_per_session < 1:
             raise ValueError("sessions_per_user must be > 0 and steps_per_session >= 1")
+        if self.mission_concentration <= 0 or self.session_focus < 0:
+            raise ValueError("mission_concentration must be > 0 and session_focus >= 0")
 
     @property
     def end_ms(self) -> int:
@@ -75,6 +109,9 @@ PRESETS: dict[str, StorefrontConfig] = {
     # training-speed benchmark of a large catalogue (docs/benchmarks.md, Training)
     "wide": StorefrontConfig(n_users=610, n_items=9_500, n_categories=60, sessions_per_user=22, days=180,
                              zipf_exponent=0.7, click_prob=0.1),
+    # the default storefront with item-to-item paths and affinities only (no missions, drift within a
+    # session or repeat purchases): a transition table is as good as a sequence model there
+    "first_order": StorefrontConfig(transition_prob=0.65, missions=1, mission_move_prob=0.0, session_focus=0.0, repeat_prob=0.0),
     # ~2.5M events: load tests
     "large": StorefrontConfig(n_users=30_000, n_items=10_000, n_categories=60, sessions_per_user=8),
     # ~10M events
@@ -128,6 +165,14 @@ class _Catalog:
     def successor_of(self, item: int, rnd: random.Random) -> int:
         cum = self.successor_cum[item]
         return self.successors[item][min(bisect.bisect_left(cum, rnd.random() * cum[-1]), len(cum) - 1)]
+
+    def top_of(self, category: int, n: int, rnd: random.Random) -> int:
+        """One of the `n` most popular items of `category`, uniformly: a mission's target there."""
+        items = self.by_category[category]
+        if not len(items):
+            return rnd.randrange(self.n_items)
+        top = items[np.argsort(-self.popularity[items], kind="stable")[:n]]
+        return int(top[rnd.randrange(len(top))])
 
 
 @dataclass(frozen=True)
@@ -189,21 +234,43 @@ def generate(cfg: StorefrontConfig) -> EventTable:
         kinds.append(kind)
         times.append(int(ts))
 
+    # Missions, routes and consumables come from a stream of their own (the catalogue stays the same).
+    extra = np.random.default_rng([cfg.seed, 1])
+    mission_cum = np.cumsum(extra.dirichlet(np.full(cfg.missions, cfg.mission_concentration), size=cfg.n_users), axis=1)
+    routes = np.stack([extra.permutation(cfg.n_categories) for _ in range(cfg.missions)])
+    consumable = extra.random(catalog.n_items) < cfg.consumable_share
+
+    def affinity_move(user: int, visited: list[int]) -> int:
+        if cfg.session_focus > 0 and visited:
+            weights = affinities[user].copy()
+            np.add.at(weights, visited, cfg.session_focus / len(visited))
+            return int(np.searchsorted(np.cumsum(weights), rnd.random() * weights.sum()))
+        return int(np.searchsorted(affinity_cum[user], rnd.random() * affinity_cum[user][-1]))
+
     for user in range(cfg.n_users):
-        for _ in range(max(1, int(rng.poisson(cfg.sessions_per_user)))):
-            ts = cfg.start_ms + rnd.random() * (cfg.end_ms - cfg.start_ms - DAY_MS // 24)
+        # Sessions in time order, so that a repeat purchase always follows the first one.
+        starts = sorted(cfg.start_ms + rnd.random() * (cfg.end_ms - cfg.start_ms - DAY_MS // 24)
+                        for _ in range(max(1, int(rng.poisson(cfg.sessions_per_user)))))
+        bought: list[int] = []
+        for ts in starts:
             drifting = cfg.drift_at_ms is not None and ts >= cfg.drift_at_ms and rnd.random() < cfg.drift_share
-            category = new_line if drifting else int(np.searchsorted(affinity_cum[user], rnd.random() * affinity_cum[user][-1]))
-            item = catalog.popular_in(category, rnd)
+            category = new_line if drifting else affinity_move(user, [])
+            mission = int(np.searchsorted(mission_cum[user], rnd.random() * mission_cum[user][-1])) if cfg.missions > 1 else 0
+            repeat = cfg.repeat_prob > 0 and bool(bought) and rnd.random() < cfg.repeat_prob
+            item = bought[rnd.randrange(len(bought))] if repeat else catalog.popular_in(category, rnd)
+            visited = [int(catalog.category[item])] if not drifting else []
             while True:
                 emit(user, item, 0, ts)
                 depth = 0
                 for kind, prob in ((1, cfg.click_prob), (2, cfg.cart_prob), (3, cfg.purchase_prob)):
-                    if depth != kind - 1 or rnd.random() >= prob:
-                        break
+                    if depth != kind - 1 or (not repeat and rnd.random() >= prob):
+                        break  # a repeat purchase goes down the whole funnel
                     ts += rnd.expovariate(1 / (step_ms / 2))
                     emit(user, item, kind, ts)
                     depth = kind
+                if depth == 3 and consumable[item] and item not in bought:
+                    bought.append(item)
+                repeat = False
                 if rnd.random() >= continue_prob:
                     break
                 ts += rnd.expovariate(1 / step_ms)
@@ -211,7 +278,13 @@ def generate(cfg: StorefrontConfig) -> EventTable:
                     item = catalog.successor_of(item, rnd)
                 else:
                     if not drifting:
-                        category = int(np.searchsorted(affinity_cum[user], rnd.random() * affinity_cum[user][-1]))
+                        here = int(catalog.category[item])
+                        on_route = here < cfg.n_categories and rnd.random() < cfg.mission_move_prob
+                        category = int(routes[mission][here]) if on_route else affinity_move(user, visited)
+                        visited.append(category)
+                        if on_route:
+                            item = catalog.top_of(category, cfg.route_items, rnd)
+                            continue
                     item = catalog.popular_in(category, rnd)
 
     user_arr = np.array(users, dtype=np.int64)

@@ -127,3 +127,63 @@ def test_histories_are_left_padded_or_cut_to_the_most_recent() -> None:
     assert items.tolist() == [0, 0, 5, 6] and types.tolist() == [0, 0, 1, 2]
     items, _ = sequences.encode_history([1, 2, 3, 4, 5], [1] * 5, 3)
     assert items.tolist() == [3, 4, 5]
+
+
+def _views_and_purchases(cfg: synthetic.StorefrontConfig) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    table = synthetic.generate(cfg)
+    rows = [(int(u[1:]), int(i[1:]), int(t)) for u, i, t in zip(table.user_id, table.item_id, table.ts_ms, strict=True)]
+    views = [r for r, kind in zip(rows, table.type, strict=True) if kind == 0]
+    purchases = [r for r, kind in zip(rows, table.type, strict=True) if kind == 3]
+    return views, purchases
+
+
+def test_missions_send_sessions_to_the_best_sellers_of_a_route_category() -> None:
+    """Off the item path, a session on a mission goes to one of `route_items` best sellers of the next category;
+    without missions it goes to any popular item of an affinity category. Measured on consecutive views of one
+    shopper within a session (< 10 min apart) that are not successor steps."""
+    def share_to_best_sellers(cfg: synthetic.StorefrontConfig) -> float:
+        sf = synthetic.storefront(cfg)
+        best = {int(i) for items in sf.catalog.by_category for i in items[np.argsort(-sf.popularity[items])[:cfg.route_items]]}
+        views, _ = _views_and_purchases(cfg)
+        by_user: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for user, item, ts in views:
+            by_user[user].append((ts, item))
+        jumps = hits = 0
+        for steps in by_user.values():
+            steps.sort()
+            for (t1, i1), (t2, i2) in zip(steps, steps[1:]):
+                if t2 - t1 < 600_000 and i2 != i1 and i2 not in sf.successors[i1]:
+                    jumps += 1
+                    hits += i2 in best
+        assert jumps > 500
+        return hits / jumps
+
+    base = synthetic.preset("small")
+    with_missions = share_to_best_sellers(base)
+    without = share_to_best_sellers(synthetic.preset("small", missions=1, mission_move_prob=0.0))
+    assert with_missions > 0.5 * base.mission_move_prob and with_missions > 1.5 * without, (with_missions, without)
+
+
+def test_consumables_are_bought_again_in_later_sessions() -> None:
+    """Repeat purchases: the same shopper buys the same item again at least an hour later."""
+    def repeats(cfg: synthetic.StorefrontConfig) -> int:
+        _, purchases = _views_and_purchases(cfg)
+        first: dict[tuple[int, int], int] = {}
+        count = 0
+        for user, item, ts in sorted(purchases, key=lambda r: r[2]):
+            if (user, item) in first and ts - first[(user, item)] > 3_600_000:
+                count += 1
+            first.setdefault((user, item), ts)
+        return count
+
+    with_repeats, without = repeats(synthetic.preset("small")), repeats(synthetic.preset("small", repeat_prob=0.0))
+    assert with_repeats > 100 and with_repeats > 3 * without, (with_repeats, without)
+
+
+def test_the_first_order_preset_switches_the_history_structure_off() -> None:
+    cfg = synthetic.preset("first_order")
+    assert cfg.missions == 1 and cfg.mission_move_prob == 0 and cfg.repeat_prob == 0 and cfg.session_focus == 0
+    with pytest.raises(ValueError, match="missions"):
+        synthetic.preset("tiny", missions=0)
+    with pytest.raises(ValueError, match="mission_concentration"):
+        synthetic.preset("tiny", mission_concentration=0.0)
