@@ -115,13 +115,17 @@ app.add_typer(events_app, name="events")
 
 
 def _load_events(preset: str | None, events: Path | None, movielens: Path | None, seed: int, drift_at_day: float | None,
-                 archive: Path | None = None, since: datetime | None = None, until: datetime | None = None):
-    """One of: a synthetic preset, a JSONL file of events, a MovieLens ratings file, the event archive (a date range)."""
+                 archive: Path | None = None, since: datetime | None = None, until: datetime | None = None,
+                 interactions_file: Path | None = None):
+    """One of: a synthetic preset, a JSONL file of events, a MovieLens ratings file, a plain interaction log (CSV),
+    the event archive (a date range)."""
+    from vitrine.export.data import interactions
     from vitrine.export.data import movielens as ml
     from vitrine.export.data import synthetic
     from vitrine.export.data.table import EventTable
 
-    chosen = [name for name, value in (("--preset", preset), ("--events", events), ("--movielens", movielens), ("--archive", archive)) if value]
+    chosen = [name for name, value in (("--preset", preset), ("--events", events), ("--movielens", movielens), ("--archive", archive),
+                                       ("--interactions", interactions_file)) if value]
     if len(chosen) > 1:
         raise typer.BadParameter(f"choose one data source, not {' and '.join(chosen)}")
     if archive is None and (since or until):
@@ -142,6 +146,8 @@ def _load_events(preset: str | None, events: Path | None, movielens: Path | None
             return EventTable.read_jsonl(events), {"source": f"events:{events.name}"}
         if movielens:
             return ml.load(movielens), {"source": f"movielens:{movielens.name}"}
+        if interactions_file:
+            return interactions.load(interactions_file), {"source": f"interactions:{interactions_file.name}"}
         name = preset or "default"
         config = synthetic.preset(name, seed=seed)
         if drift_at_day is not None:
@@ -154,6 +160,9 @@ def _load_events(preset: str | None, events: Path | None, movielens: Path | None
 PresetOption = Annotated[str | None, typer.Option(help="Synthetic storefront size: tiny, small, default, wide (~9k items), large, huge.")]
 EventsOption = Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="JSONL file of events.")]
 MovieLensOption = Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="MovieLens ratings.csv or u.data.")]
+InteractionsOption = Annotated[Path | None, typer.Option(
+    "--interactions", exists=True, dir_okay=False,
+    help="CSV interaction log with columns user_id,item_id,timestamp[,seq_pos,type] (e.g. the Amazon 5-core benchmark).")]
 SeedOption = Annotated[int, typer.Option(min=0, help="Seed of the synthetic data and of training.")]
 DriftOption = Annotated[float | None, typer.Option(min=0, help="Synthetic only: a new item line takes off from this day.")]
 ArchiveOption = Annotated[Path | None, typer.Option(exists=True, file_okay=False, help="Event archive folder (`vitrine archive run`'s root).")]
@@ -253,21 +262,24 @@ def train_command(
     preset: PresetOption = None,
     events: EventsOption = None,
     movielens: MovieLensOption = None,
+    interactions_file: InteractionsOption = None,
     archive: ArchiveOption = None,
     since: DateOption = None,
     until: DateOption = None,
     seed: SeedOption = 7,
     drift_at_day: DriftOption = None,
-    epochs: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+    # The defaults are TrainConfig's (tests/unit/test_cli.py checks it; importing torch here would slow every command).
+    epochs: Annotated[int, typer.Option(min=1, max=1000)] = 20,
     batch_size: Annotated[int, typer.Option(min=1, max=65536)] = 128,
-    learning_rate: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 2e-3,
-    dim: Annotated[int, typer.Option(min=4, max=1024)] = 64,
+    learning_rate: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 3e-3,
+    dim: Annotated[int | None, typer.Option(min=4, max=1024, help="Embedding size; default: per architecture (gru4rec 64, sasrec 128).")] = None,
     max_len: Annotated[int, typer.Option(min=2, max=512, help="History steps the model sees.")] = 20,
     validation_fraction: Annotated[float, typer.Option(min=0.01, max=0.5)] = 0.1,
     loss: Annotated[str, typer.Option(help="Training loss: full (softmax over the catalogue) or sampled (target vs. shared sampled negatives, logQ-corrected). Evaluation always ranks the full catalogue.")] = "full",
     negatives: Annotated[int, typer.Option(min=1, max=100_000, help="Sampled loss: negatives per batch.")] = 512,
     sampling_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Sampled loss: negatives drawn ∝ popularity ** alpha (0 = uniform).")] = 0.0,
     threads: Annotated[int, typer.Option(min=1, max=64, help="Torch threads; on a machine shared with other heavy work 1 can be several times faster than 2.")] = 2,
+    tied: Annotated[bool, typer.Option("--tied/--untied", help="Score items with their input embeddings (tied) or an output table of their own.")] = True,
     out: Annotated[Path, typer.Option(file_okay=False, help="Where run folders go.")] = Path("runs"),
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     registry: Annotated[bool | None, typer.Option(
@@ -286,7 +298,7 @@ def train_command(
     if unknown:
         raise typer.BadParameter(f"unknown model {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}", param_hint="--model")
     tracker = _training_registry(registry)
-    table, info = _load_events(preset, events, movielens, seed, drift_at_day, archive, since, until)
+    table, info = _load_events(preset, events, movielens, seed, drift_at_day, archive, since, until, interactions_file)
     try:
         dataset = sequences.build(table, max_len=max_len, validation_fraction=validation_fraction, seed=seed)
     except ValueError as exc:
@@ -298,7 +310,7 @@ def train_command(
     for architecture in model:
         config = TrainConfig(architecture=architecture, epochs=epochs, batch_size=batch_size,  # type: ignore[arg-type]
                              learning_rate=learning_rate, dim=dim, max_len=max_len, seed=seed,
-                             loss=loss, negatives=negatives, sampling_alpha=sampling_alpha, threads=threads)  # type: ignore[arg-type]
+                             loss=loss, negatives=negatives, sampling_alpha=sampling_alpha, threads=threads, tied=tied)  # type: ignore[arg-type]
         run_dir = train(config, dataset, info, out, progress=progress)
         record = json.loads((run_dir / "run.json").read_text())
         typer.echo(_metrics_table(record) + f"\n{architecture}: trained in {record['duration_s']:.0f}s → {run_dir}")

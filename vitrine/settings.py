@@ -474,10 +474,10 @@ class PipelineSettings(_Section):
                     "producer outage, and a model trained across it learns the outage.")
     max_future_skew_s: float = Field(300.0, ge=0, le=86_400, description="Events later than now + this are future timestamps: the run stops.")
     # --- training ---
-    epochs: int = Field(10, ge=1, le=1000)
+    epochs: int = Field(20, ge=1, le=1000)
     batch_size: int = Field(128, ge=1, le=65536)
-    learning_rate: float = Field(2e-3, gt=0, lt=1)
-    dim: int = Field(64, ge=4, le=1024)
+    learning_rate: float = Field(3e-3, gt=0, lt=1)
+    dim: int | None = Field(None, ge=4, le=1024, description="Embedding size; unset: per architecture (export/train.py DEFAULT_DIM).")
     max_len: int = Field(20, ge=2, le=512, description="History steps the model sees.")
     validation_fraction: float = Field(0.1, ge=0.01, le=0.5, description="The newest share of the window is the held-out slice.")
     seed: int = Field(7, ge=0)

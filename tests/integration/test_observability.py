@@ -158,9 +158,14 @@ async def traffic(stack: Stack) -> AsyncIterator[Traffic]:
             answers = {user: await client.recommend(user, k=10, page="home") for user in users}
             for n in range(50):
                 await client.recommend(f"{tag}-cold-{n}", k=5)
+            # Shoppers with more steps than gateway.transitions_max_history are ranked by a model: with Triton
+            # stopped their answers are degraded (shorter histories get the transitions answer, not degraded).
+            distinct = {u: len({e.item_id for e in normal if e.user_id == u}) for u in users}
+            model_ranked = [u for u in users if distinct[u] > stack.settings.gateway.transitions_max_history + 1][:20]
+            assert len(model_ranked) == 20
             await asyncio.to_thread(stack.supervisor.rpc_stop, "triton")
             try:
-                for user in users[:20]:
+                for user in model_ranked:
                     assert (await client.recommend(user, k=5)).degraded
             finally:
                 await stack.up(report=lambda line: None)

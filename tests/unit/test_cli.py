@@ -215,3 +215,18 @@ def test_pipeline_list_and_status_show_a_crashed_run_as_crashed(tmp_path) -> Non
     assert f"{done}  manual    rejected" in listed.output and f"{crashed}  drift     crashed" in listed.output
     status = runner.invoke(app, ["pipeline", "status", crashed], env=env)
     assert status.exit_code == 0 and "crashed" in status.output and "validate" in status.output
+
+
+def test_train_defaults_are_the_training_config_defaults() -> None:
+    """`vitrine train` repeats TrainConfig's defaults as literals (so that the CLI need not import torch)."""
+    import inspect
+
+    from vitrine.cli import train_command
+    from vitrine.export.train import TrainConfig
+    from vitrine.settings import PipelineSettings
+
+    params = inspect.signature(train_command).parameters
+    defaults = TrainConfig("gru4rec")
+    for name in ("epochs", "batch_size", "learning_rate", "max_len"):
+        assert params[name].default == getattr(defaults, name) == getattr(PipelineSettings(), name), name
+    assert params["dim"].default is None and PipelineSettings().dim is None

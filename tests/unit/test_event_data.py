@@ -187,3 +187,32 @@ def test_the_first_order_preset_switches_the_history_structure_off() -> None:
         synthetic.preset("tiny", missions=0)
     with pytest.raises(ValueError, match="mission_concentration"):
         synthetic.preset("tiny", mission_concentration=0.0)
+
+
+def test_an_interaction_log_keeps_the_published_order_of_one_day(tmp_path: Path) -> None:
+    from vitrine.export.data import interactions
+
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp,seq_pos\n7,30,86400,1\n7,20,86400,0\n8,30,172800,0\n7,40,172800,2\n")
+    table = interactions.load(log)
+    seven = [i for u, i in zip(table.user_id, table.item_id, strict=True) if u == "u7"]
+    assert seven == ["i20", "i30", "i40"]  # same day: seq_pos decides
+    assert table.ts_ms.tolist() == [86_400_000, 86_400_001, 172_800_000, 172_800_002]
+    assert set(table.type.tolist()) == {3}  # a review stands for a purchase
+    assert len(set(table.event_id.tolist())) == 4
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("user,item,time\n1,2,3\n", "header lacks user_id, item_id, timestamp"),
+    ("user_id,item_id,timestamp\n1,2,notanumber\n", ":2: expected"),
+    ("user_id,item_id,timestamp\n1,2,-5\n", "out-of-range"),
+    ("user_id,item_id,timestamp,type\n1,2,5,bought\n", ":2: expected"),
+    ("user_id,item_id,timestamp\n", "no interactions"),
+])
+def test_a_bad_interaction_log_is_refused_with_its_line(tmp_path: Path, text: str, message: str) -> None:
+    from vitrine.export.data import interactions
+
+    log = tmp_path / "log.csv"
+    log.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        interactions.load(log)
