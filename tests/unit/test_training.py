@@ -51,13 +51,14 @@ def tuned_runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("architecture", models.ARCHITECTURES)
 def test_trained_with_the_defaults_both_models_beat_the_strongest_baseline(tuned_runs, architecture: str) -> None:
     """Recall@10 ≥ 1.025 × the strongest counter's (~2.5 standard errors of the paired difference on these
-    ~2,000 validation targets; seeded and deterministic, so no flake), and Recall@20 not below it."""
+    ~2,000 validation targets; seeded and deterministic, so no flake; measured +4.8 % and +4.3 %), and NDCG@10 not
+    more than 2 % below it (the gain must not come from ranking the right item lower)."""
     record = json.loads((tuned_runs[architecture] / "run.json").read_text())
     strongest = record["baselines"]["strongest"]
     ours, best = record["metrics"]["model"], record["metrics"][strongest]
     assert strongest != "popularity"
     assert ours["recall@10"] >= 1.025 * best["recall@10"], (strongest, ours, best)
-    assert ours["recall@20"] >= best["recall@20"], (strongest, ours, best)
+    assert ours["ndcg@10"] >= 0.98 * best["ndcg@10"], (strongest, ours, best)
 
 
 def test_the_run_record_holds_what_reproduces_the_run(runs) -> None:
