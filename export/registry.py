@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,6 +293,27 @@ class Registry:
             raise
         self.client.set_terminated(run_id, status="FINISHED")
         return LoggedRun(run_id, experiment_id, created=True)
+
+    def publisher(self, run_id: str) -> Callable[[str, int, dict[str, bytes]], str]:
+        """`export_run`'s `publish`: uploads a version's files to the run and returns its metadata's URI."""
+        import tempfile
+
+        from vitrine.contracts import ranker
+
+        def publish(model: str, version: int, files: dict[str, bytes]) -> str:
+            with tempfile.TemporaryDirectory(prefix="vitrine-export-") as folder:
+                paths = []
+                for file_name, content in files.items():
+                    (Path(folder) / file_name).write_bytes(content)
+                    paths.append(Path(folder) / file_name)
+                self.log_export(run_id, model, version, paths)
+            return metadata_uri(run_id, model, version, ranker.METADATA_FILE)
+
+        return publish
+
+    def tag_run(self, run_id: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, value)
 
     def log_export(self, run_id: str, model: str, triton_version: int, files: Iterable[Path]) -> str:
         """Upload an exported version's files (model.onnx, metadata.json) to the run; returns the folder's URI."""

@@ -426,7 +426,7 @@ def export_command(
             logged = tracker.log_training_run(run_dir, source="vitrine export") if tracker is not None else None
         except (FileNotFoundError, RegistryError) as exc:
             raise _fail(exc) from exc
-        publish = _publisher(tracker, logged.run_id) if tracker is not None and logged is not None else None
+        publish = tracker.publisher(logged.run_id) if tracker is not None and logged is not None else None
         try:
             result = export_run(run_dir, settings.triton.model_repository, name=name, max_k=max_k, keep_versions=keep,
                                 publish=publish)
@@ -455,25 +455,6 @@ def export_command(
     if rejected:
         typer.secho(f"not exported (rejected by the gate): {', '.join(rejected)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
-
-
-def _publisher(tracker, run_id: str):  # noqa: ANN001, ANN202
-    """Uploads a version's files to the run's artifacts and returns its metadata URI (export_run's `publish`)."""
-    import tempfile
-
-    from vitrine.contracts import ranker
-    from vitrine.export.registry import metadata_uri
-
-    def publish(model: str, version: int, files: dict[str, bytes]) -> str:
-        with tempfile.TemporaryDirectory(prefix="vitrine-export-") as folder:
-            paths = []
-            for file_name, content in files.items():
-                (Path(folder) / file_name).write_bytes(content)
-                paths.append(Path(folder) / file_name)
-            tracker.log_export(run_id, model, version, paths)
-        return metadata_uri(run_id, model, version, ranker.METADATA_FILE)
-
-    return publish
 
 
 gateway_app = typer.Typer(help="The gRPC gateway storefronts call.", no_args_is_help=True)

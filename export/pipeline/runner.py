@@ -26,6 +26,7 @@ from vitrine.export.pipeline.champion import Champion, find_champion
 from vitrine.export.pipeline.lock import PipelineLock
 from vitrine.export.pipeline.record import FINAL, STEPS, FileRunRecorder, RunRecorder, new_run_id
 from vitrine.export.pipeline.slices import category_function
+from vitrine.export.registry import CHALLENGER
 from vitrine.export.pipeline.validate import Window, format_checks, validate
 from vitrine.settings import Settings
 
@@ -38,6 +39,10 @@ class RunEnded(Exception):
     def __init__(self, status: str, reason: str) -> None:
         super().__init__(reason)
         self.status, self.reason = status, reason
+
+
+REGISTRY_TAG_RUN, REGISTRY_TAG_TRIGGER = "vitrine.pipeline.run_id", "vitrine.pipeline.trigger"
+"""Tags on the registry's training run: which pipeline run (and trigger) produced it."""
 
 
 class PipelineError(RuntimeError):
@@ -207,17 +212,45 @@ class Pipeline:
     def _export(self, record: dict) -> dict:
         exported = dict(record["steps"]["export"].get("models", {}))  # a resumed export keeps what it already wrote
         p = self.settings.pipeline
-        for model, decision in record["steps"]["gate"]["models"].items():
-            if not decision["accepted"] or exported.get(model, {}).get("loaded"):
+        accepted = [m for m, decision in record["steps"]["gate"]["models"].items() if decision["accepted"]]
+        registry = self._registry() if any(not exported.get(m, {}).get("registered") for m in accepted) else None
+        for model in accepted:
+            if exported.get(model, {}).get("registered"):
                 continue
+            run_dir = Path(record["steps"]["train"]["runs"][model])
             if model not in exported:
-                exported[model] = publish.write_version(Path(record["steps"]["train"]["runs"][model]), Path(record["params"]["repository"]),
-                                                        record["params"]["model_names"][model], p.max_k, p.keep_versions)
+                # Lineage first: the training run (params, data fingerprint, metrics, artefacts) is in the registry
+                # before a version exists, and the version's files go there too (the gateway reads its metadata there).
+                logged = registry.log_training_run(run_dir, source=f"vitrine pipeline {record['run_id']}")
+                registry.tag_run(logged.run_id, {REGISTRY_TAG_RUN: record["run_id"], REGISTRY_TAG_TRIGGER: record["trigger"]})
+                exported[model] = {**publish.write_version(run_dir, Path(record["params"]["repository"]),
+                                                           record["params"]["model_names"][model], p.max_k, p.keep_versions,
+                                                           publish=registry.publisher(logged.run_id)),
+                                   "registry_run_id": logged.run_id}
                 self.recorder.step(record["run_id"], "export", "running", models=exported)
-            exported[model] = publish.load_version(exported[model], self.settings.triton.grpc_url)
+            if not exported[model].get("loaded"):
+                exported[model] = publish.load_version(exported[model], self.settings.triton.grpc_url)
+                self.recorder.step(record["run_id"], "export", "running", models=exported)
+            name, version = exported[model]["model"], exported[model]["version"]
+            registered = registry.register_version(name, exported[model]["registry_run_id"], version,
+                                                   description=f"pipeline run {record['run_id']} (trigger {record['trigger']})")
+            registry.set_alias(name, CHALLENGER, registered.version)
+            exported[model] = {**exported[model], "registered": {"name": name, "version": registered.version, "alias": CHALLENGER}}
             self.recorder.step(record["run_id"], "export", "running", models=exported)
-            self.report(f"{exported[model]['model']} v{exported[model]['version']}: exported, loaded and parity-checked in Triton")
+            self.report(f"{name} v{version}: exported, loaded and parity-checked in Triton; registered as version "
+                        f"{registered.version} (alias {CHALLENGER})")
         return {"models": exported}
+
+    def _registry(self):  # noqa: ANN202 - export.registry.Registry (mlflow is imported only when a run exports)
+        """The model registry every challenger is registered in: without it nothing is exported (the step fails and
+        `vitrine pipeline resume` continues once it answers) — a served version without lineage is what this prevents."""
+        from vitrine.export.registry import Registry, reachable
+
+        cfg = self.settings.registry
+        reason = reachable(cfg.tracking_url, cfg.probe_timeout_s)
+        if reason is not None:
+            raise PipelineError(f"the model registry at {cfg.tracking_url} does not answer ({reason}); nothing was exported")
+        return Registry(cfg.tracking_url, cfg.experiment, cfg.timeout_s)
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
     def _mark_interrupted(self) -> None:

@@ -139,6 +139,25 @@ async def test_a_run_that_passes_the_gate_exports_and_loads_a_version_in_triton(
     assert record["steps"]["evaluate"]["models"]["gru4rec"]["champion_version"] is None
 
 
+def test_the_challenger_is_registered_with_its_lineage(stack: Stack, passed_run) -> None:  # noqa: ANN001
+    """The exported version is a registered model version with alias challenger, linked to its Triton version and to a
+    training run that names the pipeline run, its trigger and the data fingerprint."""
+    from vitrine.export import registry as names
+    from vitrine.export.registry import Registry
+
+    settings, done, name = passed_run
+    record = json.loads(done.stdout)
+    exported = record["steps"]["export"]["models"]["gru4rec"]
+    assert exported["registered"] == {"name": name, "version": exported["registered"]["version"], "alias": "challenger"}
+    client = Registry(stack.settings.registry.tracking_url, stack.settings.registry.experiment).client
+    version = client.get_model_version_by_alias(name, "challenger")
+    assert version.version == exported["registered"]["version"] and version.run_id == exported["registry_run_id"]
+    assert version.tags[names.VERSION_TAG_TRITON_VERSION] == str(exported["version"])
+    run = client.get_run(version.run_id)
+    assert run.data.tags["vitrine.pipeline.run_id"] == record["run_id"] and run.data.tags["vitrine.pipeline.trigger"] == "manual"
+    assert run.data.tags[names.TAG_DATA_FINGERPRINT] == record["steps"]["validate"]["data"]["fingerprint"]
+
+
 def test_reproduce_gives_the_same_metrics_and_refuses_a_changed_archive(passed_run) -> None:  # noqa: ANN001
     settings, done, _ = passed_run
     run_id = json.loads(done.stdout)["run_id"]
