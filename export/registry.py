@@ -232,6 +232,9 @@ class Registry:
         # retries with back-off) would hold a command for minutes when the server is away.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(max_retries))
+        # MLflow writes "🏃 View run … at: …" to stdout when a run ends, which would corrupt `--json` output
+        # (the pipeline's, for one); Vitrine prints its own links.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow import MlflowClient
 
         self.tracking_url = tracking_url.rstrip("/")
