@@ -6,6 +6,7 @@ Exit status of run/resume: 0 a challenger was exported and loaded, 1 failed, 2 u
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import date, datetime
 from typing import Annotated
 
@@ -55,6 +56,20 @@ def _busy(exc: Exception) -> typer.Exit:
     return typer.Exit(BUSY_EXIT)
 
 
+def _on_a_run(action: Callable[[], dict]) -> dict:
+    """resume/abandon/reproduce of one recorded run: busy → exit 5, an unknown or unfit run → error, exit 1."""
+    from vitrine.export.pipeline.lock import PipelineBusy
+    from vitrine.export.pipeline.runner import PipelineError
+
+    try:
+        return action()
+    except PipelineBusy as exc:
+        raise _busy(exc) from exc
+    except (KeyError, PipelineError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from exc
+
+
 @app.command("run")
 def run(
     trigger: Annotated[str, typer.Option(help="Why this run starts: manual, schedule or drift (recorded).")] = "manual",
@@ -82,32 +97,14 @@ def run(
 @app.command("resume")
 def resume(run_id: RunIdArgument, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Continue a crashed or failed run from its first unfinished step, with its recorded artefacts."""
-    from vitrine.export.pipeline.lock import PipelineBusy
-    from vitrine.export.pipeline.runner import PipelineError
-
-    try:
-        record = _pipeline(not as_json).resume(run_id)
-    except PipelineBusy as exc:
-        raise _busy(exc) from exc
-    except (KeyError, PipelineError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
+    record = _on_a_run(lambda: _pipeline(not as_json).resume(run_id))
     _end(record, as_json)
 
 
 @app.command("abandon")
 def abandon(run_id: RunIdArgument) -> None:
     """Mark a crashed run (still `running`, its process gone) failed."""
-    from vitrine.export.pipeline.lock import PipelineBusy
-    from vitrine.export.pipeline.runner import PipelineError
-
-    try:
-        record = _pipeline(False).abandon(run_id)
-    except PipelineBusy as exc:
-        raise _busy(exc) from exc
-    except (KeyError, PipelineError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
+    record = _on_a_run(lambda: _pipeline(False).abandon(run_id))
     typer.echo(f"run {run_id}: {record['status']} ({record['reason']})")
 
 
@@ -169,16 +166,7 @@ def status(
 @app.command("reproduce")
 def reproduce(run_id: RunIdArgument, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Retrain a run from its recorded archive partitions (same fingerprint) and parameters; compare metrics."""
-    from vitrine.export.pipeline.lock import PipelineBusy
-    from vitrine.export.pipeline.runner import PipelineError
-
-    try:
-        result = _pipeline(False).reproduce(run_id)
-    except PipelineBusy as exc:
-        raise _busy(exc) from exc
-    except (KeyError, PipelineError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from exc
+    result = _on_a_run(lambda: _pipeline(False).reproduce(run_id))
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     else:
