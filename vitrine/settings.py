@@ -220,6 +220,11 @@ class ArchiveSettings(_Section):
         description="An hour counts as closed (eligible for compaction) this long after it ended; later, late events "
                     "still land there in new files, merged by a later pass.")
     compaction_interval_s: float = Field(60.0, gt=0, le=86_400, description="How often closed hours are looked at for compaction.")
+    compaction_retention_s: float = Field(
+        300.0, ge=0, le=7 * 86_400,
+        description="The files a compaction merged stay this long before they are deleted, so that a reader which listed "
+                    "them before the merge (a long query, a training read) finishes; Vitrine's readers skip them from the "
+                    "merge on (the shadow rule), an engine reading every file counts their rows twice until then.")
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet column compression.")
     max_batch: int = Field(2000, ge=1, le=100_000, description="Most records read from Kafka in one poll.")
     poll_timeout_ms: int = Field(100, ge=1, le=10_000)

@@ -14,7 +14,8 @@ service), except that results and offsets live together in the archive's folder 
    never committed) and seeks to the stored next offset — the beginning when the archive has none;
    Kafka's committed offsets are only a hint for lag tooling;
 4. every `compaction_interval_s`, closed hours whose files of an owned partition number at least
-   `compaction_min_files` are merged into one.
+   `compaction_min_files` are merged into one; the merged files are deleted `compaction_retention_s`
+   later, so that readers which listed them before the merge can finish.
 
 File work runs in a worker thread (`asyncio.to_thread`) under the member's batch lock, so a rebalance
 waits for it. A SIGKILL anywhere loses nothing and duplicates nothing: what is not committed is read again.
@@ -160,7 +161,7 @@ class ArchiveConsumer(StoredOffsetsMember):
     def _recover(self, assigned: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
         found = {}
         for tp in assigned:
-            recovery = self.store.recover(tp.topic, tp.partition)
+            recovery = self.store.recover(tp.topic, tp.partition, self.cfg.compaction_retention_s)
             for action in ("rolled_forward", "temp_removed", "shadowed_removed"):
                 if count := getattr(recovery, action):
                     self.metrics.recovered.labels(action).inc(count)
@@ -301,13 +302,18 @@ class ArchiveConsumer(StoredOffsetsMember):
                     if group is None:
                         continue
                     started = time.perf_counter()
-                    done = await self._with_redis_retry(lambda g=group: asyncio.to_thread(self.store.compact, g))
+                    done = await self._with_redis_retry(
+                        lambda g=group: asyncio.to_thread(self.store.compact, g, self.cfg.compaction_retention_s))
                 self.metrics.compactions.labels(table).inc()
                 self.metrics.files_compacted.labels(table).inc(done.merged)
                 self.metrics.files_written.labels(table, COMPACTION).inc()
                 self.metrics.bytes_written.labels(table, COMPACTION).inc(done.bytes)
                 self.metrics.compaction_duration.observe(time.perf_counter() - started)
                 log.info("compacted %d files of %s partition %d into one (%d rows)", done.merged, done.folder, done.partition, done.rows)
+            if self.cfg.compaction_retention_s > 0:
+                async with self.batch_lock:
+                    if tp in self.consumer.assignment():
+                        await asyncio.to_thread(self.store.remove_shadowed, tp.topic, tp.partition, self.cfg.compaction_retention_s)
 
 
 def main(settings: Settings) -> None:

@@ -46,7 +46,7 @@ class ArchiveMetrics:
         self.bytes_written = counter(BYTES_WRITTEN, "Bytes of Parquet written, by step (flush or compaction).", ("table", "step"))
         self.rejected = counter(REJECTED, "Records that fail their contract, sent to the DLQ instead of the archive.", ("reason",))
         self.compactions = counter(COMPACTIONS, "Hour folders' files of one partition merged into one.", ("table",))
-        self.files_compacted = counter(FILES_COMPACTED, "Small files removed by compaction (merged into a larger one).", ("table",))
+        self.files_compacted = counter(FILES_COMPACTED, "Small files merged by compaction into a larger one (deleted after the retention).", ("table",))
         self.recovered = counter(
             RECOVERED, "Files put right on partition assignment after a crash, by action (rolled_forward, temp_removed, shadowed_removed).",
             ("action",))

@@ -37,6 +37,7 @@ import enum
 import json
 import os
 import re
+import time
 import types
 import typing
 from collections import defaultdict
@@ -362,8 +363,9 @@ class ArchiveStore:
         return found
 
     # --- recovery --------------------------------------------------------------------------------------------
-    def recover(self, topic: str, partition: int) -> Recovery:
-        """Make one partition's files agree with its state (after a crash anywhere in a flush or a compaction)."""
+    def recover(self, topic: str, partition: int, retention_s: float = 0.0) -> Recovery:
+        """Make one partition's files agree with its state (after a crash anywhere in a flush or a compaction);
+        merged parts go once their `retention_s` has passed, as in a compaction pass."""
         state = self.read_state(topic, partition)
         result = Recovery(next_offset=None)
         flush_files = set(state.flush_files) if state else set()
@@ -388,7 +390,7 @@ class ArchiveStore:
         state_temp = self._state_temp(topic, partition)
         if state_temp.exists():
             state_temp.unlink()
-        result.shadowed_removed = self.remove_shadowed(topic, partition)
+        result.shadowed_removed = self.remove_shadowed(topic, partition, retention_s)
         result.next_offset = self.next_offset(topic, partition)
         if state is not None:
             beyond = [p for p in self.parts(topic, partition) if p.last >= state.next_offset]
@@ -396,17 +398,28 @@ class ArchiveStore:
                 raise ArchiveCorrupt(f"{beyond[0].relpath} covers offsets at or after the stored next offset {state.next_offset}")
         return result
 
-    def remove_shadowed(self, topic: str, partition: int) -> int:
+    def remove_shadowed(self, topic: str, partition: int, retention_s: float = 0.0, now_s: float | None = None) -> int:
+        """Delete the files of `partition` that a compacted file covers, once that file has existed `retention_s`
+        (its mtime is when the shadow began). Until then a reader that listed the old parts before the merge can
+        still read them; Vitrine's readers never list them after it (the shadow rule)."""
+        now_s = time.time() if now_s is None else now_s
         parts = self.parts(topic, partition)
-        keep = set(visible(parts))
-        removed = 0
+        keep = visible(parts)
+        removed = []
         for part in parts:
-            if part not in keep:
+            if part in keep:
+                continue
+            cover = next(k for k in keep if k.covers(part))
+            try:
+                shadowed_since = (self.root / cover.relpath).stat().st_mtime
+            except FileNotFoundError:  # merged again meanwhile; the next pass looks again
+                continue
+            if now_s - shadowed_since >= retention_s:
                 (self.root / part.relpath).unlink(missing_ok=True)
-                removed += 1
-        for folder in {p.folder for p in parts if p not in keep}:
+                removed.append(part)
+        for folder in {p.folder for p in removed}:
             fsync_dir(self.root / folder)
-        return removed
+        return len(removed)
 
     # --- writing ---------------------------------------------------------------------------------------------
     def flush(self, topic: str, partition: int, first: int, last: int, rows: Sequence[Row], expected_next: int | None) -> Staged:
@@ -491,13 +504,16 @@ class ArchiveStore:
         return [group for group in by_folder.values()
                 if len(group) >= min_files and hour_end_ms(group[0].date, group[0].hour) + grace_ms <= now_ms]
 
-    def compact(self, group: Sequence[Part]) -> Compaction:
-        """Merge the files of one partition in one hour folder: write and rename in the union, then delete the parts.
+    def compact(self, group: Sequence[Part], retention_s: float = 0.0) -> Compaction:
+        """Merge the files of one partition in one hour folder: write and rename in the union, then delete the
+        parts: at once with no `retention_s`, else later by `remove_shadowed` (readers that listed them before the
+        rename finish reading them meanwhile, as Delta Lake's VACUUM retention keeps old files for old snapshots).
 
         The group must be every visible file of that partition in that folder (`compaction_candidates`), so the
         union's range holds exactly the rows of the offsets it names in this hour."""
         merged = self.merge(group)
-        self.drop(group, merged)
+        if retention_s <= 0:
+            self.drop(group, merged)
         return Compaction(merged.topic, merged.partition, merged.folder, len(group),
                           pq.ParquetFile(self.root / merged.relpath).metadata.num_rows, (self.root / merged.relpath).stat().st_size)
 
@@ -534,6 +550,9 @@ class ArchiveStore:
 READ_ATTEMPTS: Final = 20
 """Tries of a read whose files a compaction deleted meanwhile, each after listing the files again (a compaction
 merges one hour folder of one partition at a time, so a reader that loses this race many times over is rare)."""
+RETRY_PAUSE_S: Final = 0.01
+MAX_RETRY_PAUSE_S: Final = 1.0
+"""Pauses between those tries, doubling: a consumer working off a backlog compacts folder after folder."""
 VANISHED: Final = ("No files found", "No such file")
 """DuckDB's words for a listed file that is gone."""
 
@@ -596,6 +615,7 @@ class ArchiveReader:
             except duckdb.IOException as exc:
                 if attempt + 1 == READ_ATTEMPTS or not any(m in str(exc) for m in VANISHED):
                     raise
+                time.sleep(min(RETRY_PAUSE_S * 2**attempt, MAX_RETRY_PAUSE_S))  # let a sweep of compactions pass
         raise AssertionError("unreachable")
 
     def query(self, sql: str, parameters: Sequence[object] = ()) -> QueryResult:

@@ -218,6 +218,21 @@ def test_a_committed_flush_that_was_compacted_since_is_not_called_corrupt(tmp_pa
     assert store.recover(TOPIC, 0).next_offset == 30
 
 
+def test_merged_files_stay_for_the_retention_so_a_reader_that_listed_them_can_still_read_them(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    _many_small_files(store, 4)
+    listed_before = store.files(TOPIC)  # a reader's list, taken before the compaction
+    [group] = store.compaction_candidates(TOPIC, 0, now_ms=T0 + HOUR, grace_ms=0, min_files=2)
+    store.compact(group, retention_s=300)
+    assert all(f.exists() for f in listed_before)
+    assert sorted(_read_ids(store)) == sorted(f"e0-{o}" for o in range(40))  # a new reader sees the union only
+    merged_at = (tmp_path / store.files(TOPIC)[0].relative_to(tmp_path)).stat().st_mtime
+    assert store.remove_shadowed(TOPIC, 0, retention_s=300, now_s=merged_at + 299) == 0
+    assert store.recover(TOPIC, 0, retention_s=300).shadowed_removed == 0  # a rebalance does not cut the retention short
+    assert store.remove_shadowed(TOPIC, 0, retention_s=300, now_s=merged_at + 300) == 4
+    assert not any(f.exists() for f in listed_before) and _raw_count(tmp_path) == 40
+
+
 # --- reading -------------------------------------------------------------------------------------------------
 
 def test_an_empty_archive_has_empty_tables(tmp_path: Path) -> None:
