@@ -61,7 +61,25 @@ class StoredOffsetsMember:
     consumer: AIOKafkaConsumer
     producer: AIOKafkaProducer
 
-    def _init_member(self) -> None:
+    def _init_member(self, bootstrap_servers: str, **consumer_options: Any) -> None:
+        """The member's Kafka clients and bookkeeping, made the same way in every service: a consumer that never
+        auto-commits (offsets are stored with the effect) and starts at the earliest record of a new group, and
+        an idempotent producer for the dead-letter topic. `consumer_options` add to the consumer's (e.g. an
+        assignor)."""
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            group_id=self.cfg.group_id,
+            client_id=f"{self.cfg.group_id}-consumer",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.cfg.max_batch,
+            fetch_max_wait_ms=self.cfg.poll_timeout_ms,
+            **consumer_options,
+        )
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers, acks="all", enable_idempotence=True,
+            client_id=f"{self.cfg.group_id}-dlq", request_timeout_ms=self.cfg.dlq_send_timeout_ms,
+        )
         self.batch_lock = asyncio.Lock()
         self.processed: dict[TopicPartition, int] = {}
         """Next offset per owned partition as stored in Redis by (or sought to from) this member."""

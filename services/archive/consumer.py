@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
@@ -85,20 +85,7 @@ class ArchiveConsumer(StoredOffsetsMember):
         self.fatal: BaseException | None = None
         """Set when recovery finds files that contradict the protocol; the loop then stops (aiokafka swallows
         exceptions raised in rebalance callbacks, and consuming on would read from Kafka's offsets instead)."""
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
-            group_id=cfg.group_id,
-            client_id=f"{cfg.group_id}-consumer",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=cfg.max_batch,
-            fetch_max_wait_ms=cfg.poll_timeout_ms,
-        )
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", enable_idempotence=True,
-            client_id=f"{cfg.group_id}-dlq", request_timeout_ms=cfg.dlq_send_timeout_ms,
-        )
-        self._init_member()
+        self._init_member(settings.kafka.bootstrap_servers)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:

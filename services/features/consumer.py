@@ -28,7 +28,7 @@ import logging
 import time
 
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from vitrine.contracts.events import Event, EventRejected, parse_event
@@ -49,20 +49,7 @@ class FeatureConsumer(StoredOffsetsMember):
         self.metrics = FeatureMetrics(self.registry)
         self.redis = aioredis.Redis(host=settings.redis.host, port=settings.redis.port, socket_timeout=5, socket_connect_timeout=5)
         self.store = FeatureStore(self.redis, self.cfg)
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
-            group_id=self.cfg.group_id,
-            client_id=f"{self.cfg.group_id}-consumer",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=self.cfg.max_batch,
-            fetch_max_wait_ms=self.cfg.poll_timeout_ms,
-        )
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", enable_idempotence=True,
-            client_id=f"{self.cfg.group_id}-dlq", request_timeout_ms=self.cfg.dlq_send_timeout_ms,
-        )
-        self._init_member()
+        self._init_member(settings.kafka.bootstrap_servers)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:

@@ -28,7 +28,7 @@ import time
 from collections import defaultdict
 
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from prometheus_client import CollectorRegistry
 
@@ -56,22 +56,8 @@ class OutcomeConsumer(StoredOffsetsMember):
         self.store = OutcomeStore(self.redis, cfg)
         self.windows = Windows(cfg.click_window_s * 1000, cfg.add_to_cart_window_s * 1000, cfg.purchase_window_s * 1000,
                                cfg.max_lateness_s * 1000)
-        self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.kafka.bootstrap_servers,
-            group_id=cfg.group_id,
-            client_id=f"{cfg.group_id}-consumer",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=cfg.max_batch,
-            fetch_max_wait_ms=cfg.poll_timeout_ms,
-            # Partition p of both topics to the same member: a user's exposures and events meet in one place.
-            partition_assignment_strategy=(RangePartitionAssignor,),
-        )
-        self.producer = AIOKafkaProducer(
-            bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", enable_idempotence=True,
-            client_id=f"{cfg.group_id}-dlq", request_timeout_ms=cfg.dlq_send_timeout_ms,
-        )
-        self._init_member()
+        # Partition p of both topics to the same member: a user's exposures and events meet in one place.
+        self._init_member(settings.kafka.bootstrap_servers, partition_assignment_strategy=(RangePartitionAssignor,))
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
