@@ -142,6 +142,8 @@ class _Catalog:
         self.popularity = popularity
         n_categories = cfg.n_categories + (1 if cfg.drift_at_ms is not None else 0)
         self.by_category: list[np.ndarray] = [np.flatnonzero(categories == c) for c in range(n_categories)]
+        self.by_popularity: list[np.ndarray] = [items[np.argsort(-popularity[items], kind="stable")] for items in self.by_category]
+        """Each category's items, most popular first (ties in id order): `top_of` draws from their heads."""
         self.cum_popularity: list[list[float]] = [
             list(itertools.accumulate(popularity[items])) for items in self.by_category
         ]
@@ -168,11 +170,10 @@ class _Catalog:
 
     def top_of(self, category: int, n: int, rnd: random.Random) -> int:
         """One of the `n` most popular items of `category`, uniformly: a mission's target there."""
-        items = self.by_category[category]
-        if not len(items):
+        ranked = self.by_popularity[category]
+        if not len(ranked):
             return rnd.randrange(self.n_items)
-        top = items[np.argsort(-self.popularity[items], kind="stable")[:n]]
-        return int(top[rnd.randrange(len(top))])
+        return int(ranked[rnd.randrange(min(n, len(ranked)))])
 
 
 @dataclass(frozen=True)
