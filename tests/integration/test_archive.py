@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tests.integration.invariants import assert_exactly_once, eventually
+from tests.integration.kafka_reads import kafka_committed, polled
 from vitrine.contracts.events import Event, EventType
 from vitrine.contracts.exposures import Exposure
 from vitrine.export.data.archive import load
@@ -221,13 +222,7 @@ async def test_a_consumer_killed_mid_stream_and_restarted_archives_every_record_
 
 
 async def _kafka_committed(lane: ArchiveLane) -> int:
-    reader = AIOKafkaConsumer(bootstrap_servers=lane.settings.kafka.bootstrap_servers, group_id=lane.settings.archive.group_id,
-                              enable_auto_commit=False)
-    await reader.start()
-    try:
-        return sum([await reader.committed(TopicPartition(lane.events_topic, p)) or 0 for p in range(PARTITIONS)])
-    finally:
-        await reader.stop()
+    return await kafka_committed(lane.settings.kafka.bootstrap_servers, lane.settings.archive.group_id, lane.events_topic, PARTITIONS)
 
 
 async def test_compaction_under_a_running_consumer_keeps_every_record_once(lane: ArchiveLane) -> None:
@@ -305,7 +300,7 @@ async def test_bad_records_go_to_the_dlq_with_reasons_and_only_valid_rows_are_ar
         dead: dict[bytes, str] = {}
         deadline = time.monotonic() + 30
         while len(dead) < len(bad) + 1 and time.monotonic() < deadline:
-            for message in (m for ms in (await dlq.getmany(timeout_ms=500)).values() for m in ms):
+            for message in await polled(dlq, 500):
                 headers = dict(message.headers)
                 assert headers["detail"] and headers["source"].decode().split(":")[0] in (lane.events_topic, lane.settings.archive.exposures_topic)
                 dead[message.value] = headers["reason"].decode()

@@ -29,6 +29,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from tests.integration import feature_reference
 from tests.integration.invariants import assert_exactly_once, eventually
+from tests.integration.kafka_reads import kafka_committed, polled
 from vitrine.contracts import topics
 from vitrine.contracts.events import Event, EventType
 from vitrine.services.events.publisher import publish
@@ -236,7 +237,7 @@ async def test_bad_events_go_to_the_dlq_with_reasons_and_the_good_ones_around_th
         dead: dict[bytes, str] = {}
         deadline = time.monotonic() + 30
         while len(dead) < len(bad) and time.monotonic() < deadline:
-            for message in (m for ms in (await dlq.getmany(timeout_ms=500)).values() for m in ms):
+            for message in await polled(dlq, 500):
                 headers = dict(message.headers)
                 if headers["source"].decode().startswith(lane.topic + ":"):
                     dead[message.value] = headers["reason"].decode()
@@ -276,14 +277,7 @@ async def _assert_applied_exactly_once(lane: Lane, events: list[Event]) -> None:
 
 
 async def _kafka_committed(lane: Lane) -> int:
-    """The group's committed offsets in Kafka, summed over the partitions (0 where none)."""
-    reader = AIOKafkaConsumer(bootstrap_servers=lane.settings.kafka.bootstrap_servers, group_id=lane.settings.features.group_id,
-                              enable_auto_commit=False)
-    await reader.start()
-    try:
-        return sum([await reader.committed(TopicPartition(lane.topic, p)) or 0 for p in range(PARTITIONS)])
-    finally:
-        await reader.stop()
+    return await kafka_committed(lane.settings.kafka.bootstrap_servers, lane.settings.features.group_id, lane.topic, PARTITIONS)
 
 
 async def test_a_consumer_killed_mid_stream_and_restarted_ends_equal_to_the_reference(lane: Lane) -> None:
@@ -414,7 +408,7 @@ async def _read_all(bootstrap: str, topic: str, expected: int, timeout_s: float 
     messages: list = []
     try:
         async def arrived() -> bool | None:
-            messages.extend(m for ms in (await reader.getmany(timeout_ms=200)).values() for m in ms)
+            messages.extend(await polled(reader, 200))
             return True if len(messages) >= expected else None
 
         await eventually(arrived, timeout_s, f"{expected} records on {topic}", interval_s=0)

@@ -23,6 +23,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from tests.integration import outcome_reference
 from tests.integration.invariants import eventually
+from tests.integration.kafka_reads import polled
 from vitrine.contracts.events import Event, EventType
 from vitrine.contracts.exposures import Exposure
 from vitrine.services.outcomes.store import OutcomeStore
@@ -276,7 +277,7 @@ async def test_bad_records_go_to_the_dlq_with_reasons_and_the_good_ones_around_t
         dead: dict[tuple[str, bytes], str] = {}
 
         async def all_dead() -> bool | None:
-            for message in (m for ms in (await dlq.getmany(timeout_ms=200)).values() for m in ms):
+            for message in await polled(dlq, 200):
                 headers = dict(message.headers)
                 assert headers["detail"]
                 dead[(headers["source"].decode().rsplit(":", 2)[0], message.value)] = headers["reason"].decode()
