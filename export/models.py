@@ -161,8 +161,10 @@ NO_STEP = ranker.NO_STEP
 def step_similarities(table: torch.Tensor, item_ids: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
     """[B, k, L] cosine similarity of each recommended item's vector with each history step's item vector, both
     from `table` (the output table: the space items are scored in); padding and unknown steps get NEG."""
-    unit = table / table.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    similarity = unit[top_ids] @ unit[item_ids].transpose(1, 2)
+    def unit(rows: torch.Tensor) -> torch.Tensor:  # only the gathered rows: B·(k + L) vectors, not the catalogue
+        return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    similarity = unit(table[top_ids]) @ unit(table[item_ids]).transpose(1, 2)
     known = (item_ids >= FIRST_ITEM).unsqueeze(1)
     return similarity.masked_fill(~known, NEG)
 

@@ -452,6 +452,18 @@ def export_command(
             tracker.set_alias(result.model, CHALLENGER, registered.version)
             typer.echo(f"{result.model} v{result.version}: registered as {result.model} version {registered.version} "
                        f"(alias {CHALLENGER}) in {tracker.tracking_url}")
+            from vitrine.export import model_card
+
+            try:  # the card documents the registered version; failing to make it does not undo the export
+                card = model_card.build_from_folders(run_dir, result.folder, {
+                    "name": result.model, "version": registered.version, "alias": CHALLENGER,
+                    "triton_version": result.version, "run_id": logged.run_id})
+                tracker.log_card(result.model, registered.version, model_card.card_files(card))
+            except Exception as exc:  # noqa: BLE001
+                typer.secho(f"{result.model} version {registered.version}: no model card ({exc!r})", fg=typer.colors.YELLOW)
+            else:
+                typer.echo(f"{result.model} version {registered.version}: model card logged "
+                           f"(`vitrine models card {result.model} {registered.version}`)")
     if rejected:
         typer.secho(f"not exported (rejected by the gate): {', '.join(rejected)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)

@@ -9,9 +9,14 @@ runs) into a private namespace that only this test's gateway reads.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +31,16 @@ from vitrine.contracts import ranker
 from vitrine.contracts.events import Event, EventType
 from vitrine.export import onnx_export
 from vitrine.export.data import sequences, synthetic
+from vitrine.export import model_card
+from vitrine.export.pipeline.champion import find_champion
+from vitrine.export.pipeline.evaluate import evaluate
+from vitrine.export.registry import VERSION_TAG_CARD_URI, Registry
 from vitrine.export.serving_check import upload_model, verify_served
 from vitrine.export.train import TrainConfig, train
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.services.stack import Stack
+from vitrine.services.stack.components import settings_env
 from vitrine.settings import VariantSettings
 from vitrine.v1 import recommender_pb2 as pb
 
@@ -38,24 +48,41 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 STOREFRONT, EXPERIMENTER = "vitrine-demo-storefront", "vitrine-demo-experimenter"
 
 
+@dataclass
+class Exported:
+    name: str
+    vocabulary: tuple[str, ...]
+    run_dir: Path
+    folder: Path
+    dataset: sequences.Dataset
+    registry: Registry
+    registered_version: str
+
+
 @pytest.fixture
-async def explaining_model(stack: Stack, tmp_path: Path) -> AsyncIterator[tuple[str, tuple[str, ...]]]:
-    """A small freshly trained gru4rec exported (with explain_steps) and uploaded to Triton under a temporary name;
-    yields (name, vocabulary) and unloads it at the end."""
+async def explaining_model(stack: Stack, tmp_path: Path) -> AsyncIterator[Exported]:
+    """A small freshly trained gru4rec, logged and registered in the stack's MLflow, exported with explain_steps (its
+    metadata in the registry, as `vitrine export` does) and uploaded to Triton under a temporary name; unloaded at
+    the end."""
     table = synthetic.generate(synthetic.preset("tiny"))
     dataset = sequences.build(table, max_len=20)
     run = train(TrainConfig(architecture="gru4rec", epochs=1, threads=1), dataset, {"fingerprint": table.fingerprint()},
                 tmp_path, progress=False)
-    name = f"test-explain-{uuid.uuid4().hex[:8]}"
-    result = onnx_export.export_run(run, tmp_path / "repository", name=name, max_k=50, keep_versions=1)
+    name = f"test_explain_{uuid.uuid4().hex[:8]}"
+    cfg = stack.settings.registry
+    registry = await asyncio.to_thread(Registry, cfg.tracking_url, f"{cfg.experiment}-{name}", cfg.timeout_s)
+    logged = await asyncio.to_thread(registry.log_training_run, run, "test_explanations")
+    result = await asyncio.to_thread(onnx_export.export_run, run, tmp_path / "repository", name, 50, 1,
+                                     registry.publisher(logged.run_id))
     assert onnx_export.has_explanations(result.folder / "model.onnx")
+    registered = await asyncio.to_thread(registry.register_version, name, logged.run_id, result.version)
     client = triton.InferenceServerClient(stack.settings.triton.grpc_url)
     try:
         await upload_model(client, name, tmp_path / "repository" / name, stack.settings.triton.model_config_name)
         await verify_served(client, name, result.folder)
         config = await client.get_model_config(name, as_json=True)
         assert ranker.EXPLAIN_STEPS in [o["name"] for o in config["config"]["output"]]
-        yield name, dataset.vocabulary.item_ids
+        yield Exported(name, dataset.vocabulary.item_ids, run, result.folder, dataset, registry, registered.version)
     finally:
         try:
             await client.unload_model(name)
@@ -78,7 +105,7 @@ async def _write_history(stack: Stack, namespace: str, user: str, items: list[st
 
 
 async def test_each_explained_item_names_a_step_of_the_shoppers_history(stack: Stack, explaining_model) -> None:
-    name, vocabulary = explaining_model
+    name, vocabulary = explaining_model.name, explaining_model.vocabulary
     namespace = f"x{uuid.uuid4().hex[:8]}"
     rng = np.random.default_rng(7)
     shoppers = {f"explain-{uuid.uuid4().hex[:6]}-{n}": [str(i) for i in rng.choice(vocabulary[:200], size=6, replace=False)]
@@ -122,3 +149,34 @@ async def test_each_explained_item_names_a_step_of_the_shoppers_history(stack: S
         cold = await storefront.recommender.Recommend(pb.RecommendRequest(user_id=f"cold-{uuid.uuid4().hex[:6]}", k=3, explain=True),
                                                       timeout=10, metadata=storefront.metadata)
         assert cold.model_name == "trending" and cold.explanation_unavailable == "not_ranked_by_a_model"
+
+
+async def test_the_model_card_is_logged_in_the_registry_with_every_section(stack: Stack, explaining_model: Exported) -> None:
+    """The card of the registered version: evaluated against the served gru4rec champion on the same rows (the pipeline's
+    evaluation), logged to the version's run in MLflow, printed by `vitrine models card`."""
+    exported = explaining_model
+    champion = await find_champion(stack.settings.triton.grpc_url, stack.settings.triton.model_repository, "gru4rec")
+    assert champion is not None
+    evaluation = {**await asyncio.to_thread(evaluate, exported.run_dir, exported.dataset, champion), "champion_version": champion.version}
+    card = await asyncio.to_thread(model_card.build_from_folders, exported.run_dir, exported.folder,
+                                   {"name": exported.name, "version": exported.registered_version,
+                                    "triton_version": int(exported.folder.name), "run_id": None},
+                                   evaluation)
+    uri = await asyncio.to_thread(exported.registry.log_card, exported.name, exported.registered_version, model_card.card_files(card))
+    version = await asyncio.to_thread(exported.registry.client.get_model_version, exported.name, exported.registered_version)
+    assert version.tags[VERSION_TAG_CARD_URI] == uri and "Model card" in version.description
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "vitrine", "models", "card", exported.name, exported.registered_version],
+        env={**os.environ, **settings_env(stack.settings)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stdout
+    assert [line for line in text.splitlines() if line in model_card.SECTIONS] == list(model_card.SECTIONS)
+    assert f"champion v{champion.version}" in text and "| popularity |" in text and "| transitions |" in text
+    assert card["data"]["fingerprint"] in text
+    # Explained examples: each explanation is an item of that example's own history.
+    assert card["examples"]
+    for example in card["examples"]:
+        seen = {h["item"] for h in example["history"]}
+        assert example["recommended"] and all(r["because_of"] in seen for r in example["recommended"])
+    html = await asyncio.to_thread(exported.registry.card, exported.name, exported.registered_version, model_card.CARD_HTML)
+    assert html.startswith(b"<!doctype html>") and b"<h2>By slice</h2>" in html
