@@ -570,16 +570,23 @@ def recommend(
     page: Annotated[str, typer.Option()] = "",
     item: Annotated[str, typer.Option(help="The item the user is looking at.")] = "",
     key: KeyOption = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Also show, per item, the history item that led to it.")] = False,
 ) -> None:
     """Ask the gateway for recommendations, as a storefront would."""
     async def call():  # noqa: ANN202
         async with _client(key) as client:
-            return await client.recommend(user, k, page=page, item_id=item)
+            return await client.recommend(user, k, page=page, item_id=item, explain=explain)
 
     reply = _rpc(call)
     flag = f"DEGRADED ({reply.degraded_reason})" if reply.degraded else "ok"
     typer.echo(f"{user}: variant {reply.variant}, {reply.model_name}:{reply.model_version or '-'}, {flag}")
-    typer.echo("  " + ", ".join(f"{i.item_id} ({i.score:.2f})" for i in reply.items))
+    if not explain:
+        typer.echo("  " + ", ".join(f"{i.item_id} ({i.score:.2f})" for i in reply.items))
+        return
+    for i in reply.items:
+        typer.echo(f"  {i.item_id} ({i.score:.2f})" + (f"  ← {i.explained_by}" if i.explained_by else ""))
+    if reply.explanation_unavailable:
+        typer.echo(f"  no explanations: {reply.explanation_unavailable}")
 
 
 bench_app = typer.Typer(help="Benchmarks that print figures (ratios measured in one run); without a sub-command: all.",

@@ -226,3 +226,20 @@ async def test_a_degraded_answer_has_no_explanations_and_says_why() -> None:
     reply = await _service(True, triton).Recommend(pb.RecommendRequest(user_id="u1", k=3, explain=True), Context(5.0))
     assert reply.degraded and reply.explanation_unavailable == "degraded"
     assert not any(i.explained_by for i in reply.items)
+
+
+@pytest.mark.timeout(20)
+async def test_interleaved_answers_carry_the_placing_models_explanations() -> None:
+    from vitrine.services.gateway.experiment import Experiment, Variant
+
+    triton = ExplainingTriton()
+    service = _service(True, triton)
+
+    class Interleaved:
+        current = Experiment(salt="s", mode="interleave", variants=(Variant(name="a", model_name="gru4rec", weight=50),
+                                                                    Variant(name="b", model_name="gru4rec", weight=50)))
+
+    service.experiment = Interleaved()
+    reply = await service.Recommend(pb.RecommendRequest(user_id="u1", k=3, explain=True), Context(5.0))
+    assert reply.model_name == "interleaved" and {i.variant for i in reply.items} <= {"a", "b"}
+    assert [(i.item_id, i.explained_by) for i in reply.items] == [("i0", "i2"), ("i1", "i1"), ("i2", "i2")]
