@@ -60,13 +60,14 @@ class Exported:
 
 
 @pytest.fixture
-async def explaining_model(stack: Stack, tmp_path: Path) -> AsyncIterator[Exported]:
-    """A small freshly trained gru4rec, logged and registered in the stack's MLflow, exported with explain_steps (its
+async def explaining_model(stack: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Exported]:
+    """A small freshly trained ranker (gru4rec unless the test asks for another architecture), logged and registered in the stack's MLflow, exported with explain_steps (its
     metadata in the registry, as `vitrine export` does) and uploaded to Triton under a temporary name; unloaded at
     the end."""
     table = synthetic.generate(synthetic.preset("tiny"))
     dataset = sequences.build(table, max_len=20)
-    run = train(TrainConfig(architecture="gru4rec", epochs=1, threads=1), dataset, {"fingerprint": table.fingerprint()},
+    architecture = getattr(request, "param", "gru4rec")
+    run = train(TrainConfig(architecture=architecture, epochs=1, threads=1), dataset, {"fingerprint": table.fingerprint()},
                 tmp_path, progress=False)
     name = f"test_explain_{uuid.uuid4().hex[:8]}"
     cfg = stack.settings.registry
@@ -104,6 +105,7 @@ async def _write_history(stack: Stack, namespace: str, user: str, items: list[st
         await client.aclose()
 
 
+@pytest.mark.parametrize("explaining_model", ["gru4rec", "sasrec"], indirect=True)
 async def test_each_explained_item_names_a_step_of_the_shoppers_history(stack: Stack, explaining_model) -> None:
     name, vocabulary = explaining_model.name, explaining_model.vocabulary
     namespace = f"x{uuid.uuid4().hex[:8]}"
