@@ -6,7 +6,8 @@
 
 Both map the sequence to one hidden vector per position and score items by a dot product with the
 (tied) item embeddings. `ServingRanker` is what is exported: history in, top-k ids and scores out,
-with padding, unknown items and the caller's exclusions removed inside the graph.
+with padding, unknown items and the caller's exclusions removed inside the graph, and for each returned
+item the history step that explains it (`explain_steps`, see `explain_steps`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from vitrine.contracts import ranker
 from vitrine.contracts.events import NUM_EVENT_TYPES
 from vitrine.export.data.sequences import FIRST_ITEM, PAD
 
@@ -152,11 +154,38 @@ def build(architecture: Architecture, n_items: int, max_len: int, dim: int, drop
     raise ValueError(f"unknown architecture {architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 
+NO_STEP = ranker.NO_STEP
+"""`explain_steps` of a recommended item when the history holds no known item (empty or all unknown)."""
+
+
+def step_similarities(table: torch.Tensor, item_ids: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """[B, k, L] cosine similarity of each recommended item's vector with each history step's item vector, both
+    from `table` (the output table: the space items are scored in); padding and unknown steps get NEG."""
+    def unit(rows: torch.Tensor) -> torch.Tensor:  # only the gathered rows: B·(k + L) vectors, not the catalogue
+        return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    similarity = unit(table[top_ids]) @ unit(table[item_ids]).transpose(1, 2)
+    known = (item_ids >= FIRST_ITEM).unsqueeze(1)
+    return similarity.masked_fill(~known, NEG)
+
+
+def explain_steps(table: torch.Tensor, item_ids: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
+    """[B, k] int64: for each recommended item, the position in `item_ids` (0..L-1, left-padded history) of the
+    known history item whose vector is closest (cosine) to the recommended item's; the first such position on
+    a tie; NO_STEP (-1) when the history holds no known item."""
+    similarity = step_similarities(table, item_ids, top_ids)
+    steps = similarity.argmax(dim=2)
+    has_known = (item_ids >= FIRST_ITEM).any(dim=1, keepdim=True)
+    return torch.where(has_known, steps, torch.full_like(steps, NO_STEP))
+
+
 class ServingRanker(nn.Module):
-    """The exported graph: (item_ids [B, L], event_types [B, L], exclude_ids [B, E]) → top-k ids and scores.
+    """The exported graph: (item_ids [B, L], event_types [B, L], exclude_ids [B, E]) → top-k ids, scores and
+    explanation steps.
 
     Top-k happens inside the graph so that Triton returns k ids and scores per request, not the
     catalogue's scores. Excluded ids (the caller's exclusions, padded with 0) can never be returned.
+    `explain_steps` [B, k] names, per returned item, the history position that led to it (`explain_steps`).
     """
 
     def __init__(self, model: SequenceRecommender, k: int) -> None:
@@ -164,8 +193,9 @@ class ServingRanker(nn.Module):
         self.model = model
         self.k = min(k, model.n_items - FIRST_ITEM)
 
-    def forward(self, item_ids: torch.Tensor, event_types: torch.Tensor, exclude_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, item_ids: torch.Tensor, event_types: torch.Tensor,
+                exclude_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scores = self.model.logits(self.model.encode(item_ids, event_types)[:, -1])
         scores = scores.scatter(1, exclude_ids, torch.full_like(exclude_ids, NEG, dtype=scores.dtype))
         top_scores, top_ids = torch.topk(scores, self.k, dim=1)
-        return top_ids, top_scores
+        return top_ids, top_scores, explain_steps(self.model.output_table, item_ids, top_ids)

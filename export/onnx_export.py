@@ -3,7 +3,12 @@ the Triton repository, with `metadata.json` (run record, vocabulary, reference d
 `baselines`: every baseline's metrics beside the model's, the strongest named).
 
 The export fails, and writes nothing, when onnxruntime disagrees with torch on fresh random inputs
-(scores beyond 1e-4, or different top-k ids other than among tied scores).
+(scores beyond 1e-4, different top-k ids other than among tied scores, or different explanation steps
+other than among steps whose similarity ties).
+
+Every export has the `explain_steps` output. Triton's config is one per model, so it declares the output only
+when every version the model keeps has it: a model whose folder still holds a version exported before it
+(the committed v1 models) keeps serving without explanations until that version is pruned.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from vitrine.contracts import ranker
 from vitrine.contracts.events import NUM_EVENT_TYPES
 from vitrine.export.data.sequences import FIRST_ITEM, OOV, PAD
 from vitrine.export.drift import POPULARITY_BUCKETS, history_stats, popularity_counts, popularity_upper_index
-from vitrine.export.models import NEG, ServingRanker
+from vitrine.export.models import NEG, ServingRanker, explain_steps, step_similarities
 from vitrine.export.topk import unexplained_id_differences
 from vitrine.export.train import VALIDATION_SAMPLE, load_run
 from vitrine.export.registry import METADATA_PARAMETER_PREFIX, metadata_parameter
@@ -70,8 +75,12 @@ Publish = Callable[[str, int, dict[str, bytes]], str]
 before the version is written, so that its config can say where its metadata lives."""
 
 
-def spec_for(name: str, max_len: int, max_k: int, keep_versions: int) -> ModelSpec:
+def spec_for(name: str, max_len: int, max_k: int, keep_versions: int, explain: bool = True) -> ModelSpec:
+    """`explain`: declare the `explain_steps` output (only when every version of the model has it)."""
     i64, f32 = np.dtype(np.int64), np.dtype(np.float32)
+    outputs = (TensorSpec(ranker.TOP_IDS, i64, (max_k,)), TensorSpec(ranker.TOP_SCORES, f32, (max_k,)))
+    if explain:
+        outputs += (TensorSpec(ranker.EXPLAIN_STEPS, i64, (max_k,)),)
     return ModelSpec(
         name=name,
         inputs=(
@@ -79,7 +88,7 @@ def spec_for(name: str, max_len: int, max_k: int, keep_versions: int) -> ModelSp
             TensorSpec(ranker.EVENT_TYPES, i64, (max_len,)),
             TensorSpec(ranker.EXCLUDE_IDS, i64, (-1,)),
         ),
-        outputs=(TensorSpec(ranker.TOP_IDS, i64, (max_k,)), TensorSpec(ranker.TOP_SCORES, f32, (max_k,))),
+        outputs=outputs,
         max_batch_size=128,
         preferred_batch_sizes=(8, 32, 64, 128),
         max_queue_delay_us=500,
@@ -100,11 +109,11 @@ def to_onnx(serving: ServingRanker, max_len: int) -> bytes:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             serving, example, buffer, dynamo=False, opset_version=OPSET,
-            input_names=list(ranker.INPUTS), output_names=list(ranker.OUTPUTS),
+            input_names=list(ranker.INPUTS), output_names=list(ranker.EXPLAINED_OUTPUTS),
             dynamic_axes={
                 ranker.ITEM_IDS: {0: "batch"}, ranker.EVENT_TYPES: {0: "batch"},
                 ranker.EXCLUDE_IDS: {0: "batch", 1: "excluded"},
-                ranker.TOP_IDS: {0: "batch"}, ranker.TOP_SCORES: {0: "batch"},
+                ranker.TOP_IDS: {0: "batch"}, ranker.TOP_SCORES: {0: "batch"}, ranker.EXPLAIN_STEPS: {0: "batch"},
             },
         )
     return buffer.getvalue()
@@ -123,6 +132,26 @@ def random_inputs(rng: np.random.Generator, batch: int, max_len: int, n_items: i
     return {ranker.ITEM_IDS: items, ranker.EVENT_TYPES: types, ranker.EXCLUDE_IDS: exclude}
 
 
+def unexplained_step_differences(serving: ServingRanker, item_ids: np.ndarray, top_ids: np.ndarray,
+                                 expected_steps: np.ndarray, got_steps: np.ndarray,
+                                 tolerance: float = SCORE_TOLERANCE) -> np.ndarray:
+    """Mask (batch, k) of the slots whose explanation step differs from the reference without a tie: both must
+    be -1 together, or name history positions whose similarity to the item (under the reference model) ties
+    within `tolerance`."""
+    expected_steps, got_steps = np.asarray(expected_steps), np.asarray(got_steps)
+    with torch.no_grad():
+        similarity = step_similarities(serving.model.output_table, torch.from_numpy(item_ids),
+                                       torch.from_numpy(np.asarray(top_ids))).numpy()
+    bad = np.zeros(got_steps.shape, dtype=bool)
+    for row, col in zip(*np.nonzero(got_steps != expected_steps), strict=True):
+        want, got = int(expected_steps[row, col]), int(got_steps[row, col])
+        if min(want, got) < 0 or got >= item_ids.shape[1]:
+            bad[row, col] = True
+        else:
+            bad[row, col] = abs(float(similarity[row, col, got]) - float(similarity[row, col, want])) > tolerance
+    return bad
+
+
 def check_parity(serving: ServingRanker, onnx_bytes: bytes, max_len: int, seed: int = 0) -> float:
     """Largest absolute score difference; raises ParityError when the graphs disagree."""
     session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
@@ -131,8 +160,8 @@ def check_parity(serving: ServingRanker, onnx_bytes: bytes, max_len: int, seed: 
     for batch in PARITY_BATCH_SIZES:
         feed = random_inputs(rng, batch, max_len, serving.model.n_items)
         with torch.no_grad():
-            ids_t, scores_t = (t.numpy() for t in serving(*(torch.from_numpy(feed[n]) for n in ranker.INPUTS)))
-        ids_o, scores_o = session.run(list(ranker.OUTPUTS), feed)
+            ids_t, scores_t, steps_t = (t.numpy() for t in serving(*(torch.from_numpy(feed[n]) for n in ranker.INPUTS)))
+        ids_o, scores_o, steps_o = session.run(list(ranker.EXPLAINED_OUTPUTS), feed)
         diff = float(np.max(np.abs(scores_o - scores_t)))
         worst = max(worst, diff)
         if diff > SCORE_TOLERANCE:
@@ -145,6 +174,16 @@ def check_parity(serving: ServingRanker, onnx_bytes: bytes, max_len: int, seed: 
             bad = unexplained_id_differences(ids_t, scores_t, ids_o, SCORE_TOLERANCE, full_scores=full)
             if np.any(bad):
                 raise ParityError(f"batch {batch}: {int(bad.sum())} top-k ids differ without a tie")
+        # Explanations are compared for the items onnxruntime returned (the torch reference is recomputed for
+        # them, so that a tie-broken id swap does not count as an explanation difference).
+        with torch.no_grad():
+            steps_ref = explain_steps(serving.model.output_table, torch.from_numpy(feed[ranker.ITEM_IDS]),
+                                      torch.from_numpy(ids_o)).numpy()
+        if np.any((ids_o == ids_t) & (steps_t != steps_ref)):
+            raise ParityError(f"batch {batch}: torch's explanation steps are not those of its own top-k")
+        bad_steps = unexplained_step_differences(serving, feed[ranker.ITEM_IDS], ids_o, steps_ref, steps_o)
+        if np.any(bad_steps):
+            raise ParityError(f"batch {batch}: {int(bad_steps.sum())} explanation steps differ without a tie")
     return worst
 
 
@@ -160,7 +199,7 @@ def reference_distributions(serving: ServingRanker, items: np.ndarray, types: np
     upper_index = popularity_upper_index(serving.model.n_items)
     mix = popularity_counts(items, upper_index)
     with torch.no_grad():
-        _, scores = serving(torch.from_numpy(items), torch.from_numpy(types), torch.zeros((len(items), 1), dtype=torch.long))
+        _, scores, _ = serving(torch.from_numpy(items), torch.from_numpy(types), torch.zeros((len(items), 1), dtype=torch.long))
     top1 = scores[:, 0].numpy()
     score_edges = np.quantile(top1, np.linspace(0, 1, 11))
     # Open-ended outer bins, kept as finite numbers so that metadata.json stays standard JSON.
@@ -184,7 +223,9 @@ def _check_compatible(folder: Path, spec: ModelSpec) -> None:
         return
     existing = text_format.Parse((folder / "config.pbtxt").read_text(), mc.ModelConfig())
     wanted = production_config(spec)
-    if list(existing.input) != list(wanted.input) or list(existing.output) != list(wanted.output):
+    # explain_steps is declared only once every version has it: its presence alone is no incompatibility.
+    base = lambda config: [t for t in config.output if t.name != ranker.EXPLAIN_STEPS]  # noqa: E731
+    if list(existing.input) != list(wanted.input) or base(existing) != base(wanted):
         raise ModelFolderError(
             f"model {folder.name}: this run's tensors ({_shapes(wanted)}) differ from the served versions' "
             f"({_shapes(existing)}); export it under another name (--name) or with matching max_len/max_k"
@@ -193,6 +234,12 @@ def _check_compatible(folder: Path, spec: ModelSpec) -> None:
 
 def _shapes(config: mc.ModelConfig) -> str:
     return ", ".join(f"{t.name}{list(t.dims)}" for t in [*config.input, *config.output])
+
+
+def has_explanations(onnx_path: Path) -> bool:
+    """Does this version's graph have the `explain_steps` output (versions exported before it do not)?"""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    return ranker.EXPLAIN_STEPS in {o.name for o in session.get_outputs()}
 
 
 def _metadata_parameters(folder: Path, kept: list[int], new_version: int, uri: str | None) -> tuple[tuple[str, str], ...]:
@@ -225,7 +272,7 @@ def export_run(
     worst = check_parity(serving, onnx_bytes, max_len)
     metadata: dict[str, object] = {
         "run": record,
-        "serving": {"max_len": max_len, "max_k": serving.k, "pad_id": PAD, "unknown_id": OOV,
+        "serving": {"max_len": max_len, "max_k": serving.k, "pad_id": PAD, "unknown_id": OOV, "explain_steps": True,
                     "first_item_id": FIRST_ITEM, "excluded_score": ranker.EXCLUDED_SCORE,
                     "parity_max_abs_score_diff": worst},
         "vocabulary": list(vocabulary),
@@ -241,7 +288,11 @@ def export_run(
     number = max(versions(repository / model_name), default=0) + 1
     uri = publish(model_name, number, {"model.onnx": onnx_bytes, ranker.METADATA_FILE: metadata_bytes}) if publish else None
     kept = [*versions(repository / model_name), number][-keep_versions:]
-    spec = replace(spec, parameters=_metadata_parameters(repository / model_name, kept, number, uri))
+    # The config declares explain_steps only when every version in the folder has it (this one does); once the
+    # versions without it are pruned (below), the config is rewritten to declare it.
+    explain = all(has_explanations(repository / model_name / str(v) / "model.onnx") for v in versions(repository / model_name))
+    spec = replace(spec, outputs=spec_for(model_name, max_len, serving.k, keep_versions, explain).outputs,
+                   parameters=_metadata_parameters(repository / model_name, kept, number, uri))
     folder = write_model_folder(repository, spec)
     version = add_version(folder, onnx_bytes, version=number, extra_files={ranker.METADATA_FILE: metadata_bytes})
     try:
@@ -250,4 +301,7 @@ def export_run(
         shutil.rmtree(version)
         raise
     removed = prune(folder, keep_versions)
+    if not explain and all(has_explanations(folder / str(v) / "model.onnx") for v in versions(folder)):
+        write_model_folder(repository, replace(spec, outputs=spec_for(model_name, max_len, serving.k, keep_versions, True).outputs))
+        validate_model_folder(folder)
     return ExportResult(model_name, int(version.name), version, removed, worst, uri)

@@ -12,6 +12,9 @@
   points there (`source`) and its tags say which Triton model and version it became.
 - **Aliases.** `challenger`: the newest exported version, set by `vitrine export`; `champion`: the version
   the promotion step (canary, `vitrine models promote`) declared the winner. Both move; versions never change.
+- **Model cards.** A registered version's card (`export/model_card.py`: Markdown, HTML, the facts as JSON) is
+  logged to its training run under `card/<model>/<triton version>/`; the version's tag `vitrine.card_uri` and
+  its description point there, so the registry page leads to it.
 - **Metadata for serving.** `metadata_uri` is what a Triton config carries per version
   (`parameters { key: "vitrine.metadata.<version>" }`): a `runs:/<run id>/<path>` URI the gateway resolves
   with `artifact_http_url` against its own registry URL — the gateway needs HTTP to the registry, never the
@@ -55,12 +58,14 @@ TAG_RUN_NAME = "mlflow.runName"
 VERSION_TAG_TRITON_MODEL = "triton.model"
 VERSION_TAG_TRITON_VERSION = "triton.version"
 VERSION_TAG_METADATA_URI = "vitrine.metadata_uri"
+VERSION_TAG_CARD_URI = "vitrine.card_uri"
 
 RUN_ARTIFACTS = ("run.json", "vocabulary.json", "model.pt")
 """The run folder's files logged under `run/` (the validation sample stays local: the export derives
 `metadata.json`'s drift reference from it, and `metadata.json` is logged)."""
 RUN_ARTIFACT_DIR = "run"
 TRITON_ARTIFACT_DIR = "triton"
+CARD_ARTIFACT_DIR = "card"
 METADATA_PARAMETER_PREFIX = "vitrine.metadata."
 """Triton config parameter key prefix; the full key is this + the Triton version number."""
 
@@ -164,6 +169,10 @@ def run_tags(record: dict[str, Any], run_folder: str, source: str) -> dict[str, 
 
 def triton_artifact_dir(model: str, triton_version: int) -> str:
     return f"{TRITON_ARTIFACT_DIR}/{model}/{triton_version}"
+
+
+def card_artifact_dir(model: str, triton_version: int | str) -> str:
+    return f"{CARD_ARTIFACT_DIR}/{model}/{triton_version}"
 
 
 def metadata_uri(run_id: str, model: str, triton_version: int, file_name: str = "metadata.json") -> str:
@@ -324,6 +333,49 @@ class Registry:
         for path in files:
             self.client.log_artifact(run_id, str(path), artifact_path=artifact_dir)
         return f"runs:/{run_id}/{artifact_dir}"
+
+    def log_card(self, name: str, version: str, files: dict[str, bytes]) -> str:
+        """Log a registered version's model card files to its run (`card/<model>/<triton version>/`), tag the version
+        with their URI and say so in its description (shown on the registry page); returns the URI."""
+        import tempfile
+
+        found = self.client.get_model_version(name, version)
+        if not found.run_id:
+            raise RegistryError(f"version {version} of {name!r} has no run to log its card to")
+        artifact_dir = card_artifact_dir(found.tags.get(VERSION_TAG_TRITON_MODEL, name), found.tags.get(VERSION_TAG_TRITON_VERSION, version))
+        with tempfile.TemporaryDirectory(prefix="vitrine-card-") as folder:
+            for file_name, content in files.items():
+                (Path(folder) / file_name).write_bytes(content)
+                self.client.log_artifact(found.run_id, str(Path(folder) / file_name), artifact_path=artifact_dir)
+        uri = f"runs:/{found.run_id}/{artifact_dir}"
+        self.client.set_model_version_tag(name, version, VERSION_TAG_CARD_URI, uri)
+        note = (f"Model card: run {found.run_id}, artifacts `{artifact_dir}/` (model_card.md, model_card.html); "
+                f"`vitrine models card {name} {version}`.")
+        description = (found.description or "").split("\n\nModel card:")[0]
+        self.client.update_model_version(name, version, description=f"{description}\n\n{note}".strip())
+        return uri
+
+    def card(self, name: str, version: str, file_name: str = "model_card.md") -> bytes:
+        """A registered version's logged card file; RegistryError when the version has none (registered before cards)."""
+        import tempfile
+
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_model_version(name, version)
+        except MlflowException as exc:
+            raise RegistryError(f"no version {version} of registered model {name!r} in {self.tracking_url}") from exc
+        uri = found.tags.get(VERSION_TAG_CARD_URI)
+        if not uri:
+            raise RegistryError(f"{name} version {version} has no model card (registered before cards existed, or its "
+                                "card could not be made: see the pipeline run's report)")
+        run_id, path = parse_runs_uri(f"{uri}/{file_name}")
+        with tempfile.TemporaryDirectory(prefix="vitrine-card-") as folder:
+            try:
+                local = self.client.download_artifacts(run_id, path, folder)
+            except (MlflowException, OSError) as exc:
+                raise RegistryError(f"{uri}/{file_name} could not be read from the registry: {exc}") from exc
+            return Path(local).read_bytes()
 
     # registered models ----------------------------------------------------------------------------------
     def register_version(self, model: str, run_id: str, triton_version: int, description: str = "") -> RegisteredVersion:

@@ -4,7 +4,8 @@ Triton runs in explicit model-control mode: a new version folder is served only 
 `load` call, which re-reads the model folder and applies its version policy. The check then asks for
 that exact version with random histories (batches of 1, 7 and 64) and compares top-k ids and scores
 with onnxruntime in-process on the same model.onnx (ids by `topk.unexplained_id_differences`: another
-id in a slot only where the two items' scores tie).
+id in a slot only where the two items' scores tie), and, when the model's config declares `explain_steps`,
+the explanation steps of the items both returned.
 
 `upload_model` loads a model folder that is not in Triton's repository (the files travel in the load
 request, Triton keeps them in a temporary folder of its own): tests use it to serve a temporary model
@@ -81,6 +82,8 @@ async def verify_served(client: triton.InferenceServerClient, model: str, versio
     session = ort.InferenceSession(str(version_folder / "model.onnx"), providers=["CPUExecutionProvider"])
     if not await client.is_model_ready(model, str(version)):
         raise ServingMismatch(f"Triton did not make {model} v{version} ready after loading")
+    config = await client.get_model_config(model, str(version), as_json=True)
+    explains = any(o.get("name") == ranker.EXPLAIN_STEPS for o in config.get("config", {}).get("output", []))
     rng = np.random.default_rng(seed)
     for batch in CHECK_BATCH_SIZES:
         feed = random_inputs(rng, batch, max_len, vocabulary_rows)
@@ -94,3 +97,26 @@ async def verify_served(client: triton.InferenceServerClient, model: str, versio
         if np.any(bad):
             raise ServingMismatch(f"{model} v{version} batch {batch}: {int(bad.sum())} top-k ids differ from onnxruntime "
                                   "in-process without a tie")
+        if explains:
+            await _verify_explanations(client, model, version, batch, feed, session)
+
+
+async def _verify_explanations(client: triton.InferenceServerClient, model: str, version: int, batch: int,
+                               feed: dict[str, np.ndarray], session: ort.InferenceSession) -> None:
+    """Triton's explain_steps are onnxruntime's for the same items: the same history position, or one holding the same
+    item (an exact tie); -1 exactly where onnxruntime has -1."""
+    inputs = []
+    for name in ranker.INPUTS:
+        tensor = triton.InferInput(name, list(feed[name].shape), "INT64")
+        tensor.set_data_from_numpy(feed[name].astype(np.int64))
+        inputs.append(tensor)
+    result = await client.infer(model, inputs, model_version=str(version),
+                                outputs=[triton.InferRequestedOutput(name) for name in ranker.EXPLAINED_OUTPUTS])
+    served_ids, served_steps = result.as_numpy(ranker.TOP_IDS), result.as_numpy(ranker.EXPLAIN_STEPS)
+    local_ids, _, local_steps = session.run(list(ranker.EXPLAINED_OUTPUTS), feed)
+    history = feed[ranker.ITEM_IDS]
+    for row, col in zip(*np.nonzero((served_ids == local_ids) & (served_steps != local_steps)), strict=True):
+        got, want = int(served_steps[row, col]), int(local_steps[row, col])
+        if min(got, want) < 0 or got >= history.shape[1] or history[row, got] != history[row, want]:
+            raise ServingMismatch(f"{model} v{version} batch {batch}: explain_steps differ from onnxruntime in-process "
+                                  f"(row {row}, slot {col}: {got} vs {want})")

@@ -13,6 +13,7 @@ import onnxruntime as ort
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from vitrine.contracts import ranker
 from vitrine.export.triton_repository import CPU_CONFIG_NAME, versions
 
 _ONNX_TYPES = {
@@ -37,11 +38,18 @@ def _read_config(path: Path) -> mc.ModelConfig:
         raise ModelFolderError(f"{path} is not a valid Triton model config: {exc}") from exc
 
 
+OPTIONAL_OUTPUTS = frozenset({ranker.EXPLAIN_STEPS})
+
+
 def _check_tensors(kind: str, config_tensors, onnx_tensors, batched: bool, where: str) -> list[str]:  # noqa: ANN001
     problems = []
     by_name = {t.name: t for t in onnx_tensors}
     configured = {t.name for t in config_tensors}
     for extra in sorted(set(by_name) - configured):
+        # An optional output a model config may leave out (declared only once every version has it): Triton's
+        # onnxruntime backend and the python-backend runner run only the outputs the config names.
+        if kind == "output" and extra in OPTIONAL_OUTPUTS:
+            continue
         problems.append(f"ONNX {kind} {extra!r} is not in the config")
     for tensor in config_tensors:
         graph = by_name.get(tensor.name)

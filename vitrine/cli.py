@@ -452,6 +452,18 @@ def export_command(
             tracker.set_alias(result.model, CHALLENGER, registered.version)
             typer.echo(f"{result.model} v{result.version}: registered as {result.model} version {registered.version} "
                        f"(alias {CHALLENGER}) in {tracker.tracking_url}")
+            from vitrine.export import model_card
+
+            try:  # the card documents the registered version; failing to make it does not undo the export
+                card = model_card.build_from_folders(run_dir, result.folder, {
+                    "name": result.model, "version": registered.version, "alias": CHALLENGER,
+                    "triton_version": result.version, "run_id": logged.run_id})
+                tracker.log_card(result.model, registered.version, model_card.card_files(card))
+            except Exception as exc:  # noqa: BLE001
+                typer.secho(f"{result.model} version {registered.version}: no model card ({exc!r})", fg=typer.colors.YELLOW)
+            else:
+                typer.echo(f"{result.model} version {registered.version}: model card logged "
+                           f"(`vitrine models card {result.model} {registered.version}`)")
     if rejected:
         typer.secho(f"not exported (rejected by the gate): {', '.join(rejected)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
@@ -558,16 +570,23 @@ def recommend(
     page: Annotated[str, typer.Option()] = "",
     item: Annotated[str, typer.Option(help="The item the user is looking at.")] = "",
     key: KeyOption = None,
+    explain: Annotated[bool, typer.Option("--explain", help="Also show, per item, the history item that led to it.")] = False,
 ) -> None:
     """Ask the gateway for recommendations, as a storefront would."""
     async def call():  # noqa: ANN202
         async with _client(key) as client:
-            return await client.recommend(user, k, page=page, item_id=item)
+            return await client.recommend(user, k, page=page, item_id=item, explain=explain)
 
     reply = _rpc(call)
     flag = f"DEGRADED ({reply.degraded_reason})" if reply.degraded else "ok"
     typer.echo(f"{user}: variant {reply.variant}, {reply.model_name}:{reply.model_version or '-'}, {flag}")
-    typer.echo("  " + ", ".join(f"{i.item_id} ({i.score:.2f})" for i in reply.items))
+    if not explain:
+        typer.echo("  " + ", ".join(f"{i.item_id} ({i.score:.2f})" for i in reply.items))
+        return
+    for i in reply.items:
+        typer.echo(f"  {i.item_id} ({i.score:.2f})" + (f"  ← {i.explained_by}" if i.explained_by else ""))
+    if reply.explanation_unavailable:
+        typer.echo(f"  no explanations: {reply.explanation_unavailable}")
 
 
 bench_app = typer.Typer(help="Benchmarks that print figures (ratios measured in one run); without a sub-command: all.",

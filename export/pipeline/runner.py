@@ -216,6 +216,9 @@ class Pipeline:
         registry = self._registry() if any(not exported.get(m, {}).get("registered") for m in accepted) else None
         for model in accepted:
             if exported.get(model, {}).get("registered"):
+                if "card" not in exported[model]:  # resumed after the version was registered but before its card
+                    exported[model] = {**exported[model], "card": self._card(record, model, exported[model], registry)}
+                    self.recorder.step(record["run_id"], "export", "running", models=exported)
                 continue
             run_dir = Path(record["steps"]["train"]["runs"][model])
             if model not in exported:
@@ -237,9 +240,30 @@ class Pipeline:
             registry.set_alias(name, CHALLENGER, registered.version)
             exported[model] = {**exported[model], "registered": {"name": name, "version": registered.version, "alias": CHALLENGER}}
             self.recorder.step(record["run_id"], "export", "running", models=exported)
+            exported[model] = {**exported[model], "card": self._card(record, model, exported[model], registry)}
+            self.recorder.step(record["run_id"], "export", "running", models=exported)
             self.report(f"{name} v{version}: exported, loaded and parity-checked in Triton; registered as version "
                         f"{registered.version} (alias {CHALLENGER})")
         return {"models": exported}
+
+    def _card(self, record: dict, model: str, exported: dict, registry) -> dict:  # noqa: ANN001 - export.registry.Registry
+        """The registered challenger's model card (data, champion and baselines overall and per slice, explained
+        examples), logged to its run in the registry. A card that cannot be made is reported, not fatal: the
+        challenger is registered and loaded either way; {"error": …} is recorded and `vitrine models card` says so."""
+        from vitrine.export import model_card
+
+        registered = exported["registered"]
+        try:
+            card = model_card.build_from_folders(
+                Path(record["steps"]["train"]["runs"][model]), Path(exported["folder"]),
+                {**registered, "triton_version": exported["version"], "run_id": exported["registry_run_id"]},
+                evaluation=record["steps"]["evaluate"]["models"].get(model), gate=record["steps"]["gate"]["models"].get(model))
+            uri = registry.log_card(registered["name"], registered["version"], model_card.card_files(card))
+        except Exception as exc:  # noqa: BLE001 - the card documents a registered version; it must not undo it
+            self.report(f"{registered['name']} version {registered['version']}: no model card ({exc!r})")
+            return {"error": repr(exc)}
+        self.report(f"{registered['name']} version {registered['version']}: model card logged at {uri}")
+        return {"uri": uri}
 
     def _registry(self):  # noqa: ANN202 - export.registry.Registry (mlflow is imported only when a run exports)
         """The model registry every challenger is registered in: without it nothing is exported (the step fails and

@@ -19,9 +19,10 @@ class GatewayClient:
         self.admin = pb_grpc.ExperimentAdminStub(self.channel)
 
     async def recommend(self, user_id: str, k: int = 10, page: str = "", item_id: str = "",
-                        exclude: list[str] | None = None, timeout_s: float = 1.0, request_id: str = "") -> pb.RecommendResponse:
+                        exclude: list[str] | None = None, timeout_s: float = 1.0, request_id: str = "",
+                        explain: bool = False) -> pb.RecommendResponse:
         request = pb.RecommendRequest(user_id=user_id, k=k, context=pb.Context(page=page, item_id=item_id),
-                                      exclude_item_ids=exclude or [], request_id=request_id)
+                                      exclude_item_ids=exclude or [], request_id=request_id, explain=explain)
         return await self.recommender.Recommend(request, timeout=timeout_s, metadata=self.metadata)
 
     async def get_experiment(self, timeout_s: float = 5.0) -> pb.Experiment:

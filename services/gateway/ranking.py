@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,8 +44,11 @@ from vitrine.settings import GatewaySettings
 log = logging.getLogger(__name__)
 POPULARITY_MODEL = "popularity"
 """A variant may name this model: popularity from Redis, served without Triton (a baseline arm, not degraded)."""
-Row = tuple[np.ndarray, np.ndarray, np.ndarray]
+Row = tuple[np.ndarray, np.ndarray, np.ndarray, bool]
+"""(item_ids, event_types, exclude_ids, explain): one request's model inputs and whether it wants explanations."""
 Ranked = list[tuple[str, float]]
+Scored = tuple[np.ndarray, np.ndarray, np.ndarray | None]
+"""(top_ids, top_scores, explain_steps or None when not asked for or the version has none) of one request."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class ServedModel:
     index: dict[str, int] = field(repr=False, compare=False)
     reference: dict | None = field(default=None, repr=False, compare=False)
     """Reference distributions for drift monitoring, from metadata.json."""
+    explains: bool = False
+    """Triton's config of the model declares `explain_steps` (every version it serves has the output)."""
 
     @classmethod
     def load(cls, repository: Path, name: str, version: str) -> ServedModel:
@@ -86,6 +91,17 @@ class ServedModel:
         # Plain Python ints/floats first: per-element numpy scalars cost ~3 µs each on the hot path.
         return [(items[i - first], s) for i, s in zip(ids.tolist(), scores.tolist(), strict=True)
                 if s > ranker.EXCLUDED_SCORE and i >= first]
+
+    def explanations(self, history: np.ndarray, ids: np.ndarray, steps: np.ndarray) -> dict[str, str]:
+        """Recommended item → the history item at its explanation step (`history`: the item_ids row sent to the
+        model). Slots without a step (-1), or whose step is out of range or not a known item, have none."""
+        first, items, length = self.first_item_id, self.item_ids, len(history)
+        history_ids = history.tolist()
+        out: dict[str, str] = {}
+        for i, step in zip(ids.tolist(), steps.tolist(), strict=True):
+            if i >= first and 0 <= step < length and history_ids[step] >= first:
+                out[items[i - first]] = items[history_ids[step] - first]
+        return out
 
 
 ModelKey = tuple[str, str]
@@ -163,10 +179,16 @@ class ModelCatalog:
     async def metadata_uri(self, name: str, version: str) -> str | None:
         """The registry URI of the version's metadata from Triton's config of the model, or None when the
         version was exported without a registry."""
+        return (await self._config(name, version))[0]
+
+    async def _config(self, name: str, version: str) -> tuple[str | None, bool]:
+        """From Triton's config of the model: the version's metadata URI (None: exported without a registry)
+        and whether the config declares the `explain_steps` output."""
         reply = await self.client.get_model_config(name, version, as_json=True, client_timeout=self.call_timeout_s)
-        parameters = reply.get("config", {}).get("parameters", {})
-        entry = parameters.get(metadata_parameter(version))
-        return entry.get("string_value") or None if entry else None
+        config = reply.get("config", {})
+        entry = config.get("parameters", {}).get(metadata_parameter(version))
+        explains = any(output.get("name") == ranker.EXPLAIN_STEPS for output in config.get("output", []))
+        return (entry.get("string_value") or None if entry else None), explains
 
     async def _fetch(self, uri: str) -> bytes:
         if not self.registry_url:
@@ -178,7 +200,7 @@ class ModelCatalog:
         return response.content
 
     async def _load(self, name: str, version: str) -> ServedModel:
-        uri = await self.metadata_uri(name, version)
+        uri, explains = await self._config(name, version)
         if uri is None:
             # No registry entry (committed or --no-registry versions): the local repository's file, documented
             # as the local-stack fallback. A version whose config names a URI never falls back: its metadata
@@ -190,6 +212,8 @@ class ModelCatalog:
             raw = await self._fetch(uri)
             # Parsing a vocabulary of 100k items takes tens of ms: never on the event loop.
             model = await asyncio.to_thread(ServedModel.from_metadata, name, version, raw)
+        if explains:
+            model = replace(model, explains=True)
         self._models[(name, version)] = model
         return model
 
@@ -230,7 +254,7 @@ class RankerPool:
         self.client = client
         self.metrics = metrics
         self._breakers: dict[str, CircuitBreaker] = {}
-        self._batchers: dict[ModelKey, MicroBatcher[Row, tuple[np.ndarray, np.ndarray]]] = {}
+        self._batchers: dict[ModelKey, MicroBatcher[Row, Scored]] = {}
 
     def breaker(self, name: str) -> CircuitBreaker:
         if name not in self._breakers:
@@ -240,7 +264,7 @@ class RankerPool:
                 on_state=lambda state: gauge.set(int(state)))
         return self._breakers[name]
 
-    def batcher(self, model: ServedModel) -> MicroBatcher[Row, tuple[np.ndarray, np.ndarray]]:
+    def batcher(self, model: ServedModel) -> MicroBatcher[Row, Scored]:
         key = (model.name, model.version)
         if key not in self._batchers:
             def observe(size: int, waits: list[float], name: str = model.name) -> None:
@@ -267,13 +291,16 @@ class RankerPool:
             return timeout_s * 1000 >= self.settings.breaker_min_timeout_ms
         return True
 
-    async def _infer(self, model: ServedModel, rows: Sequence[Row], timeout_s: float | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    async def _infer(self, model: ServedModel, rows: Sequence[Row], timeout_s: float | None) -> list[Scored]:
         arrays = [np.stack([row[i] for row in rows]) for i in range(3)]
         inputs = []
         for name, array in zip(ranker.INPUTS, arrays, strict=True):
             tensor = triton.InferInput(name, list(array.shape), "INT64")
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
+        # explain_steps only when a request of the batch asked for it and the model has it: none otherwise.
+        explain = model.explains and any(row[3] for row in rows)
+        wanted = ranker.EXPLAINED_OUTPUTS if explain else ranker.OUTPUTS
         cap = self.settings.triton_timeout_ms / 1000
         timeout = min(cap, timeout_s) if timeout_s is not None else cap
         started = time.perf_counter()
@@ -281,7 +308,7 @@ class RankerPool:
             try:
                 result = await self.client.infer(
                     model.name, inputs, model_version=model.version,
-                    outputs=[triton.InferRequestedOutput(name) for name in ranker.OUTPUTS], client_timeout=timeout,
+                    outputs=[triton.InferRequestedOutput(name) for name in wanted], client_timeout=timeout,
                 )
             except InferenceServerException as exc:
                 if self._blames_triton(exc, timeout):
@@ -293,7 +320,10 @@ class RankerPool:
             call.success()
         self.metrics.stage.labels("triton").observe(time.perf_counter() - started)
         ids, scores = result.as_numpy(ranker.TOP_IDS), result.as_numpy(ranker.TOP_SCORES)
-        return [(ids[i], scores[i]) for i in range(len(rows))]
+        if not explain:
+            return [(ids[i], scores[i], None) for i in range(len(rows))]
+        steps = result.as_numpy(ranker.EXPLAIN_STEPS)
+        return [(ids[i], scores[i], steps[i] if row[3] else None) for i, row in enumerate(rows)]
 
     def loaded(self) -> set[ModelKey]:
         return set(self._batchers)

@@ -51,6 +51,10 @@ FALLBACK_MODEL = POPULARITY_MODEL
 TRANSITIONS_MODEL = "transitions"
 """The `model_name` of an answer served from the item → next-item table (degraded or for a short history)."""
 INTERLEAVED_MODEL = "interleaved"
+NO_EXPLANATIONS_MODEL = "model_without_explanations"
+"""explanation_unavailable: the version serving was exported before explain_steps (the committed v1 models)."""
+NO_EXPLANATIONS_NOT_MODEL = "not_ranked_by_a_model"
+NO_EXPLANATIONS_DEGRADED = "degraded"
 
 
 class InvalidRequest(ValueError):
@@ -67,6 +71,8 @@ class Answer:
     """Interleaving: the variant that placed each item; empty in A/B mode."""
     source: str = SOURCE_MODEL
     """What produced the items (metrics.SOURCES): the `source` label of the answer and degraded counters."""
+    explanations: dict[str, str] | None = None
+    """Asked with explain and ranked by a model that has them: item → the history item that led to it."""
 
 
 def validate(request: pb.RecommendRequest, max_k: int, max_exclusions: int) -> None:
@@ -215,7 +221,22 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             degraded=bool(answer.degraded_reason), degraded_reason=answer.degraded_reason, request_id=request_id,
             features_ts_ms=features_ts_ms,
         )
+        if request.explain:
+            self._explain(response, answer)
         return _Reply(response, exposure, answer, variant_name, elapsed)
+
+    @staticmethod
+    def _explain(response: pb.RecommendResponse, answer: Answer) -> None:
+        """Fill ScoredItem.explained_by, or say why there is no explanation."""
+        if answer.explanations is not None:
+            for item in response.items:
+                item.explained_by = answer.explanations.get(item.item_id, "")
+        elif answer.degraded_reason:
+            response.explanation_unavailable = NO_EXPLANATIONS_DEGRADED
+        elif answer.source in (SOURCE_MODEL, SOURCE_INTERLEAVED):
+            response.explanation_unavailable = NO_EXPLANATIONS_MODEL
+        else:
+            response.explanation_unavailable = NO_EXPLANATIONS_NOT_MODEL
 
     def _deliver(self, method: str, reply: _Reply) -> None:
         self._observe(method, reply.variant, reply.answer, reply.elapsed_s)
@@ -250,18 +271,24 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                 return short, fresh
         if variant is None:
             a, b = experiment.variants
-            answers = await asyncio.gather(*(self._by_model(request.k, v.name, v.model_name, v.model_version, features, excluded, budget)
+            answers = await asyncio.gather(*(self._by_model(request.k, v.name, v.model_name, v.model_version, features, excluded, budget,
+                                                            request.explain)
                                              for v in (a, b)))
             degraded = next((x for x in answers if x.degraded_reason), None)
             if degraded is not None:  # no credit can be given for a list one team did not fill
                 return degraded, fresh
             merged = team_draft(answers[0].items, answers[1].items, request.k, request_id, (a.name, b.name))
+            explanations = None
+            if request.explain and all(x.explanations is not None for x in answers):
+                by_team = {a.name: answers[0].explanations, b.name: answers[1].explanations}
+                explanations = {i: by_team[t][i] for i, _, t in merged if i in by_team[t]}  # the placing team's reason
             return Answer([(i, s) for i, s, _ in merged], INTERLEAVED_MODEL, "", teams=tuple(t for _, _, t in merged),
-                          source=SOURCE_INTERLEAVED), fresh
-        return await self._by_model(request.k, variant.name, variant.model_name, variant.model_version, features, excluded, budget), fresh
+                          source=SOURCE_INTERLEAVED, explanations=explanations), fresh
+        return await self._by_model(request.k, variant.name, variant.model_name, variant.model_version, features, excluded, budget,
+                                    request.explain), fresh
 
     async def _by_model(self, k: int, variant: str, model_name: str, model_version: str, features: UserFeatures,
-                        excluded: set[str], budget: float) -> Answer:
+                        excluded: set[str], budget: float, explain: bool = False) -> Answer:
         """One model's top-k for a user with history (or popularity, when that is the variant's model)."""
         if model_name == POPULARITY_MODEL:
             popular, from_redis = await self.fallback.popular()
@@ -272,8 +299,8 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             async with asyncio.timeout_at(self._loop_instant(budget)):
                 model = await self.catalog.resolve(model_name, model_version)
             items, types = model.history(features.recent)
-            row = (items, types, model.exclusions(excluded, self.settings.exclude_width))
-            ids, scores = await self.rankers.batcher(model).submit(row, budget)
+            row = (items, types, model.exclusions(excluded, self.settings.exclude_width), explain)
+            ids, scores, steps = await self.rankers.batcher(model).submit(row, budget)
         except QueueFull:
             if self.settings.shed_mode == "reject":
                 raise
@@ -290,8 +317,9 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         stage = time.perf_counter()
         ranked = self._top(model.decode(ids, scores), k, excluded)
         self.drift.observe(variant, model, items, ranked[0][1] if ranked else None)
+        explanations = model.explanations(items, ids, steps) if steps is not None else None
         self.metrics.stage.labels("postprocess").observe(time.perf_counter() - stage)
-        return Answer(ranked, model.name, model.version)
+        return Answer(ranked, model.name, model.version, explanations=explanations)
 
     async def _short_history(self, k: int, last_item: str, excluded: set[str], budget: float) -> Answer | None:
         """The transitions answer for a shopper with few steps, or None when the model should answer after

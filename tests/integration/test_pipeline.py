@@ -158,6 +158,16 @@ def test_the_challenger_is_registered_with_its_lineage(stack: Stack, passed_run)
     run = client.get_run(version.run_id)
     assert run.data.tags["vitrine.pipeline.run_id"] == record["run_id"] and run.data.tags["vitrine.pipeline.trigger"] == "manual"
     assert run.data.tags[names.TAG_DATA_FINGERPRINT] == record["steps"]["validate"]["data"]["fingerprint"]
+    # The pipeline logged the challenger's model card to the run; the version's tag points at it, the CLI prints it.
+    from vitrine.export.model_card import CARD_FILES, SECTIONS
+
+    assert exported["card"].get("uri") == version.tags[names.VERSION_TAG_CARD_URI], exported["card"]
+    logged = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(version.run_id, names.card_artifact_dir(name, exported["version"]))}
+    assert logged == set(CARD_FILES)
+    printed = vitrine(settings, "models", "card", name, exported["registered"]["version"], timeout=60)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert [line for line in printed.stdout.splitlines() if line in SECTIONS] == list(SECTIONS)
+    assert record["steps"]["validate"]["data"]["fingerprint"] in printed.stdout
 
 
 def test_reproduce_gives_the_same_metrics_and_refuses_a_changed_archive(passed_run) -> None:  # noqa: ANN001

@@ -162,6 +162,17 @@ async def test_an_exported_version_is_registered_served_and_listed(
     served = await catalog.resolve(exported_name, "1")
     assert served.item_ids == tuple(on_disk["vocabulary"]) and served.max_k == on_disk["serving"]["max_k"]
     assert served.reference == on_disk["reference"]
+    assert served.explains  # a fresh model folder: its config declares explain_steps, learnt from Triton's config API
+
+    # `vitrine export` logged the version's model card to the run; `vitrine models card` prints it.
+    from vitrine.export.model_card import CARD_FILES, SECTIONS
+
+    assert f"{exported_name} version {version['version']}: model card logged" in exported.output, exported.output
+    assert _artifacts(stack, version["run_id"], f"card/{exported_name}/1") == set(CARD_FILES)
+    card = await _vitrine(["models", "card", exported_name, version["version"]], env)
+    assert card.exit_code == 0 and [line for line in card.output.splitlines() if line in SECTIONS] == list(SECTIONS)
+    no_card = await _vitrine(["models", "card", exported_name, "99"], env)
+    assert no_card.exit_code == 1 and "no version 99" in no_card.output
 
     # `vitrine models list` and `show` read the registry.
     listed = await _vitrine(["models", "list", "--json"], env)

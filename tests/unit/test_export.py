@@ -42,7 +42,7 @@ def test_export_passes_parity_and_onnxruntime_matches_torch_on_fresh_inputs(run_
         feed = onnx_export.random_inputs(np.random.default_rng(batch + 100), batch, 8, model.n_items)
         ids, scores = session.run(list(ranker.OUTPUTS), feed)
         with torch.no_grad():
-            ids_t, scores_t = serving(*(torch.from_numpy(feed[n]) for n in ranker.INPUTS))
+            ids_t, scores_t, _ = serving(*(torch.from_numpy(feed[n]) for n in ranker.INPUTS))
         np.testing.assert_allclose(scores, scores_t.numpy(), atol=1e-4, rtol=0)
         assert ids.shape == (batch, 10)
         # The same items as torch's top-k, slot by slot, except where torch's scores of the two items tie.
@@ -130,9 +130,9 @@ class _RolledIds(torch.nn.Module):
         super().__init__()
         self.serving = serving
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, scores = self.serving(*inputs)
-        return ids.roll(1, dims=1), scores
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, scores, steps = self.serving(*inputs)
+        return ids.roll(1, dims=1), scores, steps
 
 
 def test_a_graph_with_the_right_scores_and_wrong_ids_fails_the_parity_check(run_dirs) -> None:
@@ -147,6 +147,9 @@ class _ReadyTriton:
 
     async def is_model_ready(self, model: str, version: str) -> bool:
         return True
+
+    async def get_model_config(self, model: str, version: str, as_json: bool) -> dict:
+        return {"config": {"output": []}}  # no explain_steps declared: only ids and scores are compared here
 
 
 async def test_the_serving_check_refuses_wrong_ids_with_the_right_scores(run_dirs, tmp_path: Path, monkeypatch) -> None:

@@ -98,7 +98,7 @@ def test_serving_ranker_never_returns_padding_unknown_or_excluded_items() -> Non
     ranker = models.ServingRanker(models.build("gru4rec", n_items=30, max_len=5, dim=8).eval(), k=10)
     items = torch.tensor([[0, 0, 4, 5, 6]])
     exclude = torch.tensor([[4, 5, 6, 7, 0]])
-    ids, scores = ranker(items, torch.ones_like(items), exclude)
+    ids, scores, _ = ranker(items, torch.ones_like(items), exclude)
     assert ids.shape == scores.shape == (1, 10)
     assert not set(ids[0].tolist()) & {0, 1, 4, 5, 6, 7}
     assert torch.all(scores[0, :-1] >= scores[0, 1:])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -147,3 +148,28 @@ def show_command(
     if headline:
         typer.echo("\nmetrics (overall; --json for every slice):")
         typer.echo(_table([[k, _metric(v)] for k, v in headline.items()]))
+
+
+@app.command("card")
+def card_command(
+    name: Annotated[str, typer.Argument(help="Registered model name (the Triton model name), e.g. gru4rec.", callback=_name)],
+    version: Annotated[str, typer.Argument(help="Registry version, e.g. 3.", callback=_version)],
+    html: Annotated[bool, typer.Option("--html", help="The HTML rendering instead of Markdown.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", dir_okay=False, help="Write it to this file instead of printing it.")] = None,
+) -> None:
+    """A registered version's model card (data, metrics against the champion and the baselines overall and per slice,
+    example recommendations with explanations), as logged to its run when it was registered."""
+    from vitrine.cli import _settings
+    from vitrine.export.model_card import CARD_HTML, CARD_MARKDOWN
+    from vitrine.export.registry import RegistryError
+
+    registry = _registry_or_exit(_settings())
+    try:
+        content = registry.card(name, version, CARD_HTML if html else CARD_MARKDOWN)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from exc
+    if out is None:
+        typer.echo(content.decode())
+        return
+    out.write_bytes(content)
+    typer.echo(f"{name} v{version}: model card written to {out}")

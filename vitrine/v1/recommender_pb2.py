@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvitrine/v1/recommender.proto\x12\nvitrine.v1\"\x94\x01\n\x07\x43ontext\x12\x0c\n\x04page\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x37\n\nattributes\x18\x03 \x03(\x0b\x32#.vitrine.v1.Context.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x82\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12$\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x13.vitrine.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"=\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0f\n\x07variant\x18\x03 \x01(\t\"\xcd\x01\n\x11RecommendResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.vitrine.v1.ScoredItem\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x16\n\x0e\x66\x65\x61tures_ts_ms\x18\x08 \x01(\x03\"G\n\x15RecommendBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.vitrine.v1.RecommendRequest\"J\n\x16RecommendBatchResponse\x12\x30\n\tresponses\x18\x01 \x03(\x0b\x32\x1d.vitrine.v1.RecommendResponse\"R\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\r\"\x9a\x01\n\nExperiment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04salt\x18\x02 \x01(\t\x12%\n\x08variants\x18\x03 \x03(\x0b\x32\x13.vitrine.v1.Variant\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x12\n\nupdated_by\x18\x05 \x01(\t\x12\x15\n\rupdated_at_ms\x18\x06 \x01(\x03\x12\x0c\n\x04mode\x18\x07 \x01(\t\"\x16\n\x14GetExperimentRequest\"]\n\x14SetExperimentRequest\x12*\n\nexperiment\x18\x01 \x01(\x0b\x32\x16.vitrine.v1.Experiment\x12\x19\n\x11\x65xpected_revision\x18\x02 \x01(\x03\x32\xb0\x01\n\x0bRecommender\x12H\n\tRecommend\x12\x1c.vitrine.v1.RecommendRequest\x1a\x1d.vitrine.v1.RecommendResponse\x12W\n\x0eRecommendBatch\x12!.vitrine.v1.RecommendBatchRequest\x1a\".vitrine.v1.RecommendBatchResponse2\xa7\x01\n\x0f\x45xperimentAdmin\x12I\n\rGetExperiment\x12 .vitrine.v1.GetExperimentRequest\x1a\x16.vitrine.v1.Experiment\x12I\n\rSetExperiment\x12 .vitrine.v1.SetExperimentRequest\x1a\x16.vitrine.v1.Experimentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvitrine/v1/recommender.proto\x12\nvitrine.v1\"\x94\x01\n\x07\x43ontext\x12\x0c\n\x04page\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x37\n\nattributes\x18\x03 \x03(\x0b\x32#.vitrine.v1.Context.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12$\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x13.vitrine.v1.Context\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x0f\n\x07\x65xplain\x18\x06 \x01(\x08\"S\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0f\n\x07variant\x18\x03 \x01(\t\x12\x14\n\x0c\x65xplained_by\x18\x04 \x01(\t\"\xee\x01\n\x11RecommendResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.vitrine.v1.ScoredItem\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x05 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x16\n\x0e\x66\x65\x61tures_ts_ms\x18\x08 \x01(\x03\x12\x1f\n\x17\x65xplanation_unavailable\x18\t \x01(\t\"G\n\x15RecommendBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.vitrine.v1.RecommendRequest\"J\n\x16RecommendBatchResponse\x12\x30\n\tresponses\x18\x01 \x03(\x0b\x32\x1d.vitrine.v1.RecommendResponse\"R\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0e\n\x06weight\x18\x04 \x01(\r\"\x9a\x01\n\nExperiment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04salt\x18\x02 \x01(\t\x12%\n\x08variants\x18\x03 \x03(\x0b\x32\x13.vitrine.v1.Variant\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x12\n\nupdated_by\x18\x05 \x01(\t\x12\x15\n\rupdated_at_ms\x18\x06 \x01(\x03\x12\x0c\n\x04mode\x18\x07 \x01(\t\"\x16\n\x14GetExperimentRequest\"]\n\x14SetExperimentRequest\x12*\n\nexperiment\x18\x01 \x01(\x0b\x32\x16.vitrine.v1.Experiment\x12\x19\n\x11\x65xpected_revision\x18\x02 \x01(\x03\x32\xb0\x01\n\x0bRecommender\x12H\n\tRecommend\x12\x1c.vitrine.v1.RecommendRequest\x1a\x1d.vitrine.v1.RecommendResponse\x12W\n\x0eRecommendBatch\x12!.vitrine.v1.RecommendBatchRequest\x1a\".vitrine.v1.RecommendBatchResponse2\xa7\x01\n\x0f\x45xperimentAdmin\x12I\n\rGetExperiment\x12 .vitrine.v1.GetExperimentRequest\x1a\x16.vitrine.v1.Experiment\x12I\n\rSetExperiment\x12 .vitrine.v1.SetExperimentRequest\x1a\x16.vitrine.v1.Experimentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,25 +38,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTEXT_ATTRIBUTESENTRY']._serialized_start=144
   _globals['_CONTEXT_ATTRIBUTESENTRY']._serialized_end=193
   _globals['_RECOMMENDREQUEST']._serialized_start=196
-  _globals['_RECOMMENDREQUEST']._serialized_end=326
-  _globals['_SCOREDITEM']._serialized_start=328
-  _globals['_SCOREDITEM']._serialized_end=389
-  _globals['_RECOMMENDRESPONSE']._serialized_start=392
-  _globals['_RECOMMENDRESPONSE']._serialized_end=597
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=599
-  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=670
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=672
-  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=746
-  _globals['_VARIANT']._serialized_start=748
-  _globals['_VARIANT']._serialized_end=830
-  _globals['_EXPERIMENT']._serialized_start=833
-  _globals['_EXPERIMENT']._serialized_end=987
-  _globals['_GETEXPERIMENTREQUEST']._serialized_start=989
-  _globals['_GETEXPERIMENTREQUEST']._serialized_end=1011
-  _globals['_SETEXPERIMENTREQUEST']._serialized_start=1013
-  _globals['_SETEXPERIMENTREQUEST']._serialized_end=1106
-  _globals['_RECOMMENDER']._serialized_start=1109
-  _globals['_RECOMMENDER']._serialized_end=1285
-  _globals['_EXPERIMENTADMIN']._serialized_start=1288
-  _globals['_EXPERIMENTADMIN']._serialized_end=1455
+  _globals['_RECOMMENDREQUEST']._serialized_end=343
+  _globals['_SCOREDITEM']._serialized_start=345
+  _globals['_SCOREDITEM']._serialized_end=428
+  _globals['_RECOMMENDRESPONSE']._serialized_start=431
+  _globals['_RECOMMENDRESPONSE']._serialized_end=669
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_start=671
+  _globals['_RECOMMENDBATCHREQUEST']._serialized_end=742
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_start=744
+  _globals['_RECOMMENDBATCHRESPONSE']._serialized_end=818
+  _globals['_VARIANT']._serialized_start=820
+  _globals['_VARIANT']._serialized_end=902
+  _globals['_EXPERIMENT']._serialized_start=905
+  _globals['_EXPERIMENT']._serialized_end=1059
+  _globals['_GETEXPERIMENTREQUEST']._serialized_start=1061
+  _globals['_GETEXPERIMENTREQUEST']._serialized_end=1083
+  _globals['_SETEXPERIMENTREQUEST']._serialized_start=1085
+  _globals['_SETEXPERIMENTREQUEST']._serialized_end=1178
+  _globals['_RECOMMENDER']._serialized_start=1181
+  _globals['_RECOMMENDER']._serialized_end=1357
+  _globals['_EXPERIMENTADMIN']._serialized_start=1360
+  _globals['_EXPERIMENTADMIN']._serialized_end=1527
 # @@protoc_insertion_point(module_scope)

@@ -24,31 +24,35 @@ class Context(_message.Message):
     def __init__(self, page: _Optional[str] = ..., item_id: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "context", "exclude_item_ids", "request_id")
+    __slots__ = ("user_id", "k", "context", "exclude_item_ids", "request_id", "explain")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     context: Context
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    explain: bool
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., context: _Optional[_Union[Context, _Mapping]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
-    __slots__ = ("item_id", "score", "variant")
+    __slots__ = ("item_id", "score", "variant", "explained_by")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
+    EXPLAINED_BY_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     variant: str
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., variant: _Optional[str] = ...) -> None: ...
+    explained_by: str
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., variant: _Optional[str] = ..., explained_by: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "variant", "model_name", "model_version", "degraded", "degraded_reason", "request_id", "features_ts_ms")
+    __slots__ = ("items", "variant", "model_name", "model_version", "degraded", "degraded_reason", "request_id", "features_ts_ms", "explanation_unavailable")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +61,7 @@ class RecommendResponse(_message.Message):
     DEGRADED_REASON_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FEATURES_TS_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     variant: str
     model_name: str
@@ -65,7 +70,8 @@ class RecommendResponse(_message.Message):
     degraded_reason: str
     request_id: str
     features_ts_ms: int
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., variant: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., features_ts_ms: _Optional[int] = ...) -> None: ...
+    explanation_unavailable: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., variant: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., degraded_reason: _Optional[str] = ..., request_id: _Optional[str] = ..., features_ts_ms: _Optional[int] = ..., explanation_unavailable: _Optional[str] = ...) -> None: ...
 
 class RecommendBatchRequest(_message.Message):
     __slots__ = ("requests",)

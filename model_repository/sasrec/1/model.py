@@ -51,33 +51,41 @@ class TritonPythonModel:
         except Exception as exc:  # a malformed request must fail alone, not take the batch down
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"bad input: {exc}")) for _ in requests]
         sizes = [feed[self.input_names[0]].shape[0] for feed in feeds]
+        # Only the outputs some request asked for (none named: all), e.g. explain_steps only when wanted.
+        wanted = [self._requested(request) for request in requests]
+        names = [n for n in self.output_names if any(n in w for w in wanted)]
         try:
             merged = {name: np.concatenate([feed[name] for feed in feeds]) for name in self.input_names}
         except ValueError:
-            return [self._run_one(feed) for feed in feeds]
+            return [self._run_one(feed, [n for n in self.output_names if n in w]) for feed, w in zip(feeds, wanted)]
         try:
-            outputs = self.session.run(self.output_names, merged)
+            outputs = self.session.run(names, merged)
         except Exception as exc:
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))) for _ in requests]
         responses, start = [], 0
-        for size in sizes:
+        for size, asked in zip(sizes, wanted):
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(out[start : start + size], dtype=self.output_dtypes[name]))
-                for name, out in zip(self.output_names, outputs)
+                for name, out in zip(names, outputs)
+                if name in asked
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
 
-    def _run_one(self, feed):
+    def _requested(self, request):
+        names = set(request.requested_output_names())
+        return names & set(self.output_names) or set(self.output_names)
+
+    def _run_one(self, feed, names):
         try:
-            outputs = self.session.run(self.output_names, feed)
+            outputs = self.session.run(names, feed)
         except Exception as exc:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
         return pb_utils.InferenceResponse(
             output_tensors=[
                 pb_utils.Tensor(name, np.asarray(out, dtype=self.output_dtypes[name]))
-                for name, out in zip(self.output_names, outputs)
+                for name, out in zip(names, outputs)
             ]
         )
 
