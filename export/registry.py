@@ -38,6 +38,8 @@ import httpx
 
 if TYPE_CHECKING:  # mlflow is the `registry` extra and slow to import: loaded only when a client is built
     from mlflow import MlflowClient
+
+    from vitrine.settings import RegistrySettings
     from mlflow.entities.model_registry import ModelVersion
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -205,6 +207,21 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 
 # --- the client ------------------------------------------------------------------------------------------
+
+class RegistryMissing(RuntimeError):
+    """The registry is required but does not answer."""
+
+
+def connect(cfg: RegistrySettings, why: str) -> Registry:
+    """A client of the configured registry, after a quick reachability check whose error names the URL, what
+    needed the registry (`why`) and the way out."""
+    reason = reachable(cfg.tracking_url, cfg.probe_timeout_s)
+    if reason is not None:
+        raise RegistryMissing(
+            f"the model registry at {cfg.tracking_url} does not answer ({reason}); {why}. Start it with "
+            f"`vitrine stack up` (component mlflow) or set VITRINE_REGISTRY__URL")
+    return Registry(cfg.tracking_url, cfg.experiment, cfg.timeout_s)
+
 
 def reachable(tracking_url: str, timeout_s: float) -> str | None:
     """None when the registry answers /health, else why not: decided in seconds, before MLflow's own client

@@ -268,13 +268,12 @@ class Pipeline:
     def _registry(self):  # noqa: ANN202 - export.registry.Registry (mlflow is imported only when a run exports)
         """The model registry every challenger is registered in: without it nothing is exported (the step fails and
         `vitrine pipeline resume` continues once it answers) — a served version without lineage is what this prevents."""
-        from vitrine.export.registry import Registry, reachable
+        from vitrine.export.registry import RegistryMissing, connect
 
-        cfg = self.settings.registry
-        reason = reachable(cfg.tracking_url, cfg.probe_timeout_s)
-        if reason is not None:
-            raise PipelineError(f"the model registry at {cfg.tracking_url} does not answer ({reason}); nothing was exported")
-        return Registry(cfg.tracking_url, cfg.experiment, cfg.timeout_s)
+        try:
+            return connect(self.settings.registry, "nothing was exported")
+        except RegistryMissing as exc:
+            raise PipelineError(str(exc)) from exc
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
     def _mark_interrupted(self) -> None:

@@ -23,6 +23,8 @@ from typing import Annotated, Any
 
 import typer
 
+from vitrine.export.registry import Registry, RegistryMissing
+from vitrine.export.registry import connect as connect_registry
 from vitrine.settings import Settings
 
 app = typer.Typer(help="The model registry (MLflow): registered models, versions, aliases.", no_args_is_help=True)
@@ -32,21 +34,9 @@ MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 VERSION = re.compile(r"[1-9][0-9]{0,9}")
 
 
-class RegistryMissing(RuntimeError):
-    """The registry is required but does not answer."""
-
-
-def connect(settings: Settings, why: str):  # noqa: ANN201 - export.registry.Registry, imported lazily (mlflow is slow to import)
-    """A client of the configured registry, after a quick reachability check that names the URL and the way out."""
-    from vitrine.export.registry import Registry, reachable
-
-    cfg = settings.registry
-    reason = reachable(cfg.tracking_url, cfg.probe_timeout_s)
-    if reason is not None:
-        raise RegistryMissing(
-            f"the model registry at {cfg.tracking_url} does not answer ({reason}); {why}. Start it with "
-            f"`vitrine stack up` (component mlflow) or set VITRINE_REGISTRY__URL")
-    return Registry(cfg.tracking_url, cfg.experiment, cfg.timeout_s)
+def connect(settings: Settings, why: str) -> Registry:
+    """A client of the configured registry (`export.registry.connect`: a reachability check first)."""
+    return connect_registry(settings.registry, why)
 
 
 def _fail(message: str) -> typer.Exit:
