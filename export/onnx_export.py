@@ -30,7 +30,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from vitrine.contracts import ranker
 from vitrine.contracts.events import NUM_EVENT_TYPES
 from vitrine.export.data.sequences import FIRST_ITEM, OOV, PAD
-from vitrine.export.drift import POPULARITY_BUCKETS, history_stats, popularity_counts, popularity_upper_index
+from vitrine.export.drift import SOURCE_VALIDATION, build_reference, history_stats, popularity_counts, popularity_upper_index
 from vitrine.export.models import NEG, ServingRanker, explain_steps, step_similarities
 from vitrine.export.topk import unexplained_id_differences
 from vitrine.export.train import VALIDATION_SAMPLE, load_run
@@ -51,8 +51,6 @@ OPSET = 17
 SCORE_TOLERANCE = 1e-4
 PARITY_BATCH_SIZES = (1, 3, 17, 64)
 
-
-OPEN_EDGE = float(np.finfo(np.float32).max)
 
 
 class ParityError(AssertionError):
@@ -187,34 +185,15 @@ def check_parity(serving: ServingRanker, onnx_bytes: bytes, max_len: int, seed: 
     return worst
 
 
-def _histogram(values: np.ndarray, edges: np.ndarray) -> dict[str, list[float]]:
-    counts, _ = np.histogram(values, bins=edges)
-    return {"edges": edges.tolist(), "counts": counts.tolist()}
-
-
 def reference_distributions(serving: ServingRanker, items: np.ndarray, types: np.ndarray) -> dict[str, object]:
-    """What inputs and outputs looked like on validation data: the baseline for drift monitoring."""
-    max_len = items.shape[1]
+    """What inputs and outputs looked like on validation data (source "validation"): the drift baseline of the
+    gateway's `metadata` mode; its default, `capture`, takes the version's first requests in serving instead."""
     lengths, unknown, real = history_stats(items)
     upper_index = popularity_upper_index(serving.model.n_items)
-    mix = popularity_counts(items, upper_index)
     with torch.no_grad():
         _, scores, _ = serving(torch.from_numpy(items), torch.from_numpy(types), torch.zeros((len(items), 1), dtype=torch.long))
-    top1 = scores[:, 0].numpy()
-    score_edges = np.quantile(top1, np.linspace(0, 1, 11))
-    # Open-ended outer bins, kept as finite numbers so that metadata.json stays standard JSON.
-    score_edges[0], score_edges[-1] = -OPEN_EDGE, OPEN_EDGE
-    return {
-        "sequence_length": _histogram(lengths, np.arange(max_len + 2) - 0.5),
-        "popularity_mix": {
-            "bucket_upper_share": list(POPULARITY_BUCKETS),
-            "bucket_upper_index": upper_index,
-            "shares": (mix / max(1, mix.sum())).tolist(),
-        },
-        "unknown_item_rate": unknown / real if real else 0.0,
-        "empty_history_rate": float(np.mean(lengths == 0)),
-        "top1_score": {"edges": [float(e) for e in score_edges], "counts": np.histogram(top1, bins=score_edges)[0].tolist()},
-    }
+    return build_reference(lengths, unknown, real, popularity_counts(items, upper_index), scores[:, 0].numpy(),
+                           items.shape[1], upper_index, SOURCE_VALIDATION)
 
 
 def _check_compatible(folder: Path, spec: ModelSpec) -> None:

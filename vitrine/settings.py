@@ -284,6 +284,10 @@ class VariantSettings(_Section):
     weight: int = Field(ge=0, le=100)
 
 
+DriftReference = Literal["capture", "metadata"]
+"""gateway.drift_reference: the baseline captured from a version's first requests in serving, or metadata.json's."""
+
+
 class GatewaySettings(_Section):
     """The gRPC gateway (`vitrine gateway run`)."""
 
@@ -329,7 +333,26 @@ class GatewaySettings(_Section):
     experiment_poll_s: float = Field(5.0, gt=0, le=3600, description="Safety re-read of the experiment besides pub/sub.")
     drift_window: int = Field(5000, ge=10, le=1_000_000, description="Recent requests per variant compared with the reference.")
     drift_interval_s: float = Field(5.0, gt=0, le=3600)
-    drift_min_observations: int = Field(100, ge=1, le=1_000_000)
+    drift_min_observations: int = Field(
+        1000, ge=1, le=1_000_000,
+        description="Fewest model-ranked requests of the serving version (after its baseline) a variant's PSI is computed "
+                    "over. PSI of two samples of one distribution is about (bins − 1) · (1/n + 1/m), not 0: with the "
+                    "21 history-length bins, 100 requests alone read ~0.2 on steady traffic, 1,000 ~0.03 (docs/drift.md).")
+    drift_reference: DriftReference = Field(
+        "capture",
+        description="What PSI compares live traffic with. capture: the serving version's own first "
+                    "`drift_baseline_observations` model-ranked requests (only shoppers a model ranks, with histories as "
+                    "the feature store keeps them — what the model sees in serving; no PSI until captured). metadata: the "
+                    "export's distributions on validation data (metadata.json), which differ from serving by construction "
+                    "(short histories never reach the model; PSI 1–4 on steady traffic). docs/drift.md.")
+    drift_baseline_observations: int = Field(
+        2000, ge=10, le=1_000_000,
+        description="Capture mode: requests per model version that form its baseline; its PSI noise on steady traffic is "
+                    "about (bins − 1) / this, so at least 1,000.")
+    drift_baseline_ttl_s: int = Field(
+        30 * 86400, ge=60,
+        description="Capture mode: a version's baseline is kept in Redis (shared by every gateway, kept across restarts) "
+                    "this long after the last gateway serving the version refreshed it.")
     default_variants: tuple[VariantSettings, ...] = (
         VariantSettings(name="control", model_name="gru4rec", weight=50),
         VariantSettings(name="treatment", model_name="sasrec", weight=50),
@@ -368,6 +391,13 @@ class GatewaySettings(_Section):
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        return self
+
+    @model_validator(mode="after")
+    def _drift_window_holds_enough(self) -> GatewaySettings:
+        if self.drift_min_observations > self.drift_window:
+            raise ValueError(f"drift_min_observations ({self.drift_min_observations}) > drift_window ({self.drift_window}): "
+                             "PSI would never be computed")
         return self
 
     @property

@@ -19,6 +19,7 @@ the request's budget.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -44,6 +45,7 @@ from vitrine.settings import GatewaySettings
 log = logging.getLogger(__name__)
 POPULARITY_MODEL = "popularity"
 """A variant may name this model: popularity from Redis, served without Triton (a baseline arm, not degraded)."""
+FINGERPRINT_DIGITS = 16
 Row = tuple[np.ndarray, np.ndarray, np.ndarray, bool]
 """(item_ids, event_types, exclude_ids, explain): one request's model inputs and whether it wants explanations."""
 Ranked = list[tuple[str, float]]
@@ -61,9 +63,13 @@ class ServedModel:
     first_item_id: int
     index: dict[str, int] = field(repr=False, compare=False)
     reference: dict | None = field(default=None, repr=False, compare=False)
-    """Reference distributions for drift monitoring, from metadata.json."""
+    """Reference distributions on validation data, from metadata.json: the drift baseline in the gateway's `metadata`
+    mode (the default, `capture`, takes the version's first requests in serving instead; services/gateway/drift.py)."""
     explains: bool = False
     """Triton's config of the model declares `explain_steps` (every version it serves has the output)."""
+    fingerprint: str = field(default="", compare=False)
+    """sha256 (hex, 16 digits) of the version's metadata.json: tells this version from another one exported later under
+    the same name and number (a captured drift baseline is stored under it)."""
 
     @classmethod
     def load(cls, repository: Path, name: str, version: str) -> ServedModel:
@@ -76,7 +82,8 @@ class ServedModel:
         serving, items = metadata["serving"], tuple(metadata["vocabulary"])
         first = int(serving["first_item_id"])
         return cls(name, version, int(serving["max_len"]), int(serving["max_k"]), items, first,
-                   {item: i + first for i, item in enumerate(items)}, metadata.get("reference"))
+                   {item: i + first for i, item in enumerate(items)}, metadata.get("reference"),
+                   fingerprint=hashlib.sha256(raw).hexdigest()[:FINGERPRINT_DIGITS])
 
     def history(self, recent: Sequence[RecentEvent]) -> tuple[np.ndarray, np.ndarray]:
         steps, kinds = collapse_runs([e.item_id for e in recent], [e.type.index for e in recent])

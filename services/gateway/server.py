@@ -28,6 +28,7 @@ from vitrine.contracts.exposures import INTERLEAVE
 from vitrine.services.features.store import FeatureStore
 from vitrine.services.gateway.admin import ExperimentAdminService
 from vitrine.services.gateway.auth import AuthInterceptor
+from vitrine.services.gateway.baselines import BaselineStore
 from vitrine.services.gateway.drift import DriftMonitor
 from vitrine.services.gateway.experiment import Experiment, ExperimentFollower, ExperimentStore, Variant
 from vitrine.services.gateway.exposures import ExposureLog
@@ -81,7 +82,9 @@ class Gateway:
         self.fallback = PopularityFallback(self.store, depth, cfg.refresh_s, cfg.redis_timeout_ms / 1000)
         self.exposures = ExposureLog(settings.kafka.bootstrap_servers, cfg.exposure_buffer, self.metrics, cfg.exposure_linger_ms)
         self.experiments = ExperimentStore(self.redis, settings.features.namespace)
-        self.drift = DriftMonitor(self.metrics, cfg.drift_window, cfg.drift_interval_s, cfg.drift_min_observations)
+        baselines = BaselineStore(self.redis, settings.features.namespace, cfg.drift_baseline_ttl_s, cfg.admin_timeout_ms / 1000)
+        self.drift = DriftMonitor(self.metrics, cfg.drift_window, cfg.drift_interval_s, cfg.drift_min_observations,
+                                  cfg.drift_reference, cfg.drift_baseline_observations, baselines)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.follower: ExperimentFollower | None = None
