@@ -82,7 +82,8 @@ class Gateway:
         self.fallback = PopularityFallback(self.store, depth, cfg.refresh_s, cfg.redis_timeout_ms / 1000)
         self.exposures = ExposureLog(settings.kafka.bootstrap_servers, cfg.exposure_buffer, self.metrics, cfg.exposure_linger_ms)
         self.experiments = ExperimentStore(self.redis, settings.features.namespace)
-        baselines = BaselineStore(self.redis, settings.features.namespace, cfg.drift_baseline_ttl_s, cfg.admin_timeout_ms / 1000)
+        baselines = BaselineStore(self.redis, settings.features.namespace, cfg.drift_baseline_observations, cfg.drift_baseline_ttl_s,
+                                  cfg.admin_timeout_ms / 1000)
         self.drift = DriftMonitor(self.metrics, cfg.drift_window, cfg.drift_interval_s, cfg.drift_min_observations,
                                   cfg.drift_reference, cfg.drift_baseline_observations, baselines)
         self.health = health.aio.HealthServicer()

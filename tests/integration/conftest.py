@@ -44,8 +44,11 @@ def settings() -> Settings:
     # A pipeline run started by the stack's own trigger service (test_alerting) trains one small model under a private
     # name, so that it neither takes the CPU for minutes nor adds versions of the models other tests serve.
     pipeline = shifted.pipeline.model_copy(update={"models": ("gru4rec",), "epochs": 1, "model_prefix": "alerted_"})
+    # The stack's gateway captures drift baselines of a few requests, so that tests driving a few hundred answers see PSI
+    # (test_observability); tests/integration/test_drift.py measures the default sizes on a gateway of its own.
+    gateway = shifted.gateway.model_copy(update={"drift_baseline_observations": 100, "drift_min_observations": 50})
     return shifted.model_copy(update={"triton": shifted.triton.model_copy(update={"model_repository": repository}),
-                                      "pipeline": pipeline})
+                                      "pipeline": pipeline, "gateway": gateway})
 
 
 @pytest.fixture(scope="session")

@@ -331,7 +331,7 @@ async def test_a_stored_baseline_is_shared_by_gateways_and_survives_a_restart() 
     from vitrine.services.gateway.baselines import BaselineStore
 
     redis = _FakeRedis()
-    store = BaselineStore(redis, "ns", ttl_s=3600, timeout_s=1)  # type: ignore[arg-type]
+    store = BaselineStore(redis, "ns", size=30, ttl_s=3600, timeout_s=1)  # type: ignore[arg-type]
     first = _captured(baseline=30, window=100, min_observations=10)
     first.store = store
     rng = np.random.default_rng(8)
@@ -339,7 +339,7 @@ async def test_a_stored_baseline_is_shared_by_gateways_and_survives_a_restart() 
     for _ in range(30):
         first.observe("a", served, _served_history(rng), float(rng.normal(5, 2)))
     await first.sync_baselines()
-    assert list(redis.data) == ["ns:drift:baseline:m:1:abc"] and redis.ttl["ns:drift:baseline:m:1:abc"] == 3600
+    assert list(redis.data) == ["ns:drift:baseline:m:1:abc:30"] and redis.ttl["ns:drift:baseline:m:1:abc:30"] == 3600
     stored = first.references()[("m", "1")]
     # A gateway started later (or this one restarted) while the traffic has shifted: it adopts the stored baseline
     # at its first sync instead of capturing the shifted traffic as normal, and the shift shows.
@@ -365,7 +365,7 @@ async def test_a_stored_baseline_is_shared_by_gateways_and_survives_a_restart() 
 async def test_when_two_gateways_complete_a_capture_the_first_stored_baseline_wins() -> None:
     from vitrine.services.gateway.baselines import BaselineStore
 
-    store = BaselineStore(_FakeRedis(), "ns", ttl_s=60, timeout_s=1)  # type: ignore[arg-type]
+    store = BaselineStore(_FakeRedis(), "ns", size=20, ttl_s=60, timeout_s=1)  # type: ignore[arg-type]
     monitors = [_captured(baseline=20, window=50, min_observations=10) for _ in range(2)]
     rng = np.random.default_rng(9)
     for monitor, shift in zip(monitors, (0.0, 0.4), strict=True):
