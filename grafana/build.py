@@ -128,7 +128,7 @@ def experiments() -> dict:
                [(f"sum by (le) (increase(vitrine_gateway_top1_score_bucket{{{VARIANT}}}[$__rate_interval]))", "{{le}}")], "short", kind="heatmap"),
         _panel("Mean top-k score distribution", "Mean score of the returned items (model answers), per bucket.",
                [(f"sum by (le) (increase(vitrine_gateway_mean_topk_score_bucket{{{VARIANT}}}[$__rate_interval]))", "{{le}}")], "short", kind="heatmap"),
-        _panel("Input drift (PSI) per feature", "Population stability index of live inputs/outputs against the model version's training reference. > 0.25: retrain.",
+        _panel("Input drift (PSI) per feature", "Population stability index of live inputs/outputs against the model version's baseline (its first requests in serving, docs/drift.md). > 0.25: retrain.",
                [(f"max by (feature, variant) (vitrine_drift_psi{{{VARIANT}}})", "{{feature}} {{variant}}")], "short",
                thresholds=[(0.1, "yellow"), (0.25, "red")], width=24),
         *outcome_panels(),

@@ -154,7 +154,14 @@ async def test_steady_demo_traffic_reads_below_0_1_and_the_planted_drift_crosses
         shifted = await _simulate_until(gateway, drifted, 60, lambda psi: max(psi.values(), default=0) > ALERT,
                                         f"PSI of a feature above {ALERT}", chunks=4)
         await _stored_baselines(gateway, delete=True)
-    print("\nDRIFT-PSI " + json.dumps({"steady_first": first, "steady_later": second, "planted_drift": shifted}))
+    # The same steady traffic against the export's validation reference (metadata mode, as before capture existed): the
+    # gap this test exists for — the alert would fire on steady traffic.
+    async with private_gateway(stack.settings, drift_interval_s=1.0, drift_reference="metadata", **defaults) as gateway:
+        validation = await _simulate_until(gateway, steady, 80, lambda psi: set(psi) == set(FEATURES),
+                                           "PSI of every feature against metadata.json's reference", chunks=4)
+    print("\nDRIFT-PSI " + json.dumps({"steady_first": first, "steady_later": second, "planted_drift": shifted,
+                                       "steady_vs_validation_reference": validation}))
     for name, values in (("steady", first), ("steady, later", second)):
         assert set(values) == set(FEATURES) and max(values.values()) < STEADY, (name, values)
     assert max(shifted.values()) > ALERT, shifted
+    assert max(validation.values()) > ALERT, validation
