@@ -323,7 +323,7 @@ class _FakeRedis:
 
 def _fingerprinted(version: str, fingerprint: str) -> ServedModel:
     base = _model(version)
-    return ServedModel("m", version, MAX_LEN, 10, base.item_ids, FIRST_ITEM, base.index, None, fingerprint)
+    return ServedModel("m", version, MAX_LEN, 10, base.item_ids, FIRST_ITEM, base.index, None, fingerprint=fingerprint)
 
 
 @pytest.mark.timeout(10)
