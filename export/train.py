@@ -164,6 +164,7 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
         if config.patience:
             score = evaluate(model, dataset)[STOPPING_METRIC]
             history[-1][f"valid_{STOPPING_METRIC}"] = score
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", valid=f"{score:.4f}")
             if best is None or score > best[1]:
                 best = (epoch + 1, score, copy.deepcopy(model.state_dict()))
             elif epoch + 1 - best[0] >= config.patience:
