@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = train(config, datasets[max_len], info, scratch, progress=args.progress)
         record = json.loads((run_dir / "run.json").read_text())
         metrics = record["metrics"]["model"]
-        rows.append({"trial": trial.number, **{k: getattr(config, k) for k in FIELDS[1:9]},
+        rows.append({"trial": trial.number, **{k: _tidy(getattr(config, k)) for k in FIELDS[1:9]},
                      "epochs_run": len(record["history"]), "best_epoch": record["best_epoch"],
                      **{k: round(v, 5) for k, v in metrics.items()}, "train_s": round(time.monotonic() - started, 1),
                      "state": "complete"})
@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         study.enqueue_trial(params)
     study.optimize(objective, n_trials=args.trials)
     print(f"best trial {study.best_trial.number}: Recall@10 {study.best_value:.4f} with {study.best_params}")
+
+
+def _tidy(value: object) -> object:
+    return round(value, 6) if isinstance(value, float) else value
 
 
 def write(rows: list[dict], out: Path, meta: dict) -> None:
