@@ -9,9 +9,11 @@ seeded and deterministic on CPU.
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -105,6 +107,25 @@ def evaluate(model: SequenceRecommender, dataset: Dataset, batch_size: int = EVA
     return evaluate_sliced(model, dataset, batch_size).overall()
 
 
+def keep_freed_memory() -> bool:
+    """Process-wide, glibc only: allocate large blocks from the heap and keep freed memory for reuse.
+
+    By default glibc maps every allocation above 32 MB afresh and unmaps it when freed. A training batch's
+    [positions × catalogue] logits and their gradients (≈ 85 MB each on the `wide` preset) are such blocks, so
+    every batch faults their pages in again: on `wide`, 108 s of system time against 160 s of arithmetic for
+    GRU4Rec (docs/benchmarks.md, Training). Kept, the same blocks are reused; the price is that the process
+    keeps its peak memory until it exits. Returns whether the setting applied (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def drop_items(items: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
     """Item-id dropout: each real step (not padding) becomes the unknown item with probability `rate`."""
     if rate <= 0:
@@ -126,6 +147,7 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
           baselines: BaselineConfig = BaselineConfig()) -> Path:
     """Train one model, write its run folder, and return the folder."""
     started = time.monotonic()
+    keep_freed_memory()
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True)
