@@ -8,9 +8,12 @@ seeded and deterministic on CPU.
 
 from __future__ import annotations
 
+import copy
+import ctypes
 import json
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -21,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from vitrine.export.baselines import BaselineConfig, evaluate_baselines
-from vitrine.export.data.sequences import OOV, Dataset
+from vitrine.export.data.sequences import OOV, PAD, Dataset
 from vitrine.export.losses import LOSSES, Loss, draw_negatives, full_softmax_loss, proposal, sampled_softmax_loss
 from vitrine.export.metrics import EVAL_BATCH, METRIC_NAMES, SlicedMetrics, batches, ranking_metrics
 from vitrine.export.models import Architecture, SequenceRecommender, build
@@ -30,6 +33,9 @@ from vitrine.settings import REPO_ROOT
 DEFAULT_DIM: dict[str, int] = {"gru4rec": 64, "sasrec": 128}
 """Tuned on the default storefront (docs/benchmarks.md, Training): SASRec gains from 128 (Recall@10 0.657 → 0.667,
 the long tail within 4 % of the transition table instead of 10 %), GRU4Rec overfits there (0.658 → 0.651)."""
+
+STOPPING_METRIC = "recall@10"
+"""What early stopping (`TrainConfig.patience`) watches on the validation rows."""
 
 VALIDATION_SAMPLE = "validation_sample.npz"
 """Validation histories kept with the run: the export derives drift-reference distributions from them."""
@@ -58,6 +64,12 @@ class TrainConfig:
     negatives: int = 512
     sampling_alpha: float = 0.0
     """Negatives are drawn with probability ∝ training count ** sampling_alpha (0: uniform)."""
+    item_dropout: float = 0.0
+    """Training only: each real input step's item is replaced by the unknown-item id with this probability
+    (the step's event type stays), so that the model cannot lean on one memorised item id."""
+    patience: int = 0
+    """Early stopping: 0 trains every epoch; n > 0 scores the validation rows after each epoch, stops after n
+    epochs without a better `STOPPING_METRIC`, and keeps the best epoch's weights (recorded as `best_epoch`)."""
 
     def __post_init__(self) -> None:
         if self.architecture not in DEFAULT_DIM:
@@ -72,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}")
         if not 1 <= self.negatives <= 100_000 or not 0 <= self.sampling_alpha <= 1:
             raise ValueError("negatives must lie in [1, 100000] and sampling_alpha in [0, 1]")
+        if not 0 <= self.item_dropout < 1 or self.patience < 0:
+            raise ValueError("item_dropout must lie in [0, 1) and patience be >= 0")
 
 
 __all__ = ["METRIC_NAMES", "ranking_metrics"]  # kept importable from here: they moved to metrics.py
@@ -93,6 +107,33 @@ def evaluate(model: SequenceRecommender, dataset: Dataset, batch_size: int = EVA
     return evaluate_sliced(model, dataset, batch_size).overall()
 
 
+def keep_freed_memory() -> bool:
+    """Process-wide, glibc only: allocate large blocks from the heap and keep freed memory for reuse.
+
+    By default glibc maps every allocation above 32 MB afresh and unmaps it when freed. A training batch's
+    [positions × catalogue] logits and their gradients (≈ 85 MB each on the `wide` preset) are such blocks, so
+    every batch faults their pages in again: on `wide`, 108 s of system time against 160 s of arithmetic for
+    GRU4Rec (docs/benchmarks.md, Training). Kept, the same blocks are reused; the price is that the process
+    keeps its peak memory until it exits. Returns whether the setting applied (False off glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+
+
+def drop_items(items: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Item-id dropout: each real step (not padding) becomes the unknown item with probability `rate`."""
+    if rate <= 0:
+        return items
+    hit = (torch.rand(items.shape, generator=generator) < rate) & (items != PAD)
+    return items.masked_fill(hit, OOV)
+
+
 def code_version() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -106,6 +147,7 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
           baselines: BaselineConfig = BaselineConfig()) -> Path:
     """Train one model, write its run folder, and return the folder."""
     started = time.monotonic()
+    keep_freed_memory()
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True)
@@ -116,7 +158,8 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
     targets = torch.from_numpy(dataset.train_targets)
     generator = torch.Generator().manual_seed(config.seed)
     q = proposal(dataset.train_item_counts, config.sampling_alpha) if config.loss == "sampled" else None
-    history = []
+    history: list[dict[str, float]] = []
+    best: tuple[int, float, dict] | None = None  # (epoch, score, weights) under early stopping
     batches = (len(inputs) + config.batch_size - 1) // config.batch_size
     bar = tqdm(total=config.epochs * batches, desc=config.architecture, unit="batch", disable=not progress)
     for epoch in range(config.epochs):
@@ -126,7 +169,8 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
         for start in range(0, len(inputs), config.batch_size):
             index = order[start : start + config.batch_size]
             real = targets[index] != 0  # only real positions are scored (left padding has no target)
-            hidden, target = model.encode(inputs[index], types[index])[real], targets[index][real]
+            steps = drop_items(inputs[index], config.item_dropout, generator)
+            hidden, target = model.encode(steps, types[index])[real], targets[index][real]
             if q is None:
                 loss = full_softmax_loss(hidden, target, model.output_table)
             else:
@@ -139,7 +183,17 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
             bar.update(1)
         history.append({"epoch": epoch + 1, "loss": epoch_loss / len(inputs)})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+        if config.patience:
+            score = evaluate(model, dataset)[STOPPING_METRIC]
+            history[-1][f"valid_{STOPPING_METRIC}"] = score
+            bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", valid=f"{score:.4f}")
+            if best is None or score > best[1]:
+                best = (epoch + 1, score, copy.deepcopy(model.state_dict()))
+            elif epoch + 1 - best[0] >= config.patience:
+                break
     bar.close()
+    if best is not None:
+        model.load_state_dict(best[2])  # the best epoch's weights are the run's model
     sliced = evaluate_sliced(model, dataset)
     metrics = sliced.overall()
     baselines_started = time.monotonic()
@@ -163,6 +217,7 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
         "baselines": {**report.as_record(), "duration_s": round(baselines_s, 2)},
         "slice_metrics": {"model": sliced.slices(), **report.slices},
         "history": history,
+        "best_epoch": best[0] if best is not None else len(history),
         "code_version": code_version(),
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),

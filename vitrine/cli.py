@@ -280,6 +280,10 @@ def train_command(
     sampling_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Sampled loss: negatives drawn ∝ popularity ** alpha (0 = uniform).")] = 0.0,
     threads: Annotated[int, typer.Option(min=1, max=64, help="Torch threads; on a machine shared with other heavy work 1 can be several times faster than 2.")] = 2,
     tied: Annotated[bool, typer.Option("--tied/--untied", help="Score items with their input embeddings (tied) or an output table of their own.")] = True,
+    dropout: Annotated[float | None, typer.Option(min=0.0, max=0.9, help="Dropout; default: per architecture (gru4rec 0.1 on the embeddings, sasrec 0.2).")] = None,
+    item_dropout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Training only: share of input steps whose item id is replaced by the unknown item.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(min=0.0, max=1.0, help="Adam weight decay.")] = 0.0,
+    patience: Annotated[int, typer.Option(min=0, max=1000, help="Early stopping: stop after this many epochs without a better validation Recall@10 and keep the best epoch (0: train every epoch).")] = 0,
     out: Annotated[Path, typer.Option(file_okay=False, help="Where run folders go.")] = Path("runs"),
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     registry: Annotated[bool | None, typer.Option(
@@ -310,10 +314,12 @@ def train_command(
     for architecture in model:
         config = TrainConfig(architecture=architecture, epochs=epochs, batch_size=batch_size,  # type: ignore[arg-type]
                              learning_rate=learning_rate, dim=dim, max_len=max_len, seed=seed,
-                             loss=loss, negatives=negatives, sampling_alpha=sampling_alpha, threads=threads, tied=tied)  # type: ignore[arg-type]
+                             loss=loss, negatives=negatives, sampling_alpha=sampling_alpha, threads=threads, tied=tied,  # type: ignore[arg-type]
+                             dropout=dropout, item_dropout=item_dropout, weight_decay=weight_decay, patience=patience)
         run_dir = train(config, dataset, info, out, progress=progress)
         record = json.loads((run_dir / "run.json").read_text())
-        typer.echo(_metrics_table(record) + f"\n{architecture}: trained in {record['duration_s']:.0f}s → {run_dir}")
+        kept = f", kept epoch {record['best_epoch']} of {len(record['history'])}" if patience else ""
+        typer.echo(_metrics_table(record) + f"\n{architecture}: trained in {record['duration_s']:.0f}s{kept} → {run_dir}")
         if tracker is not None:
             logged = tracker.log_training_run(run_dir, source="vitrine train")
             typer.echo(f"{architecture}: logged to the registry as run {logged.run_id} "

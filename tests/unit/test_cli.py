@@ -230,3 +230,5 @@ def test_train_defaults_are_the_training_config_defaults() -> None:
     for name in ("epochs", "batch_size", "learning_rate", "max_len"):
         assert params[name].default == getattr(defaults, name) == getattr(PipelineSettings(), name), name
     assert params["dim"].default is None and PipelineSettings().dim is None
+    for name in ("tied", "dropout", "item_dropout", "weight_decay", "patience", "loss", "negatives", "sampling_alpha"):
+        assert params[name].default == getattr(defaults, name), name
