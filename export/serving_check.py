@@ -35,14 +35,19 @@ class ServingMismatch(AssertionError):
     """Triton answered, but not what the exported graph computes."""
 
 
-async def infer_ranker(client: triton.InferenceServerClient, model: str, version: int | None, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def ranker_inputs(feed: dict[str, np.ndarray]) -> list[triton.InferInput]:
+    """A ranker's three INT64 inputs for Triton, from onnxruntime's feed."""
     inputs = []
     for name in ranker.INPUTS:
         tensor = triton.InferInput(name, list(feed[name].shape), "INT64")
         tensor.set_data_from_numpy(feed[name].astype(np.int64))
         inputs.append(tensor)
+    return inputs
+
+
+async def infer_ranker(client: triton.InferenceServerClient, model: str, version: int | None, feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     result = await client.infer(
-        model, inputs, model_version="" if version is None else str(version),
+        model, ranker_inputs(feed), model_version="" if version is None else str(version),
         outputs=[triton.InferRequestedOutput(name) for name in ranker.OUTPUTS],
     )
     return result.as_numpy(ranker.TOP_IDS), result.as_numpy(ranker.TOP_SCORES)
@@ -83,7 +88,7 @@ async def verify_served(client: triton.InferenceServerClient, model: str, versio
     if not await client.is_model_ready(model, str(version)):
         raise ServingMismatch(f"Triton did not make {model} v{version} ready after loading")
     config = await client.get_model_config(model, str(version), as_json=True)
-    explains = any(o.get("name") == ranker.EXPLAIN_STEPS for o in config.get("config", {}).get("output", []))
+    explains = ranker.declares_explain_steps(config.get("config", {}))
     rng = np.random.default_rng(seed)
     for batch in CHECK_BATCH_SIZES:
         feed = random_inputs(rng, batch, max_len, vocabulary_rows)
@@ -105,12 +110,7 @@ async def _verify_explanations(client: triton.InferenceServerClient, model: str,
                                feed: dict[str, np.ndarray], session: ort.InferenceSession) -> None:
     """Triton's explain_steps are onnxruntime's for the same items: the same history position, or one holding the same
     item (an exact tie); -1 exactly where onnxruntime has -1."""
-    inputs = []
-    for name in ranker.INPUTS:
-        tensor = triton.InferInput(name, list(feed[name].shape), "INT64")
-        tensor.set_data_from_numpy(feed[name].astype(np.int64))
-        inputs.append(tensor)
-    result = await client.infer(model, inputs, model_version=str(version),
+    result = await client.infer(model, ranker_inputs(feed), model_version=str(version),
                                 outputs=[triton.InferRequestedOutput(name) for name in ranker.EXPLAINED_OUTPUTS])
     served_ids, served_steps = result.as_numpy(ranker.TOP_IDS), result.as_numpy(ranker.EXPLAIN_STEPS)
     local_ids, _, local_steps = session.run(list(ranker.EXPLAINED_OUTPUTS), feed)

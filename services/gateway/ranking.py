@@ -183,19 +183,13 @@ class ModelCatalog:
             model = await _shared(self._loading, key, lambda: self._load(name, version))
         return model
 
-    async def metadata_uri(self, name: str, version: str) -> str | None:
-        """The registry URI of the version's metadata from Triton's config of the model, or None when the
-        version was exported without a registry."""
-        return (await self._config(name, version))[0]
-
     async def _config(self, name: str, version: str) -> tuple[str | None, bool]:
         """From Triton's config of the model: the version's metadata URI (None: exported without a registry)
         and whether the config declares the `explain_steps` output."""
         reply = await self.client.get_model_config(name, version, as_json=True, client_timeout=self.call_timeout_s)
         config = reply.get("config", {})
         entry = config.get("parameters", {}).get(metadata_parameter(version))
-        explains = any(output.get("name") == ranker.EXPLAIN_STEPS for output in config.get("output", []))
-        return (entry.get("string_value") or None if entry else None), explains
+        return (entry.get("string_value") or None if entry else None), ranker.declares_explain_steps(config)
 
     async def _fetch(self, uri: str) -> bytes:
         if not self.registry_url:

@@ -30,6 +30,12 @@ EXPLAIN_STEPS: Final = "explain_steps"
 EXPLAINED_OUTPUTS: Final = (TOP_IDS, TOP_SCORES, EXPLAIN_STEPS)
 """The outputs of a version exported with explanations (every export since explain_steps exists)."""
 NO_STEP: Final = -1
+
+
+def declares_explain_steps(config: dict) -> bool:
+    """Whether a Triton model config (`get_model_config(..., as_json=True)["config"]`) declares EXPLAIN_STEPS: the
+    one test of "this model serves explanations" for every client (the gateway, the post-load check)."""
+    return any(output.get("name") == EXPLAIN_STEPS for output in config.get("output", []))
 EXCLUDED_SCORE: Final = -1e9 / 2
 """Scores at or below this are padding, unknown or excluded items that filled a top-k slot."""
 METADATA_FILE: Final = "metadata.json"
