@@ -269,7 +269,8 @@ def export_run(
     kept = [*versions(repository / model_name), number][-keep_versions:]
     # The config declares explain_steps only when every version in the folder has it (this one does); once the
     # versions without it are pruned (below), the config is rewritten to declare it.
-    explain = all(has_explanations(repository / model_name / str(v) / "model.onnx") for v in versions(repository / model_name))
+    with_steps = {v: has_explanations(repository / model_name / str(v) / "model.onnx") for v in versions(repository / model_name)}
+    explain = all(with_steps.values())
     spec = replace(spec, outputs=spec_for(model_name, max_len, serving.k, keep_versions, explain).outputs,
                    parameters=_metadata_parameters(repository / model_name, kept, number, uri))
     folder = write_model_folder(repository, spec)
@@ -280,7 +281,7 @@ def export_run(
         shutil.rmtree(version)
         raise
     removed = prune(folder, keep_versions)
-    if not explain and all(has_explanations(folder / str(v) / "model.onnx") for v in versions(folder)):
+    if not explain and all(with_steps.get(v, True) for v in versions(folder)):  # the new version has them
         write_model_folder(repository, replace(spec, outputs=spec_for(model_name, max_len, serving.k, keep_versions, True).outputs))
         validate_model_folder(folder)
     return ExportResult(model_name, int(version.name), version, removed, worst, uri)
