@@ -65,28 +65,13 @@ class _Ring:
         return int(self.model[(self.count - 1) % self.size])
 
 
-class _Baseline:
-    """The first `size` observations of one version (capture mode), across variants; a reference once full."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.count = 0
-        self.length = np.zeros(size, dtype=np.int64)
-        self.unknown = np.zeros(size, dtype=np.int64)
-        self.real = np.zeros(size, dtype=np.int64)
-        self.popularity = np.zeros((size, len(POPULARITY_BUCKETS)), dtype=np.int64)
-        self.top1 = np.full(size, np.nan)
+class _Baseline(_Ring):
+    """The first `size` observations of one version (capture mode), across variants: the ring's columns, never
+    written past full (its `model` column holds the version's index); a reference once full."""
 
     @property
     def full(self) -> bool:
         return self.count >= self.size
-
-    def write(self, length: int, unknown: int, real: int, popularity: np.ndarray, top1: float | None) -> None:
-        slot = self.count
-        self.length[slot], self.unknown[slot], self.real[slot] = length, unknown, real
-        self.popularity[slot] = popularity
-        self.top1[slot] = np.nan if top1 is None else top1
-        self.count += 1
 
     def reference(self, max_len: int, upper_index: list[int]) -> dict:
         scores = self.top1[~np.isnan(self.top1)]
@@ -156,7 +141,7 @@ class DriftMonitor:
         baseline = version.baseline
         capturing = baseline is not None and not baseline.full
         if capturing:
-            baseline.write(int(length), unknown, real, popularity, top1)
+            baseline.write(index, int(length), unknown, real, popularity, top1)
         ring.write(index, int(length), unknown, real, popularity, top1, compared=not capturing)
 
     def references(self) -> dict[tuple[str, str], dict | None]:
@@ -165,11 +150,15 @@ class DriftMonitor:
 
     def _complete_baselines(self) -> None:
         for version in self._versions:
-            if version.reference is None and version.baseline is not None and version.baseline.full:
-                version.reference = version.baseline.reference(version.model.max_len, version.upper_index)
-                version.baseline = None
-                log.info("drift baseline of %s v%s captured from its first %d requests in serving",
-                         version.model.name, version.model.version, self.baseline_observations)
+            self._complete(version)
+
+    def _complete(self, version: _Version) -> None:
+        """A full baseline becomes the version's reference."""
+        if version.reference is None and version.baseline is not None and version.baseline.full:
+            version.reference = version.baseline.reference(version.model.max_len, version.upper_index)
+            version.baseline = None
+            log.info("drift baseline of %s v%s captured from its first %d requests in serving",
+                     version.model.name, version.model.version, self.baseline_observations)
 
     async def sync_baselines(self) -> None:
         """Capture mode with a store: adopt a version's stored baseline (another gateway's, or ours before a restart),
@@ -186,8 +175,7 @@ class DriftMonitor:
                     version.reference, version.baseline, version.stored = found, None, True
                     log.info("drift baseline of %s v%s adopted from the baseline store", model.name, model.version)
                     continue
-            if version.reference is None and version.baseline is not None and version.baseline.full:
-                self._complete_baselines()
+            self._complete(version)
             if version.reference is not None and not version.stored:
                 version.reference = await self.store.save(*key, version.reference)
                 version.stored = True
