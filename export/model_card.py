@@ -18,7 +18,7 @@ import html
 import json
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -26,6 +26,9 @@ import onnxruntime as ort
 from vitrine.contracts import ranker
 from vitrine.contracts.events import EventType
 from vitrine.export.data.sequences import FIRST_ITEM, PAD
+
+if TYPE_CHECKING:
+    from vitrine.export.registry import Registry
 
 CARD_MARKDOWN, CARD_HTML, CARD_JSON = "model_card.md", "model_card.html", "model_card.json"
 CARD_FILES = (CARD_MARKDOWN, CARD_HTML, CARD_JSON)
@@ -334,3 +337,10 @@ def build_from_folders(run_dir: Path, version_folder: Path, registered: dict[str
     vocabulary = tuple(json.loads((run_dir / "vocabulary.json").read_text()))
     sample = dict(np.load(run_dir / VALIDATION_SAMPLE)) if (run_dir / VALIDATION_SAMPLE).is_file() else None
     return build_card(record, registered, version_folder / "model.onnx", vocabulary, sample, evaluation, gate)
+
+
+def log_to_registry(registry: Registry, run_dir: Path, version_folder: Path, registered: dict[str, Any],
+                    evaluation: dict[str, Any] | None = None, gate: dict[str, Any] | None = None) -> str:
+    """Build a registered version's card (`build_from_folders`) and log it to the version's run; returns its URI."""
+    card = build_from_folders(run_dir, version_folder, registered, evaluation, gate)
+    return registry.log_card(registered["name"], registered["version"], card_files(card))

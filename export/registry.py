@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,9 +38,9 @@ import httpx
 
 if TYPE_CHECKING:  # mlflow is the `registry` extra and slow to import: loaded only when a client is built
     from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
 
     from vitrine.settings import RegistrySettings
-    from mlflow.entities.model_registry import ModelVersion
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ALIASES = (CHAMPION, CHALLENGER)
@@ -325,17 +325,10 @@ class Registry:
 
     def publisher(self, run_id: str) -> Callable[[str, int, dict[str, bytes]], str]:
         """`export_run`'s `publish`: uploads a version's files to the run and returns its metadata's URI."""
-        import tempfile
-
         from vitrine.contracts import ranker
 
         def publish(model: str, version: int, files: dict[str, bytes]) -> str:
-            with tempfile.TemporaryDirectory(prefix="vitrine-export-") as folder:
-                paths = []
-                for file_name, content in files.items():
-                    (Path(folder) / file_name).write_bytes(content)
-                    paths.append(Path(folder) / file_name)
-                self.log_export(run_id, model, version, paths)
+            self._log_contents(run_id, triton_artifact_dir(model, version), files)
             return metadata_uri(run_id, model, version, ranker.METADATA_FILE)
 
         return publish
@@ -344,26 +337,23 @@ class Registry:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
 
-    def log_export(self, run_id: str, model: str, triton_version: int, files: Iterable[Path]) -> str:
-        """Upload an exported version's files (model.onnx, metadata.json) to the run; returns the folder's URI."""
-        artifact_dir = triton_artifact_dir(model, triton_version)
-        for path in files:
-            self.client.log_artifact(run_id, str(path), artifact_path=artifact_dir)
-        return f"runs:/{run_id}/{artifact_dir}"
+    def _log_contents(self, run_id: str, artifact_dir: str, files: dict[str, bytes]) -> None:
+        """Log in-memory files (name → content) as the run's artifacts under `artifact_dir` (MLflow logs paths)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="vitrine-artifacts-") as folder:
+            for file_name, content in files.items():
+                (Path(folder) / file_name).write_bytes(content)
+                self.client.log_artifact(run_id, str(Path(folder) / file_name), artifact_path=artifact_dir)
 
     def log_card(self, name: str, version: str, files: dict[str, bytes]) -> str:
         """Log a registered version's model card files to its run (`card/<model>/<triton version>/`), tag the version
         with their URI and say so in its description (shown on the registry page); returns the URI."""
-        import tempfile
-
         found = self.client.get_model_version(name, version)
         if not found.run_id:
             raise RegistryError(f"version {version} of {name!r} has no run to log its card to")
         artifact_dir = card_artifact_dir(found.tags.get(VERSION_TAG_TRITON_MODEL, name), found.tags.get(VERSION_TAG_TRITON_VERSION, version))
-        with tempfile.TemporaryDirectory(prefix="vitrine-card-") as folder:
-            for file_name, content in files.items():
-                (Path(folder) / file_name).write_bytes(content)
-                self.client.log_artifact(found.run_id, str(Path(folder) / file_name), artifact_path=artifact_dir)
+        self._log_contents(found.run_id, artifact_dir, files)
         uri = f"runs:/{found.run_id}/{artifact_dir}"
         self.client.set_model_version_tag(name, version, VERSION_TAG_CARD_URI, uri)
         note = (f"Model card: run {found.run_id}, artifacts `{artifact_dir}/` (model_card.md, model_card.html); "

@@ -461,10 +461,9 @@ def export_command(
             from vitrine.export import model_card
 
             try:  # the card documents the registered version; failing to make it does not undo the export
-                card = model_card.build_from_folders(run_dir, result.folder, {
+                model_card.log_to_registry(tracker, run_dir, result.folder, {
                     "name": result.model, "version": registered.version, "alias": CHALLENGER,
                     "triton_version": result.version, "run_id": logged.run_id})
-                tracker.log_card(result.model, registered.version, model_card.card_files(card))
             except Exception as exc:  # noqa: BLE001
                 typer.secho(f"{result.model} version {registered.version}: no model card ({exc!r})", fg=typer.colors.YELLOW)
             else:

@@ -26,8 +26,8 @@ from vitrine.export.pipeline.champion import Champion, find_champion
 from vitrine.export.pipeline.lock import PipelineLock
 from vitrine.export.pipeline.record import FINAL, STEPS, FileRunRecorder, RunRecorder, new_run_id
 from vitrine.export.pipeline.slices import category_function
-from vitrine.export.registry import CHALLENGER
 from vitrine.export.pipeline.validate import Window, format_checks, validate
+from vitrine.export.registry import CHALLENGER
 from vitrine.settings import Settings
 
 Report = Callable[[str], None]
@@ -254,11 +254,10 @@ class Pipeline:
 
         registered = exported["registered"]
         try:
-            card = model_card.build_from_folders(
-                Path(record["steps"]["train"]["runs"][model]), Path(exported["folder"]),
+            uri = model_card.log_to_registry(
+                registry, Path(record["steps"]["train"]["runs"][model]), Path(exported["folder"]),
                 {**registered, "triton_version": exported["version"], "run_id": exported["registry_run_id"]},
                 evaluation=record["steps"]["evaluate"]["models"].get(model), gate=record["steps"]["gate"]["models"].get(model))
-            uri = registry.log_card(registered["name"], registered["version"], model_card.card_files(card))
         except Exception as exc:  # noqa: BLE001 - the card documents a registered version; it must not undo it
             self.report(f"{registered['name']} version {registered['version']}: no model card ({exc!r})")
             return {"error": repr(exc)}
