@@ -98,6 +98,11 @@ class PrometheusSettings(_Section):
     port: Port = 19090
     scrape_interval_s: float = Field(2.0, gt=0, le=300)
     retention: str = Field("2d", pattern=r"^\d+[smhdwy]$")
+    alert_for: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")], Annotated[str, Field(pattern=r"^\d+[smh]$")]] = Field(
+        default_factory=dict,
+        description="Alert name → its `for:` in the rules the stack renders from deploy/prometheus/alerts.yml (e.g. a test stack "
+                    "that must see VitrineInputDrift fire within seconds). Empty: the file's own durations. An unknown alert name "
+                    "stops `vitrine stack up`.")
 
     @property
     def url(self) -> str:
@@ -490,6 +495,9 @@ class PipelineSettings(_Section):
     models: tuple[Architecture, ...] = Field(("gru4rec", "sasrec"), min_length=1, description="Architectures trained per run.")
     model_prefix: ModelPrefix = Field(
         "", description="Repository model name = prefix + architecture (tests use a private prefix; empty in production).")
+    archive_root: Path | None = Field(
+        None, description="The archive runs read; unset: the archive consumer's (`Settings.archive_root`). Set it where training "
+                          "reads a copy of the archive (a replica, another store's mount), or, in the test stack, a fixed one.")
     window_days: int = Field(14, ge=1, le=365, description="Trailing window of the archive (UTC dates) a run trains on.")
     # --- data checks (validate step) ---
     min_events: int = Field(1000, ge=10, le=1_000_000_000, description="Fewer events in the window stop the run.")
@@ -637,6 +645,11 @@ class Settings(BaseSettings):
     def archive_root(self) -> Path:
         """Where the archive lives: `archive.root`, or `archive/` in the stack's home (a test stack gets its own)."""
         return (self.archive.root or self.stack.home / "archive").expanduser().resolve()
+
+    @property
+    def pipeline_archive_root(self) -> Path:
+        """The archive pipeline runs read: `pipeline.archive_root`, or the archive consumer's."""
+        return self.pipeline.archive_root.expanduser().resolve() if self.pipeline.archive_root else self.archive_root
 
     @property
     def pipeline_home(self) -> Path:

@@ -50,8 +50,8 @@ def now_iso() -> str:
 class RunRecorder(Protocol):
     """Where a run's record goes. The runner calls these, in this order, and nothing else."""
 
-    def start(self, run_id: str, trigger: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Create the record of a new run (status running) and return it."""
+    def start(self, run_id: str, trigger: str, params: dict[str, Any], cause: str = "") -> dict[str, Any]:
+        """Create the record of a new run (status running, with what started it) and return it."""
 
     def load(self, run_id: str) -> dict[str, Any]:
         """The record of an existing run (KeyError when there is none)."""
@@ -91,10 +91,10 @@ class FileRunRecorder:
             os.fsync(out.fileno())
         temp.replace(path)
 
-    def start(self, run_id: str, trigger: str, params: dict[str, Any]) -> dict[str, Any]:
+    def start(self, run_id: str, trigger: str, params: dict[str, Any], cause: str = "") -> dict[str, Any]:
         if self._path(run_id).exists():
             raise FileExistsError(f"run {run_id} exists")
-        record = {"run_id": run_id, "trigger": trigger, "status": "running", "reason": "", "pid": os.getpid(),
+        record = {"run_id": run_id, "trigger": trigger, "cause": cause, "status": "running", "reason": "", "pid": os.getpid(),
                   "started_at": now_iso(), "finished_at": None, "params": params,
                   "steps": {name: {"status": "pending"} for name in STEPS}}
         self._write(record)

@@ -41,8 +41,8 @@ class RunEnded(Exception):
         self.status, self.reason = status, reason
 
 
-REGISTRY_TAG_RUN, REGISTRY_TAG_TRIGGER = "vitrine.pipeline.run_id", "vitrine.pipeline.trigger"
-"""Tags on the registry's training run: which pipeline run (and trigger) produced it."""
+REGISTRY_TAG_RUN, REGISTRY_TAG_TRIGGER, REGISTRY_TAG_CAUSE = "vitrine.pipeline.run_id", "vitrine.pipeline.trigger", "vitrine.pipeline.cause"
+"""Tags on the registry's training run: which pipeline run produced it, its trigger, and what started it (e.g. the alerts)."""
 
 
 class PipelineError(RuntimeError):
@@ -60,19 +60,19 @@ class Pipeline:
 
     # --- entry points -------------------------------------------------------------------------------------
     def run(self, trigger: str, window_days: int | None = None, until: date | None = None, run_id: str | None = None,
-            no_champion: bool = False) -> dict:
+            no_champion: bool = False, cause: str = "") -> dict:
         run_id = run_id or new_run_id()
         with PipelineLock(self.home, run_id):
             self._mark_interrupted()
             p = self.settings.pipeline
             window = Window.trailing(until or datetime.now(UTC).date(), window_days or p.window_days)
             params = {"window": {"since": window.since.isoformat(), "until": window.until.isoformat()},
-                      "archive_root": str(self.settings.archive_root), "events_topic": self.settings.archive.events_topic,
+                      "archive_root": str(self.settings.pipeline_archive_root), "events_topic": self.settings.archive.events_topic,
                       "training": training.training_params(p), "model_names": {m: p.model_prefix + m for m in p.models},
                       "no_champion": no_champion, "gate": gating.policy(self.settings).__dict__, "gate_baselines": list(p.gate_baselines),
                       "category": {"source": p.category_source, "preset": p.category_preset, "seed": p.category_seed},
                       "repository": str(self.settings.triton.model_repository)}
-            self.recorder.start(run_id, trigger, params)
+            self.recorder.start(run_id, trigger, params, cause)
             self.report(f"pipeline run {run_id} (trigger {trigger}): window {window.since} … {window.until}")
             return self._continue(run_id)
 
@@ -225,7 +225,8 @@ class Pipeline:
                 # Lineage first: the training run (params, data fingerprint, metrics, artefacts) is in the registry
                 # before a version exists, and the version's files go there too (the gateway reads its metadata there).
                 logged = registry.log_training_run(run_dir, source=f"vitrine pipeline {record['run_id']}")
-                registry.tag_run(logged.run_id, {REGISTRY_TAG_RUN: record["run_id"], REGISTRY_TAG_TRIGGER: record["trigger"]})
+                registry.tag_run(logged.run_id, {REGISTRY_TAG_RUN: record["run_id"], REGISTRY_TAG_TRIGGER: record["trigger"],
+                                                 **({REGISTRY_TAG_CAUSE: record["cause"]} if record.get("cause") else {})})
                 exported[model] = {**publish.write_version(run_dir, Path(record["params"]["repository"]),
                                                            record["params"]["model_names"][model], p.max_k, p.keep_versions,
                                                            publish=registry.publisher(logged.run_id)),

@@ -19,6 +19,7 @@ from importlib.resources import files
 from pathlib import Path
 from string import Template
 
+import yaml
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 
 from vitrine.contracts import topics
@@ -29,6 +30,8 @@ from vitrine.settings import REPO_ROOT, Settings
 Probe = Callable[[Settings], Awaitable[str | None]]
 ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
 ALERTMANAGER_CONFIG = REPO_ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
+DRIFT_ALERT = "VitrineInputDrift"
+"""The alert (in ALERT_RULES) that asks for a retrain when a model's inputs drift from its baseline."""
 EXTRA_RULES_DIR = "rules.d"
 """Under the stack's prometheus/ folder: more rule files (`*.yml`) Prometheus loads beside ALERT_RULES after a
 reload. Empty on a normal stack; tests plant short-lived rules there (e.g. one that fires at once)."""
@@ -262,6 +265,21 @@ def pipeline_trigger_url(settings: Settings) -> str:
     return f"http://{settings.triggers.host}:{settings.triggers.port}/alerts"
 
 
+def render_alert_rules(settings: Settings) -> str:
+    """deploy/prometheus/alerts.yml with `prometheus.alert_for`'s durations applied (the file itself stays the reviewed,
+    promtool-checked source; the stack loads this rendering)."""
+    rules = yaml.safe_load(ALERT_RULES.read_text())
+    overrides = dict(settings.prometheus.alert_for)
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            if rule.get("alert") in overrides:
+                rule["for"] = overrides.pop(rule["alert"])
+    if overrides:
+        raise ValueError(f"prometheus.alert_for names alerts that {ALERT_RULES} does not define: {', '.join(sorted(overrides))}")
+    header = f"# Rendered by `vitrine stack up` from {ALERT_RULES} with prometheus.alert_for = {dict(settings.prometheus.alert_for)}.\n"
+    return header + yaml.safe_dump(rules, sort_keys=False, width=4096, allow_unicode=True)
+
+
 def render_alertmanager_config(settings: Settings) -> str:
     cfg = settings.alertmanager
     return Template(ALERTMANAGER_CONFIG.read_text()).substitute(
@@ -300,11 +318,12 @@ def alertmanager(settings: Settings) -> Component:
 
 def prometheus(settings: Settings) -> Component:
     cfg, home = settings.prometheus, settings.stack.home / "prometheus"
-    config = home / "prometheus.yml"
+    config, rules = home / "prometheus.yml", home / "alerts.yml"
 
     def prepare() -> None:
         (home / "data").mkdir(parents=True, exist_ok=True)
         (home / EXTRA_RULES_DIR).mkdir(parents=True, exist_ok=True)
+        _write_if_changed(rules, render_alert_rules(settings))
         _write_if_changed(
             config,
             _template("prometheus.yml").substitute(
@@ -317,7 +336,7 @@ def prometheus(settings: Settings) -> Component:
                 archive_target=f"{settings.archive.metrics_host}:{settings.archive.metrics_port}",
                 gateway_target=f"{settings.gateway.metrics_host}:{settings.gateway.metrics_port}",
                 triggers_target=f"{settings.triggers.host}:{settings.triggers.port}",
-                rules_file=str(ALERT_RULES),
+                rules_file=str(rules),
                 extra_rules=str(home / EXTRA_RULES_DIR / "*.yml"),
                 alertmanager_target=f"{settings.alertmanager.host}:{settings.alertmanager.port}",
             ),

@@ -27,7 +27,7 @@ from vitrine.export.pipeline.lock import is_locked
 from vitrine.export.pipeline.record import EXIT_CODES, new_run_id
 from vitrine.services.triggers.metrics import TriggerMetrics
 from vitrine.services.triggers.store import TriggerState
-from vitrine.services.triggers.webhook import Notification, notification_key
+from vitrine.services.triggers.webhook import Notification, describe, notification_key
 from vitrine.settings import Settings
 
 log = logging.getLogger("vitrine.triggers")
@@ -98,7 +98,7 @@ class TriggerService:
         if not alerts:
             self.metrics.rejected.labels("ignored").inc()
             return web.json_response({"status": "ignored", "detail": f"no firing alert labelled action={self.cfg.action_label}"})
-        return await self._trigger("drift", notification_key(notification, alerts))
+        return await self._trigger("drift", notification_key(notification, alerts), describe(alerts))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "run_in_progress": self._running(), "last_run_id": self.state.last_run_id})
@@ -110,7 +110,7 @@ class TriggerService:
     def _running(self) -> bool:
         return self._child is not None and self._child.returncode is None
 
-    async def _trigger(self, trigger: str, key: str | None) -> web.Response:
+    async def _trigger(self, trigger: str, key: str | None, cause: str = "") -> web.Response:
         async with self._decide:
             busy = self._running() or await asyncio.to_thread(is_locked, self.home)
             decision = self.state.decide(key, busy, time.time())
@@ -122,20 +122,20 @@ class TriggerService:
                 return web.json_response({"status": decision, "detail": detail, "last_run_id": self.state.last_run_id})
             run_id = new_run_id()
             try:
-                await self._spawn(trigger, run_id)
+                await self._spawn(trigger, run_id, cause)
             except OSError as exc:
                 return self._refuse("spawn_failed", 500, {"error": f"could not start the pipeline: {exc}"})
             await asyncio.to_thread(self.state.started, key, run_id, time.time())
         self.metrics.started.labels(trigger).inc()
         return web.json_response({"status": "started", "run_id": run_id}, status=202)
 
-    async def _spawn(self, trigger: str, run_id: str) -> None:
+    async def _spawn(self, trigger: str, run_id: str, cause: str) -> None:
         logs = self.home / "logs"
         await asyncio.to_thread(logs.mkdir, parents=True, exist_ok=True)
         out = await asyncio.to_thread(open, logs / f"{run_id}.log", "ab")
         try:
             self._child = await asyncio.create_subprocess_exec(
-                *self.command, "--trigger", trigger, "--run-id", run_id, stdin=asyncio.subprocess.DEVNULL,
+                *self.command, "--trigger", trigger, "--run-id", run_id, *(["--cause", cause] if cause else []), stdin=asyncio.subprocess.DEVNULL,
                 stdout=out, stderr=asyncio.subprocess.STDOUT, env=os.environ.copy())
         finally:
             out.close()
@@ -157,7 +157,7 @@ class TriggerService:
         while True:
             await asyncio.sleep(interval_s)
             self.metrics.received.labels("schedule").inc()
-            await self._trigger("schedule", None)
+            await self._trigger("schedule", None, f"every {interval_s:g}s (triggers.schedule_interval_s)")
 
     async def close(self) -> None:
         for task in list(self._tasks):

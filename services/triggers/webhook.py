@@ -48,6 +48,21 @@ class Notification(_Body):
         return [a for a in self.alerts if a.status == "firing" and a.labels.get("action") == action]
 
 
+CAUSE_MAX_CHARS = 2000
+"""A run's recorded cause is a summary, not the notification: longer descriptions are cut (the trigger's log keeps the rest)."""
+
+
+def describe(alerts: list[Alert]) -> str:
+    """The alerts that start a run, for its record and the registry run's lineage: name, other labels, start time —
+    e.g. `VitrineInputDrift{feature="unknown_item_rate", variant="treatment"} since 2026-12-01T19:40:02+00:00`."""
+    parts = []
+    for a in sorted(alerts, key=lambda a: (a.labels.get("alertname", ""), sorted(a.labels.items()))):
+        labels = ", ".join(f'{k}="{v}"' for k, v in sorted(a.labels.items()) if k not in ("alertname", "action", "severity"))
+        parts.append(f"{a.labels.get('alertname', 'alert')}{{{labels}}} since {a.starts_at.isoformat()}")
+    text = "; ".join(parts)
+    return text if len(text) <= CAUSE_MAX_CHARS else text[: CAUSE_MAX_CHARS - 1] + "…"
+
+
 def notification_key(notification: Notification, alerts: list[Alert]) -> str:
     """Identity of a notification for idempotency: the group plus each firing alert's fingerprint (or, when
     absent, its sorted labels) and start time. Alertmanager re-sends the same group every repeat_interval and

@@ -17,12 +17,18 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.pipeline_data import recent, write_archive
 from vitrine.services.stack import Stack
+from vitrine.services.stack.components import DRIFT_ALERT
 from vitrine.settings import Settings
 
 TEST_PORT_OFFSET = int(os.environ.get("VITRINE_TEST_PORT_OFFSET", "1000"))
 """Ports of the test stack: the default ports + this (another value lets two test runs share a machine)."""
 REUSE_ENV = "VITRINE_TEST_REUSE_STACK"
+RETRAIN_PREFIX = "alerted_"
+"""Model-name prefix of the runs the test stack's trigger service starts."""
+RETRAIN_ARCHIVE = "retrain-archive"
+"""Under the test stack's home: the archive those runs read (the small storefront, written at session start)."""
 
 logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
@@ -41,14 +47,30 @@ def settings() -> Settings:
     repository = shifted.stack.home / "model_repository"
     shutil.rmtree(repository, ignore_errors=True)
     shutil.copytree(base.triton.model_repository, repository)
-    # A pipeline run started by the stack's own trigger service (test_alerting) trains one small model under a private
-    # name, so that it neither takes the CPU for minutes nor adds versions of the models other tests serve.
-    pipeline = shifted.pipeline.model_copy(update={"models": ("gru4rec",), "epochs": 1, "model_prefix": "alerted_"})
+    # A pipeline run started by the stack's own trigger service (the drift alert of test_observability's drifted
+    # traffic, test_retrain_loop) trains one small model under a private name on an archive of its own, so that it
+    # neither takes the CPU for minutes nor adds versions of the models other tests serve. It is gated against
+    # popularity only (a 6-epoch model on the small storefront does not beat the transition table) and without slices
+    # (its validation rows are too few): the chain is what the test proves; the gate's rules have their own tests.
+    retrain_archive = shifted.stack.home / RETRAIN_ARCHIVE
+    shutil.rmtree(retrain_archive, ignore_errors=True)
+    write_archive(retrain_archive, recent("small"))
+    pipeline = shifted.pipeline.model_copy(update={
+        "models": ("gru4rec",), "epochs": 6, "model_prefix": RETRAIN_PREFIX, "archive_root": retrain_archive, "threads": 1,
+        "min_events": 100, "max_empty_hour_share": 1.0, "window_days": 30, "gate_baselines": ("popularity",),
+        "category_preset": "small"})
+    gate = shifted.gate.model_copy(update={"min_slice_rows": 1_000_000})
+    # The production drift rule with a short `for:`, Alertmanager's first notification after 5 s, no debounce (the
+    # trigger still de-duplicates each notification): a drift alert turns into a run within a test's patience.
+    prometheus = shifted.prometheus.model_copy(update={"alert_for": {DRIFT_ALERT: "15s"}})
+    alertmanager = shifted.alertmanager.model_copy(update={"group_wait_s": 5})
+    triggers = shifted.triggers.model_copy(update={"debounce_s": 0})
     # The stack's gateway captures drift baselines of a few requests, so that tests driving a few hundred answers see PSI
     # (test_observability); tests/integration/test_drift.py measures the default sizes on a gateway of its own.
     gateway = shifted.gateway.model_copy(update={"drift_baseline_observations": 100, "drift_min_observations": 50})
     return shifted.model_copy(update={"triton": shifted.triton.model_copy(update={"model_repository": repository}),
-                                      "pipeline": pipeline, "gateway": gateway})
+                                      "pipeline": pipeline, "gateway": gateway, "gate": gate, "prometheus": prometheus,
+                                      "alertmanager": alertmanager, "triggers": triggers})
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ gru4rec, 50/50). Steady means a stationary population: the shoppers are storefro
 published, and the simulation runs a warm-up before the measuring gateway starts, until the shoppers' recent events are
 the simulation's own (see WARM_UP_S: before that, history lengths grow, a real change of the population).
 
-The measuring gateway is a private one (tests/integration/gateways.py) with the settings' default drift sizes
-(baseline 2,000 model-ranked requests, PSI over ≥ 1,000 later ones, window 5,000) and the capture mode; it reads the
+The measuring gateway is a private one (tests/integration/gateways.py) with half the default drift sizes (SIZES:
+baseline 1,000 model-ranked requests, PSI over ≥ 500 later ones, window 1,000) and the capture mode; it reads the
 stack's Redis (features, experiment) and stores its captured baseline there. Every wait is on a condition (the gauges,
 the consumer's offsets), bounded. The numbers are printed (`-s`) for docs/drift.md.
 """
@@ -43,17 +43,22 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 
 STOREFRONT_SEED = 7
 """The storefront the committed models and `vitrine simulate` use."""
-SHOPPERS = 200
-"""Simulated shoppers: storefront users u0 … u199, each with the whole storefront history published first."""
+SHOPPERS = 120
+"""Simulated shoppers: storefront users u0 … u119, each with the whole storefront history published first."""
 RATE = 40.0
 """Shopper visits per second (the demo runs 20); half reach the treatment arm."""
-CHUNK_S = 45.0
+CHUNK_S = 30.0
 """One simulation run; the test runs as many as it needs, checking the gauges between runs."""
-WARM_UP_S = 150.0
+WARM_UP_S = 90.0
 """Until the simulation's own events fill the shoppers' recent events (features.recent_events = 50; a visit adds one to
-three, each shopper is visited every SHOPPERS / RATE = 5 s): the storefront's events are replaced by the simulator's,
+three, each shopper is visited every SHOPPERS / RATE = 3 s): the storefront's events are replaced by the simulator's,
 which hold more distinct steps per event, so history lengths keep growing until then (measured: PSI 0.13 on
 sequence_length after a 45 s warm-up with 600 shoppers — a moderate, real shift of the population, not steady)."""
+SIZES = {"drift_baseline_observations": GatewaySettings().drift_baseline_observations // 2,
+         "drift_min_observations": GatewaySettings().drift_min_observations // 2, "drift_window": 1000}
+"""The measuring gateway's drift sizes: half the defaults' baseline and PSI sample — a harder test of steady traffic, as
+PSI's sampling noise grows like 1/n (docs/drift.md has the default sizes' figures, 0.018 at most) — and a window of
+1,000 requests, which the planted drift fills in under a minute (the default 5,000 took four minutes)."""
 MODEL_VARIANT = "treatment"
 STEADY, ALERT = 0.1, 0.25
 """The issue's bar for steady traffic, and the alert rule's threshold (deploy/prometheus/alerts.yml VitrineInputDrift)."""
@@ -138,9 +143,7 @@ async def test_steady_demo_traffic_reads_below_0_1_and_the_planted_drift_crosses
     await publish(_storefront(steady, drift=False), bootstrap, topics.EVENTS, rate=5000)
     await caught_up(stack.settings)
     await _simulate(stack.settings, steady, WARM_UP_S, seed=1)  # warm-up, through the stack's gateway
-    default = GatewaySettings()  # the settings' default sizes, not the test stack's small ones
-    defaults = {name: getattr(default, name) for name in ("drift_baseline_observations", "drift_min_observations", "drift_window")}
-    async with private_gateway(stack.settings, drift_interval_s=1.0, drift_reference="capture", **defaults) as gateway:
+        async with private_gateway(stack.settings, drift_interval_s=1.0, drift_reference="capture", **SIZES) as gateway:
         await _stored_baselines(gateway, delete=True)  # a baseline of an earlier run would be adopted, not captured
         first = await _simulate_until(gateway, steady, 10, lambda psi: set(psi) == set(FEATURES),
                                       "PSI of every feature (the baseline captured, then enough requests after it)", chunks=12)
@@ -156,7 +159,7 @@ async def test_steady_demo_traffic_reads_below_0_1_and_the_planted_drift_crosses
         await _stored_baselines(gateway, delete=True)
     # The same steady traffic against the export's validation reference (metadata mode, as before capture existed): the
     # gap this test exists for — the alert would fire on steady traffic.
-    async with private_gateway(stack.settings, drift_interval_s=1.0, drift_reference="metadata", **defaults) as gateway:
+    async with private_gateway(stack.settings, drift_interval_s=1.0, drift_reference="metadata", **SIZES) as gateway:
         validation = await _simulate_until(gateway, steady, 80, lambda psi: set(psi) == set(FEATURES),
                                            "PSI of every feature against metadata.json's reference", chunks=4)
     print("\nDRIFT-PSI " + json.dumps({"steady_first": first, "steady_later": second, "planted_drift": shifted,

@@ -7,6 +7,8 @@ showed (credited by the outcome service, analysed by its experiment monitor) —
 panel query and every alert's recorded series returns data (a value, not NaN), that every metric they
 name is exported by a Vitrine service, Triton or redis_exporter, that promtool accepts the rules and
 the rendered config, that drifted traffic raises the PSI, and that `vitrine report` renders a picture.
+Last, the loop that decides: the drifted traffic's alert ends, without a person, in a gated challenger loaded in
+Triton and registered in MLflow.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from vitrine.services.gateway import metrics as gateway_metrics
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.services.outcomes import metrics as outcome_metrics
 from vitrine.services.stack import Stack
-from vitrine.services.stack.components import ALERT_RULES
+from vitrine.services.stack.components import ALERT_RULES, DRIFT_ALERT
 from vitrine.v1 import recommender_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -330,3 +332,63 @@ async def test_report_renders_the_key_panels(stack: Stack, traffic: Traffic, tmp
     out = await asyncio.to_thread(render, stack.settings.prometheus.url, tmp_path / "report.png", 10)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000
+
+
+@pytest.mark.timeout(720)
+async def test_the_drift_alert_ends_in_a_gated_challenger_loaded_in_triton(stack: Stack, traffic: Traffic) -> None:
+    """The loop without a person: the drifted traffic above → the production rule VitrineInputDrift (the test stack's
+    `for:` is 15 s, tests/integration/conftest.py) → Alertmanager → the trigger service's webhook → a drift-triggered
+    pipeline run on the stack's pipeline archive → gate → a challenger exported, loaded in Triton and registered in
+    MLflow, whose lineage names the run, its trigger, the alert and the data fingerprint."""
+    import tritonclient.grpc.aio as triton
+
+    from tests.integration.conftest import RETRAIN_PREFIX, _reuse
+    from vitrine.export import registry as names
+    from vitrine.export.pipeline.runner import REGISTRY_TAG_CAUSE, REGISTRY_TAG_RUN, REGISTRY_TAG_TRIGGER
+    from vitrine.export.registry import CHALLENGER, Registry
+
+    if _reuse():
+        pytest.skip("a reused stack's pipeline settings are the developer's: the test stack configures a small private run")
+    runs = stack.settings.pipeline_home / "runs"
+
+    async def drift_runs() -> list[dict] | None:
+        found = [json.loads(p.read_text()) for p in sorted(runs.glob("*/record.json"))] if runs.is_dir() else []
+        found = [r for r in found if r["trigger"] == "drift"]
+        return found or None
+
+    async def firing() -> list[dict] | None:
+        async with httpx.AsyncClient(timeout=5) as client:
+            alerts = (await client.get(f"{stack.settings.alertmanager.url}/api/v2/alerts",
+                                       params={"filter": f'alertname="{DRIFT_ALERT}"'})).json()
+        return alerts or None
+
+    fired = await eventually(firing, 120, f"{DRIFT_ALERT} in Alertmanager", interval_s=1)
+    assert all([r["name"] for r in a["receivers"]] == ["pipeline-trigger"] for a in fired), fired
+    # The first drift-triggered run of the session: a later episode (the alert resolving and firing again) would start
+    # another, which meets this one's challenger as its champion — the gate's business, not this chain's.
+    started = await eventually(drift_runs, 60, "a pipeline run started by the drift alert", interval_s=1)
+    run_id = started[0]["run_id"]
+
+    async def finished() -> dict | None:
+        record = json.loads((runs / run_id / "record.json").read_text())
+        return record if record["status"] != "running" else None
+
+    record = await eventually(finished, 540, f"drift-triggered run {run_id} to end", interval_s=2)
+    print(f"\nRETRAIN-LOOP alert since {fired[0]['startsAt']}; run {run_id} {record['started_at']} … {record['finished_at']}: "
+          f"{record['status']} ({record['reason']}); steps {json.dumps({k: v.get('duration_s') for k, v in record['steps'].items()})}")
+    assert record["status"] == "succeeded", record["reason"]
+    assert record["cause"].startswith(DRIFT_ALERT + "{") and "feature=" in record["cause"], record["cause"]
+    exported = record["steps"]["export"]["models"]["gru4rec"]
+    name = RETRAIN_PREFIX + "gru4rec"
+    assert exported["model"] == name and exported["loaded"]
+    client = triton.InferenceServerClient(stack.settings.triton.grpc_url)
+    try:
+        assert await client.is_model_ready(name, str(exported["version"]))
+    finally:
+        await client.close()
+    registry = Registry(stack.settings.registry.tracking_url, stack.settings.registry.experiment).client
+    version = registry.get_model_version_by_alias(name, CHALLENGER)
+    assert version.version == exported["registered"]["version"] and version.tags[names.VERSION_TAG_TRITON_VERSION] == str(exported["version"])
+    tags = registry.get_run(version.run_id).data.tags
+    assert (tags[REGISTRY_TAG_RUN], tags[REGISTRY_TAG_TRIGGER], tags[REGISTRY_TAG_CAUSE]) == (run_id, "drift", record["cause"])
+    assert tags[names.TAG_DATA_FINGERPRINT] == record["steps"]["validate"]["data"]["fingerprint"]

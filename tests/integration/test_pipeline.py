@@ -28,7 +28,7 @@ from tests.pipeline_data import recent, write_archive, write_file_without
 from vitrine.services.stack import Stack
 from vitrine.services.stack.components import settings_env
 from vitrine.services.stack.launcher import free_port
-from vitrine.settings import PipelineSettings, Settings
+from vitrine.settings import GateSettings, PipelineSettings, Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 QUICK = {"models": ["gru4rec"], "epochs": 1, "min_events": 100, "max_empty_hour_share": 1.0, "window_days": 30,
@@ -41,6 +41,7 @@ def pipeline_settings(base: Settings, home: Path, archive_root: Path, **pipeline
         "stack": base.stack.model_copy(update={"home": home}),
         "archive": base.archive.model_copy(update={"root": archive_root}),
         "pipeline": PipelineSettings(**{**QUICK, **pipeline}),
+        "gate": GateSettings(),  # the defaults, not the test stack's (which does not judge slices)
     })
 
 

@@ -183,6 +183,8 @@ def test_export_refuses_out_of_bound_gate_flags(tmp_path) -> None:
     (["pipeline", "run", "--run-id", "../../etc"], "is not a run id"),
     (["pipeline", "resume", "latest"], "is not a run id"),
     (["pipeline", "reproduce", "x/y"], "is not a run id"),
+    (["pipeline", "run", "--cause", "two\nlines"], "printable characters"),
+    (["pipeline", "run", "--cause", "x" * 2001], "printable characters"),
 ])
 def test_pipeline_refuses_bad_flags_with_exit_2(args: list[str], says: str) -> None:
     result = runner.invoke(app, args)

@@ -2,11 +2,14 @@
 
 import configparser
 import shlex
+import shutil
 import socket
+import subprocess
 
 import pytest
+import yaml
 
-from vitrine.services.stack.components import Component, build_all
+from vitrine.services.stack.components import ALERT_RULES, DRIFT_ALERT, Component, build_all, render_alert_rules
 from vitrine.services.stack.launcher import port_in_use, tail
 from vitrine.services.stack.supervisor import Supervisor
 from vitrine.settings import Settings
@@ -92,3 +95,29 @@ def test_the_triggers_component_creates_its_token_once_readable_only_by_its_owne
     assert len(first.strip()) >= 32 and stat.S_IMODE(token.stat().st_mode) == 0o600
     triggers.prepare()  # a second `stack up` keeps the token Alertmanager already has
     assert token.read_text() == first
+
+
+def _for_by_alert(text: str) -> dict[str, str]:
+    return {r["alert"]: r.get("for") for g in yaml.safe_load(text)["groups"] for r in g["rules"] if "alert" in r}
+
+
+def test_the_stack_loads_the_alert_rules_with_the_settings_durations(settings: Settings) -> None:
+    source = _for_by_alert(ALERT_RULES.read_text())
+    assert _for_by_alert(render_alert_rules(settings)) == source
+    short = settings.model_copy(update={"prometheus": settings.prometheus.model_copy(update={"alert_for": {DRIFT_ALERT: "15s"}})})
+    components = {c.name: c for c in build_all(short)}
+    components["prometheus"].prepare()
+    rendered = short.stack.home / "prometheus" / "alerts.yml"
+    assert _for_by_alert(rendered.read_text()) == {**source, DRIFT_ALERT: "15s"}
+    assert f"- {rendered}" in (short.stack.home / "prometheus" / "prometheus.yml").read_text()
+    if shutil.which("promtool"):
+        checked = subprocess.run(["promtool", "check", "rules", str(rendered)], capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_an_alert_duration_for_an_unknown_alert_is_refused(settings: Settings) -> None:
+    wrong = settings.model_copy(update={"prometheus": settings.prometheus.model_copy(update={"alert_for": {"VitrineInputDrfit": "15s"}})})
+    with pytest.raises(ValueError, match="VitrineInputDrfit"):
+        render_alert_rules(wrong)
+    with pytest.raises(ValueError):
+        Settings(prometheus={"alert_for": {DRIFT_ALERT: "soon"}})

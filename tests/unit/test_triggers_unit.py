@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 
 from vitrine.services.triggers.server import TriggerService, authorised
 from vitrine.services.triggers.store import TriggerState
-from vitrine.services.triggers.webhook import Notification, notification_key
+from vitrine.services.triggers.webhook import CAUSE_MAX_CHARS, Notification, describe, notification_key
 from vitrine.settings import Settings
 
 TOKEN = b"s3cret-token-for-tests-0123456789"
@@ -184,3 +185,31 @@ async def test_the_schedule_starts_debounced_runs_with_the_schedule_trigger(tmp_
     assert argv_file.read_text().startswith("--trigger schedule --run-id ")
     assert service.metrics.started.labels("schedule")._value.get() == 1
     assert service.metrics.rejected.labels("debounced")._value.get() >= 2
+
+
+async def test_an_alert_starts_the_run_with_its_alerts_named_as_the_cause(tmp_path: Path) -> None:
+    settings = Settings(stack={"home": tmp_path / "stack"})
+    argv_file = tmp_path / "argv"
+    command = [sys.executable, "-c", f"import sys, json, pathlib; pathlib.Path({str(argv_file)!r}).write_text(json.dumps(sys.argv[1:]))"]
+    service = TriggerService(settings, TOKEN, command=command)
+    async with TestClient(TestServer(service.app())) as client:
+        response = await client.post("/alerts", json=notification(), headers=AUTH)
+        assert response.status == 202
+        await service._child.wait()
+    argv = json.loads(argv_file.read_text())
+    assert argv[:2] == ["--trigger", "drift"] and argv[argv.index("--cause") + 1] == (
+        'VitrineFeatureDrift{model="gru4rec"} since 2026-12-01T10:00:00+00:00')
+
+
+def test_a_cause_names_every_alert_in_a_stable_order_and_is_cut_to_its_limit() -> None:
+    body = notification()
+    second = copy.deepcopy(body["alerts"][0])
+    second["labels"]["model"] = "sasrec"
+    body["alerts"] = [second, body["alerts"][0]]
+    cause = describe(Notification.model_validate(body).alerts)
+    assert cause.index('model="gru4rec"') < cause.index('model="sasrec"') and "action" not in cause
+    body["alerts"] = [copy.deepcopy(second) for _ in range(100)]
+    for n, alert in enumerate(body["alerts"]):
+        alert["labels"]["feature"] = f"f{n:03d}" * 10
+    long = describe(Notification.model_validate(body).alerts)
+    assert len(long) == CAUSE_MAX_CHARS and long.endswith("…")

@@ -70,6 +70,14 @@ def _on_a_run(action: Callable[[], dict]) -> dict:
         raise typer.Exit(1) from exc
 
 
+def _cause(value: str) -> str:
+    from vitrine.services.triggers.webhook import CAUSE_MAX_CHARS
+
+    if len(value) > CAUSE_MAX_CHARS or not value.isprintable():
+        raise typer.BadParameter(f"at most {CAUSE_MAX_CHARS} printable characters (one line)")
+    return value
+
+
 @app.command("run")
 def run(
     trigger: Annotated[str, typer.Option(help="Why this run starts: manual, schedule or drift (recorded).")] = "manual",
@@ -77,6 +85,8 @@ def run(
     until: Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Last UTC date of the window (default: today).")] = None,
     run_id: Annotated[str | None, typer.Option(help="Run id to use (the trigger service passes one it has already answered with).", callback=_run_id)] = None,
     no_champion: Annotated[bool, typer.Option("--no-champion", help="Do not compare with the served champion (first deployment): baselines only.")] = False,
+    cause: Annotated[str, typer.Option(help="What started the run, in words (the trigger service names the alerts); recorded in the run and the registry.",
+                                       callback=_cause)] = "",
     as_json: Annotated[bool, typer.Option("--json", help="Print the final record as JSON.")] = False,
 ) -> None:
     """One pipeline run; every step is recorded under <stack.home>/pipeline/runs/<run_id>/record.json."""
@@ -86,7 +96,7 @@ def run(
         raise typer.BadParameter(f"{trigger!r} is not one of {', '.join(TRIGGERS)}", param_hint="--trigger")
     until_date: date | None = until.date() if until else None
     try:
-        record = _pipeline(not as_json).run(trigger, window_days, until_date, run_id, no_champion)
+        record = _pipeline(not as_json).run(trigger, window_days, until_date, run_id, no_champion, cause)
     except PipelineBusy as exc:
         raise _busy(exc) from exc
     except FileExistsError as exc:
@@ -156,6 +166,8 @@ def status(
         return
     shown = _shown_status(record, is_locked(pipeline.home), holder(pipeline.home))
     typer.echo(f"run {record['run_id']} (trigger {record['trigger']}): {shown} — {record['reason']}")
+    if record.get("cause"):
+        typer.echo(f"  started by: {record['cause']}")
     for name, step in record["steps"].items():
         duration = f"{step['duration_s']:.1f}s" if "duration_s" in step else ""
         typer.echo(f"  {name:<9} {step['status']:<10} {duration:>8}  {step.get('reason', '')[:120]}")
