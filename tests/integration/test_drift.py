@@ -143,7 +143,7 @@ async def test_steady_demo_traffic_reads_below_0_1_and_the_planted_drift_crosses
     await publish(_storefront(steady, drift=False), bootstrap, topics.EVENTS, rate=5000)
     await caught_up(stack.settings)
     await _simulate(stack.settings, steady, WARM_UP_S, seed=1)  # warm-up, through the stack's gateway
-        async with private_gateway(stack.settings, drift_interval_s=1.0, drift_reference="capture", **SIZES) as gateway:
+    async with private_gateway(stack.settings, drift_interval_s=1.0, drift_reference="capture", **SIZES) as gateway:
         await _stored_baselines(gateway, delete=True)  # a baseline of an earlier run would be adopted, not captured
         first = await _simulate_until(gateway, steady, 10, lambda psi: set(psi) == set(FEATURES),
                                       "PSI of every feature (the baseline captured, then enough requests after it)", chunks=12)

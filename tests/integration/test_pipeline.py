@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
@@ -25,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 from tests.integration.invariants import eventually
 from tests.integration.test_archive import _ready, _records, _send, _stop, lane  # noqa: F401 - `lane` is a fixture
 from tests.pipeline_data import recent, write_archive, write_file_without
+from vitrine.export.data.table import EventTable
 from vitrine.services.stack import Stack
 from vitrine.services.stack.components import settings_env
 from vitrine.services.stack.launcher import free_port
@@ -99,6 +101,71 @@ async def test_a_partition_without_a_column_stops_the_run_with_the_reason(stack:
     assert record["steps"]["validate"]["status"] == "stopped" and record["steps"]["train"]["status"] == "pending"
 
 
+def _without_training_events_of(table: EventTable, category: str, category_of, validation_fraction: float) -> EventTable:  # noqa: ANN001
+    """The table minus `category`'s events before the validation cut: a candidate trained on it never saw that category."""
+    late = table.ts_ms >= np.quantile(table.ts_ms, 1 - validation_fraction)
+    keep = ~((category_of(table.item_id) == category) & ~late)
+    return EventTable(table.event_id[keep], table.user_id[keep], table.item_id[keep], table.type[keep], table.ts_ms[keep])
+
+
+async def test_a_candidate_blind_to_one_category_beats_the_champion_overall_and_is_rejected_by_that_slice(stack: Stack, tmp_path: Path) -> None:
+    """The classic failure an aggregate hides, planted: the champion (one epoch on all events) is served; the candidate
+    trains six epochs on the same window with one category's training events missing (a producer that lost that
+    category's pages), so it cannot rank that category's items. It wins overall by far, and the gate rejects it by the
+    slice alone."""
+    from vitrine.export.pipeline import training
+    from vitrine.export.pipeline.publish import load_version, write_version
+    from vitrine.export.pipeline.slices import synthetic_categories
+
+    prefix = f"s{uuid.uuid4().hex[:6]}_"
+    name, table = prefix + "gru4rec", recent("small")
+    settings = pipeline_settings(stack.settings, tmp_path / "home", tmp_path / "archive", model_prefix=prefix, epochs=6,
+                                 gate_baselines=["popularity"], category_preset="small")
+    category_of = synthetic_categories("small", settings.pipeline.category_seed)
+    params = {**training.training_params(settings.pipeline), "epochs": 1}
+    champion_data, _ = training.build_dataset(table, params, category_of)
+    champion_run = training.train_all(champion_data, {"fingerprint": "champion-all-categories"}, params, tmp_path / "champion")["gru4rec"]
+    repository = stack.settings.triton.model_repository
+    try:
+        served = write_version(Path(champion_run), repository, name, settings.pipeline.max_k, settings.pipeline.keep_versions)
+        await asyncio.to_thread(load_version, served, stack.settings.triton.grpc_url)
+        # The planted category: the one with the most validation targets, so that its slice is judged, not just shown.
+        late = category_of(table.item_id[table.ts_ms >= np.quantile(table.ts_ms, 1 - settings.pipeline.validation_fraction)])
+        values, counts = np.unique(late, return_counts=True)
+        planted = str(values[np.argmax(counts)])
+        write_archive(tmp_path / "archive", _without_training_events_of(table, planted, category_of, settings.pipeline.validation_fraction))
+        done = await asyncio.to_thread(vitrine, settings, "pipeline", "run", "--json")
+    finally:
+        await _unload(stack, name)
+        shutil.rmtree(repository / name, ignore_errors=True)
+    assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(done.stdout)
+    evaluated = record["steps"]["evaluate"]["models"]["gru4rec"]
+    assert evaluated["champion_version"] == served["version"]
+    rows = record["steps"]["gate"]["models"]["gru4rec"]["table"]
+    overall = [r for r in rows if r["check"].startswith("overall")]
+    assert overall and all(r["passed"] for r in overall), overall  # it wins overall: recall@10 by the margin, the rest too
+    lost = {r["check"] for r in rows if r["passed"] is False}
+    assert f"slice 'category {planted}'" in lost, rows
+    ours = evaluated["candidate"]["slices"][f"category {planted}"]
+    theirs = evaluated["champion"]["slices"][f"category {planted}"]
+    print(f"\nPLANTED-SLICE category {planted}: overall recall@10 candidate {evaluated['candidate']['overall']['recall@10']:.4f} "
+          f"vs champion {evaluated['champion']['overall']['recall@10']:.4f}; slice {ours['recall@10']:.4f} vs {theirs['recall@10']:.4f} "
+          f"({ours['rows']} rows); lost: {sorted(lost)}")
+    assert ours["recall@10"] == 0 < theirs["recall@10"] and ours["rows"] >= settings.gate.min_slice_rows
+    assert any(f"category {planted}" in reason for reason in record["steps"]["gate"]["models"]["gru4rec"]["reasons"])
+
+
+async def _unload(stack: Stack, name: str) -> None:
+    client = triton.InferenceServerClient(stack.settings.triton.grpc_url)
+    try:
+        await client.unload_model(name)
+    except InferenceServerException:
+        pass
+    finally:
+        await client.close()
+
+
 @pytest.fixture(scope="module")
 def passed_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory):
     """A run that passes the gate: a private model name (no champion served), gated against popularity only
@@ -112,19 +179,8 @@ def passed_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory):
     done = vitrine(settings, "pipeline", "run", "--json")
     name = prefix + "gru4rec"
     yield settings, done, name
-    repository = stack.settings.triton.model_repository
-
-    async def unload() -> None:
-        client = triton.InferenceServerClient(stack.settings.triton.grpc_url)
-        try:
-            await client.unload_model(name)
-        except InferenceServerException:
-            pass
-        finally:
-            await client.close()
-
-    asyncio.run(unload())
-    shutil.rmtree(repository / name, ignore_errors=True)
+    asyncio.run(_unload(stack, name))
+    shutil.rmtree(stack.settings.triton.model_repository / name, ignore_errors=True)
 
 
 async def test_a_run_that_passes_the_gate_exports_and_loads_a_version_in_triton(stack: Stack, passed_run) -> None:  # noqa: ANN001
