@@ -54,6 +54,7 @@ def settings() -> Settings:
     # (its validation rows are too few): the chain is what the test proves; the gate's rules have their own tests.
     retrain_archive = shifted.stack.home / RETRAIN_ARCHIVE
     shutil.rmtree(retrain_archive, ignore_errors=True)
+    shutil.rmtree(shifted.pipeline_home, ignore_errors=True)  # runs of an earlier session are not this session's
     write_archive(retrain_archive, recent("small"))
     pipeline = shifted.pipeline.model_copy(update={
         "models": ("gru4rec",), "epochs": 6, "model_prefix": RETRAIN_PREFIX, "archive_root": retrain_archive, "threads": 1,
