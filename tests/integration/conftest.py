@@ -55,6 +55,9 @@ def settings() -> Settings:
     retrain_archive = shifted.stack.home / RETRAIN_ARCHIVE
     shutil.rmtree(retrain_archive, ignore_errors=True)
     shutil.rmtree(shifted.pipeline_home, ignore_errors=True)  # runs of an earlier session are not this session's
+    # Alertmanager's notification log too: it does not notify again, within repeat_interval, alerts it has notified
+    # before (as production should) — an earlier session's drift alerts would silence this session's.
+    shutil.rmtree(shifted.stack.home / "alertmanager" / "data", ignore_errors=True)
     write_archive(retrain_archive, recent("small"))
     pipeline = shifted.pipeline.model_copy(update={
         "models": ("gru4rec",), "epochs": 6, "model_prefix": RETRAIN_PREFIX, "archive_root": retrain_archive, "threads": 1,
