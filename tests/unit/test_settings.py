@@ -83,3 +83,10 @@ def test_shifted_moves_every_port_and_the_stack_folder() -> None:
     assert moved.stack.home != base.stack.home and moved.stack.home.parent == base.stack.home.parent
     with pytest.raises(ValueError, match="out of 1..65535"):
         base.shifted(60000)
+
+
+def test_pipeline_runs_read_the_consumers_archive_unless_told_otherwise(tmp_path) -> None:
+    base = Settings(stack={"home": tmp_path / "stack"})
+    assert base.pipeline_archive_root == base.archive_root == (tmp_path / "stack" / "archive").resolve()
+    copy = Settings(stack={"home": tmp_path / "stack"}, pipeline={"archive_root": tmp_path / "replica"})
+    assert copy.pipeline_archive_root == (tmp_path / "replica").resolve() and copy.archive_root == base.archive_root
