@@ -38,13 +38,14 @@ the long tail within 4 % of the transition table instead of 10 %), GRU4Rec overf
 
 DEFAULTS: dict[str, dict[str, int | float]] = {
     "gru4rec": {"epochs": 10, "batch_size": 64, "learning_rate": 8e-3, "dropout": 0.1},
-    "sasrec": {"epochs": 7, "batch_size": 32, "learning_rate": 3e-3, "dropout": 0.05},
+    "sasrec": {"epochs": 7, "batch_size": 32, "learning_rate": 5e-3, "dropout": 0.05},
 }
 """What `TrainConfig` fields left at None become, per architecture (with the cosine schedule and 5 % warm-up). Chosen
-for training time (issue 14.4, docs/benchmarks.md "Training time"): on the `wide` preset they train in under two
-minutes at the quality of the earlier 20 epochs at a constant 3e-3 (batch 128; SASRec dropout 0.2) — smaller
-batches take more steps per pass over the data, SASRec leaves its popularity plateau sooner with them, and little
-dropout suits a short run."""
+for training time (issue 14.4, docs/benchmarks.md "Training time (item 4), new defaults"): on the `wide` preset each
+model trains in under two minutes (86 and 107 CPU s with one thread) at overall metrics at least those of the earlier
+20 epochs at a constant 3e-3 (batch 128; SASRec dropout 0.2), long-tail targets excepted (4 % and 10 % lower) — smaller
+batches take more optimizer steps per pass over the data, SASRec leaves its popularity plateau sooner with them, and
+little dropout suits a short run."""
 
 STOPPING_METRIC = "recall@10"
 """What early stopping (`TrainConfig.patience`) watches on the validation rows."""
@@ -220,6 +221,7 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
     total_steps = config.epochs * batches
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, config.lr_schedule, config.warmup))
+    last_lr = scheduler.get_last_lr()[0]
     bar = tqdm(total=config.epochs * batches, desc=config.architecture, unit="batch", disable=not progress)
     for epoch in range(config.epochs):
         model.train()

@@ -271,7 +271,7 @@ def train_command(
     # The defaults are TrainConfig's (tests/unit/test_cli.py checks it; importing torch here would slow every command).
     epochs: Annotated[int | None, typer.Option(min=1, max=1000, help="Default: per architecture (gru4rec 10, sasrec 7).")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, max=65536, help="Default: per architecture (gru4rec 64, sasrec 32).")] = None,
-    learning_rate: Annotated[float | None, typer.Option(min=1e-6, max=1.0, help="Peak rate; default: per architecture (gru4rec 8e-3, sasrec 3e-3).")] = None,
+    learning_rate: Annotated[float | None, typer.Option(min=1e-6, max=1.0, help="Peak rate; default: per architecture (gru4rec 8e-3, sasrec 5e-3).")] = None,
     dim: Annotated[int | None, typer.Option(min=4, max=1024, help="Embedding size; default: per architecture (gru4rec 64, sasrec 128).")] = None,
     max_len: Annotated[int, typer.Option(min=2, max=512, help="History steps the model sees.")] = 20,
     validation_fraction: Annotated[float, typer.Option(min=0.01, max=0.5)] = 0.1,
