@@ -42,10 +42,10 @@ DEFAULTS: dict[str, dict[str, int | float]] = {
 }
 """What `TrainConfig` fields left at None become, per architecture (with the cosine schedule and 5 % warm-up). Chosen
 for training time (issue 14.4, docs/benchmarks.md "Training time (item 4), new defaults"): on the `wide` preset each
-model trains in under two minutes (86 and 107 CPU s with one thread) at overall metrics at least those of the earlier
-20 epochs at a constant 3e-3 (batch 128; SASRec dropout 0.2), long-tail targets excepted (4 % and 10 % lower) — smaller
-batches take more optimizer steps per pass over the data, SASRec leaves its popularity plateau sooner with them, and
-little dropout suits a short run."""
+model trains in under two minutes (79–84 and 98–113 CPU s with one thread) at overall and long-tail metrics at least those
+of the earlier 20 epochs at a constant 3e-3 (batch 128, tied tables; SASRec dropout 0.2) — smaller batches take more
+optimizer steps per pass over the data, SASRec leaves its popularity plateau sooner with them, little dropout suits a
+short run, and untied output tables (`TrainConfig.tied`) keep the long tail."""
 
 STOPPING_METRIC = "recall@10"
 """What early stopping (`TrainConfig.patience`) watches on the validation rows."""
@@ -85,8 +85,9 @@ class TrainConfig:
     dim: int | None = None
     """Embedding and hidden size; None: the architecture's tuned default (`DEFAULT_DIM`)."""
     dropout: float | None = None
-    tied: bool = True
-    """Score items with their input embeddings (True) or with an output table of their own."""
+    tied: bool = False
+    """Score items with their input embeddings (True) or with an output table of their own (False: the default since
+    issue 14.4 — with the short schedule it keeps the long tail that tied tables lost, docs/benchmarks.md)."""
     max_len: int = 20
     seed: int = 7
     threads: int = 2

@@ -279,7 +279,7 @@ def train_command(
     negatives: Annotated[int, typer.Option(min=1, max=100_000, help="Sampled loss: negatives per batch.")] = 512,
     sampling_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Sampled loss: negatives drawn ∝ popularity ** alpha (0 = uniform).")] = 0.0,
     threads: Annotated[int, typer.Option(min=1, max=64, help="Torch threads; on a machine shared with other heavy work 1 can be several times faster than 2.")] = 2,
-    tied: Annotated[bool, typer.Option("--tied/--untied", help="Score items with their input embeddings (tied) or an output table of their own.")] = True,
+    tied: Annotated[bool, typer.Option("--tied/--untied", help="Score items with their input embeddings (tied) or an output table of their own (untied, the default).")] = False,
     dropout: Annotated[float | None, typer.Option(min=0.0, max=0.9, help="Dropout; default: per architecture (gru4rec 0.1 on the embeddings, sasrec 0.05).")] = None,
     item_dropout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Training only: share of input steps whose item id is replaced by the unknown item.")] = 0.0,
     weight_decay: Annotated[float, typer.Option(min=0.0, max=1.0, help="Adam weight decay.")] = 0.0,

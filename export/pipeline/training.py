@@ -13,7 +13,8 @@ from vitrine.settings import PipelineSettings
 
 
 LEGACY_DROPOUT = {"gru4rec": 0.1, "sasrec": 0.2}
-"""The dropout runs recorded before issue 14.4 trained with (their records name no dropout and no schedule)."""
+"""The dropout runs recorded before issue 14.4 trained with (their records name no dropout, no schedule and no tying;
+they were tied)."""
 
 
 def train_config(architecture: str, params: dict) -> TrainConfig:
@@ -22,6 +23,7 @@ def train_config(architecture: str, params: dict) -> TrainConfig:
                        learning_rate=params["learning_rate"], dim=params["dim"], max_len=params["max_len"],
                        seed=params["seed"], threads=params["threads"],
                        dropout=LEGACY_DROPOUT[architecture] if legacy else None,
+                       tied=True if legacy else params.get("tied", False),
                        lr_schedule="constant" if legacy else params["lr_schedule"],
                        warmup=0.0 if legacy else params["warmup"])
 
@@ -31,7 +33,7 @@ def training_params(settings: PipelineSettings) -> dict:
     return {"models": list(settings.models), "epochs": settings.epochs, "batch_size": settings.batch_size,
             "learning_rate": settings.learning_rate, "dim": settings.dim, "max_len": settings.max_len,
             "validation_fraction": settings.validation_fraction, "seed": settings.seed, "threads": settings.threads,
-            "lr_schedule": settings.lr_schedule, "warmup": settings.warmup}
+            "lr_schedule": settings.lr_schedule, "warmup": settings.warmup, "tied": TrainConfig.tied}
 
 
 def build_dataset(table: EventTable, params: dict, category_of: CategoryOf | None) -> tuple[sequences.Dataset, str]:

@@ -125,7 +125,8 @@ def test_the_pipeline_records_the_schedule_and_reproduces_older_records_at_a_con
     older = {"models": ["sasrec"], "epochs": 20, "batch_size": 128, "learning_rate": 3e-3, "dim": None, "max_len": 20,
              "validation_fraction": 0.1, "seed": 7, "threads": 2}  # a record from before 14.4
     config = train_config("sasrec", older)
-    assert (config.lr_schedule, config.warmup, config.dropout) == ("constant", 0.0, 0.2)
+    assert (config.lr_schedule, config.warmup, config.dropout, config.tied) == ("constant", 0.0, 0.2, True)
+    assert train_config("sasrec", params).tied is False
     assert (config.epochs, config.batch_size, config.learning_rate) == (20, 128, 3e-3)
 
 
@@ -134,7 +135,7 @@ def test_fields_left_unset_take_the_architectures_defaults_and_set_ones_are_kept
     config = TrainConfig(architecture=architecture)
     for name, value in training.DEFAULTS[architecture].items():
         assert getattr(config, name) == value, name
-    assert (config.lr_schedule, config.warmup) == ("cosine", 0.05)
+    assert (config.lr_schedule, config.warmup, config.tied) == ("cosine", 0.05, False)
     chosen = TrainConfig(architecture=architecture, epochs=3, batch_size=16, learning_rate=0.02, dropout=0.3)
     assert (chosen.epochs, chosen.batch_size, chosen.learning_rate, chosen.dropout) == (3, 16, 0.02, 0.3)
     assert TrainConfig(**{k: v for k, v in asdict(config).items()}) == config  # a record rebuilds the same config
