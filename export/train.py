@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,6 +36,17 @@ DEFAULT_DIM: dict[str, int] = {"gru4rec": 64, "sasrec": 128}
 """Tuned on the default storefront (docs/benchmarks.md, Training): SASRec gains from 128 (Recall@10 0.657 → 0.667,
 the long tail within 4 % of the transition table instead of 10 %), GRU4Rec overfits there (0.658 → 0.651)."""
 
+DEFAULTS: dict[str, dict[str, int | float]] = {
+    "gru4rec": {"epochs": 10, "batch_size": 64, "learning_rate": 8e-3, "dropout": 0.1},
+    "sasrec": {"epochs": 7, "batch_size": 32, "learning_rate": 5e-3, "dropout": 0.05},
+}
+"""What `TrainConfig` fields left at None become, per architecture (with the cosine schedule and 5 % warm-up). Chosen
+for training time (issue 14.4, docs/benchmarks.md "Training time (item 4), new defaults"): on the `wide` preset each
+model trains in under two minutes (79–84 and 98–113 CPU s with one thread) at overall and long-tail metrics at least those
+of the earlier 20 epochs at a constant 3e-3 (batch 128, tied tables; SASRec dropout 0.2) — smaller batches take more
+optimizer steps per pass over the data, SASRec leaves its popularity plateau sooner with them, little dropout suits a
+short run, and untied output tables (`TrainConfig.tied`) keep the long tail."""
+
 STOPPING_METRIC = "recall@10"
 """What early stopping (`TrainConfig.patience`) watches on the validation rows."""
 
@@ -41,19 +54,40 @@ VALIDATION_SAMPLE = "validation_sample.npz"
 """Validation histories kept with the run: the export derives drift-reference distributions from them."""
 REFERENCE_ROWS = 5000
 
+Schedule = Literal["constant", "cosine"]
+SCHEDULES: tuple[Schedule, ...] = ("constant", "cosine")
+
+
+def lr_factor(step: int, total_steps: int, schedule: Schedule, warmup: float) -> float:
+    """The learning rate of optimizer step `step` (0-based, of `total_steps`) as a share of the configured one.
+
+    The first `warmup` share of the steps ramps linearly up to the full rate (step i of w warm-up steps: (i + 1) / w);
+    after that "constant" keeps it and "cosine" decays it along half a cosine towards 0 at the last step
+    ((1 + cos(pi * p)) / 2, p = 0 at the first step after warm-up and 1 one step past the last).
+    """
+    warm = math.ceil(warmup * total_steps)
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total_steps - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     architecture: Architecture
-    epochs: int = 20
-    batch_size: int = 128
-    learning_rate: float = 3e-3
+    epochs: int | None = None
+    """None (also for batch_size, learning_rate and dropout): the architecture's default (`DEFAULTS`)."""
+    batch_size: int | None = None
+    learning_rate: float | None = None
     weight_decay: float = 0.0
     dim: int | None = None
     """Embedding and hidden size; None: the architecture's tuned default (`DEFAULT_DIM`)."""
     dropout: float | None = None
-    tied: bool = True
-    """Score items with their input embeddings (True) or with an output table of their own."""
+    tied: bool = False
+    """Score items with their input embeddings (True) or with an output table of their own (False: the default since
+    issue 14.4 — with the short schedule it keeps the long tail that tied tables lost, docs/benchmarks.md)."""
     max_len: int = 20
     seed: int = 7
     threads: int = 2
@@ -67,6 +101,16 @@ class TrainConfig:
     item_dropout: float = 0.0
     """Training only: each real input step's item is replaced by the unknown-item id with this probability
     (the step's event type stays), so that the model cannot lean on one memorised item id."""
+    adam_beta2: float = 0.999
+    """Adam's second-moment decay: lower forgets the large gradients of the first steps sooner."""
+    loss_share: float = 1.0
+    """Training only: each batch's loss scores a random share of the real positions (1: all of them) — the
+    catalogue softmax costs in proportion."""
+    lr_schedule: Schedule = "cosine"
+    """Learning rate over the run's `epochs` × batches steps (`lr_factor`): "constant", or "cosine" (decays to 0 by
+    the last step). With early stopping the schedule still spans `epochs`."""
+    warmup: float = 0.05
+    """Share of the steps over which the learning rate ramps linearly up from near 0 (either schedule)."""
     patience: int = 0
     """Early stopping: 0 trains every epoch; n > 0 scores the validation rows after each epoch, stops after n
     epochs without a better `STOPPING_METRIC`, and keeps the best epoch's weights (recorded as `best_epoch`)."""
@@ -76,6 +120,11 @@ class TrainConfig:
             raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {', '.join(DEFAULT_DIM)}")
         if self.dim is None:
             object.__setattr__(self, "dim", DEFAULT_DIM[self.architecture])
+        for name, value in DEFAULTS[self.architecture].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must lie in [0, 1)")
         if self.epochs < 1 or self.batch_size < 1 or self.dim < 4 or self.max_len < 2:
             raise ValueError("epochs and batch_size must be >= 1, dim >= 4, max_len >= 2")
         if not 0 < self.learning_rate < 1:
@@ -86,6 +135,14 @@ class TrainConfig:
             raise ValueError("negatives must lie in [1, 100000] and sampling_alpha in [0, 1]")
         if not 0 <= self.item_dropout < 1 or self.patience < 0:
             raise ValueError("item_dropout must lie in [0, 1) and patience be >= 0")
+        if not 0 < self.adam_beta2 < 1:
+            raise ValueError("adam_beta2 must lie in (0, 1)")
+        if not 0 < self.loss_share <= 1:
+            raise ValueError("loss_share must lie in (0, 1]")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup < 1:
+            raise ValueError("warmup must lie in [0, 1)")
 
 
 __all__ = ["METRIC_NAMES", "ranking_metrics"]  # kept importable from here: they moved to metrics.py
@@ -152,7 +209,8 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True)
     model = build(config.architecture, dataset.vocabulary.size, dataset.max_len, config.dim, config.dropout, config.tied)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, betas=(0.9, config.adam_beta2),
+                                 weight_decay=config.weight_decay)
     inputs = torch.from_numpy(dataset.train_inputs)
     types = torch.from_numpy(dataset.train_types)
     targets = torch.from_numpy(dataset.train_targets)
@@ -161,6 +219,10 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
     history: list[dict[str, float]] = []
     best: tuple[int, float, dict] | None = None  # (epoch, score, weights) under early stopping
     batches = (len(inputs) + config.batch_size - 1) // config.batch_size
+    total_steps = config.epochs * batches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, config.lr_schedule, config.warmup))
+    last_lr = scheduler.get_last_lr()[0]
     bar = tqdm(total=config.epochs * batches, desc=config.architecture, unit="batch", disable=not progress)
     for epoch in range(config.epochs):
         model.train()
@@ -169,6 +231,11 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
         for start in range(0, len(inputs), config.batch_size):
             index = order[start : start + config.batch_size]
             real = targets[index] != 0  # only real positions are scored (left padding has no target)
+            if config.loss_share < 1:  # no draw at 1: the default run's random stream is unchanged
+                real &= torch.rand(real.shape, generator=generator) < config.loss_share
+                if not real.any():  # an empty draw would make the loss NaN
+                    bar.update(1)
+                    continue
             steps = drop_items(inputs[index], config.item_dropout, generator)
             hidden, target = model.encode(steps, types[index])[real], targets[index][real]
             if q is None:
@@ -179,9 +246,11 @@ def train(config: TrainConfig, dataset: Dataset, data_info: dict[str, object], o
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            last_lr = scheduler.get_last_lr()[0]  # the rate this step used
+            scheduler.step()
             epoch_loss += loss.item() * len(index)
             bar.update(1)
-        history.append({"epoch": epoch + 1, "loss": epoch_loss / len(inputs)})
+        history.append({"epoch": epoch + 1, "loss": epoch_loss / len(inputs), "last_lr": last_lr})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
         if config.patience:
             score = evaluate(model, dataset)[STOPPING_METRIC]

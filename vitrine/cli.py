@@ -269,9 +269,9 @@ def train_command(
     seed: SeedOption = 7,
     drift_at_day: DriftOption = None,
     # The defaults are TrainConfig's (tests/unit/test_cli.py checks it; importing torch here would slow every command).
-    epochs: Annotated[int, typer.Option(min=1, max=1000)] = 20,
-    batch_size: Annotated[int, typer.Option(min=1, max=65536)] = 128,
-    learning_rate: Annotated[float, typer.Option(min=1e-6, max=1.0)] = 3e-3,
+    epochs: Annotated[int | None, typer.Option(min=1, max=1000, help="Default: per architecture (gru4rec 10, sasrec 7).")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, max=65536, help="Default: per architecture (gru4rec 64, sasrec 32).")] = None,
+    learning_rate: Annotated[float | None, typer.Option(min=1e-6, max=1.0, help="Peak rate; default: per architecture (gru4rec 8e-3, sasrec 5e-3).")] = None,
     dim: Annotated[int | None, typer.Option(min=4, max=1024, help="Embedding size; default: per architecture (gru4rec 64, sasrec 128).")] = None,
     max_len: Annotated[int, typer.Option(min=2, max=512, help="History steps the model sees.")] = 20,
     validation_fraction: Annotated[float, typer.Option(min=0.01, max=0.5)] = 0.1,
@@ -279,10 +279,14 @@ def train_command(
     negatives: Annotated[int, typer.Option(min=1, max=100_000, help="Sampled loss: negatives per batch.")] = 512,
     sampling_alpha: Annotated[float, typer.Option(min=0.0, max=1.0, help="Sampled loss: negatives drawn ∝ popularity ** alpha (0 = uniform).")] = 0.0,
     threads: Annotated[int, typer.Option(min=1, max=64, help="Torch threads; on a machine shared with other heavy work 1 can be several times faster than 2.")] = 2,
-    tied: Annotated[bool, typer.Option("--tied/--untied", help="Score items with their input embeddings (tied) or an output table of their own.")] = True,
-    dropout: Annotated[float | None, typer.Option(min=0.0, max=0.9, help="Dropout; default: per architecture (gru4rec 0.1 on the embeddings, sasrec 0.2).")] = None,
+    tied: Annotated[bool, typer.Option("--tied/--untied", help="Score items with their input embeddings (tied) or an output table of their own (untied, the default).")] = False,
+    dropout: Annotated[float | None, typer.Option(min=0.0, max=0.9, help="Dropout; default: per architecture (gru4rec 0.1 on the embeddings, sasrec 0.05).")] = None,
     item_dropout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Training only: share of input steps whose item id is replaced by the unknown item.")] = 0.0,
     weight_decay: Annotated[float, typer.Option(min=0.0, max=1.0, help="Adam weight decay.")] = 0.0,
+    adam_beta2: Annotated[float, typer.Option(min=0.5, max=0.9999, help="Adam's second-moment decay.")] = 0.999,
+    loss_share: Annotated[float, typer.Option(min=0.01, max=1.0, help="Training only: share of each batch's real positions the loss scores (the catalogue softmax costs in proportion).")] = 1.0,
+    lr_schedule: Annotated[str, typer.Option(help="Learning rate over the run: constant, or cosine (decays to 0 by the last step).")] = "cosine",
+    warmup: Annotated[float, typer.Option(min=0.0, max=0.99, help="Share of the training steps over which the learning rate ramps up linearly.")] = 0.05,
     patience: Annotated[int, typer.Option(min=0, max=1000, help="Early stopping: stop after this many epochs without a better validation Recall@10 and keep the best epoch (0: train every epoch).")] = 0,
     out: Annotated[Path, typer.Option(file_okay=False, help="Where run folders go.")] = Path("runs"),
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -298,6 +302,8 @@ def train_command(
 
     if loss not in ("full", "sampled"):
         raise typer.BadParameter("choose full or sampled", param_hint="--loss")
+    if lr_schedule not in ("constant", "cosine"):
+        raise typer.BadParameter("choose constant or cosine", param_hint="--lr-schedule")
     unknown = [m for m in model if m not in ARCHITECTURES]
     if unknown:
         raise typer.BadParameter(f"unknown model {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}", param_hint="--model")
@@ -315,7 +321,8 @@ def train_command(
         config = TrainConfig(architecture=architecture, epochs=epochs, batch_size=batch_size,  # type: ignore[arg-type]
                              learning_rate=learning_rate, dim=dim, max_len=max_len, seed=seed,
                              loss=loss, negatives=negatives, sampling_alpha=sampling_alpha, threads=threads, tied=tied,  # type: ignore[arg-type]
-                             dropout=dropout, item_dropout=item_dropout, weight_decay=weight_decay, patience=patience)
+                             dropout=dropout, item_dropout=item_dropout, weight_decay=weight_decay, patience=patience,
+                             adam_beta2=adam_beta2, loss_share=loss_share, lr_schedule=lr_schedule, warmup=warmup)  # type: ignore[arg-type]
         run_dir = train(config, dataset, info, out, progress=progress)
         record = json.loads((run_dir / "run.json").read_text())
         kept = f", kept epoch {record['best_epoch']} of {len(record['history'])}" if patience else ""

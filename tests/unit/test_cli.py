@@ -229,8 +229,12 @@ def test_train_defaults_are_the_training_config_defaults() -> None:
 
     params = inspect.signature(train_command).parameters
     defaults = TrainConfig("gru4rec")
-    for name in ("epochs", "batch_size", "learning_rate", "max_len"):
+    for name in ("max_len", "lr_schedule", "warmup"):
         assert params[name].default == getattr(defaults, name) == getattr(PipelineSettings(), name), name
-    assert params["dim"].default is None and PipelineSettings().dim is None
-    for name in ("tied", "dropout", "item_dropout", "weight_decay", "patience", "loss", "negatives", "sampling_alpha"):
+    for name in ("dim", "epochs", "batch_size", "learning_rate"):  # None: per architecture, resolved by TrainConfig
+        assert params[name].default is None and getattr(PipelineSettings(), name) is None, name
+        assert TrainConfig.__dataclass_fields__[name].default is None, name
+    assert params["dropout"].default is None and TrainConfig.__dataclass_fields__["dropout"].default is None
+    for name in ("tied", "item_dropout", "weight_decay", "patience", "loss", "negatives", "sampling_alpha",
+                 "loss_share", "adam_beta2"):
         assert params[name].default == getattr(defaults, name), name
