@@ -152,7 +152,9 @@ async def test_a_candidate_blind_to_one_category_beats_the_champion_overall_and_
     print(f"\nPLANTED-SLICE category {planted}: overall recall@10 candidate {evaluated['candidate']['overall']['recall@10']:.4f} "
           f"vs champion {evaluated['champion']['overall']['recall@10']:.4f}; slice {ours['recall@10']:.4f} vs {theirs['recall@10']:.4f} "
           f"({ours['rows']} rows); lost: {sorted(lost)}")
-    assert ours["recall@10"] == 0 < theirs["recall@10"] and ours["rows"] >= settings.gate.min_slice_rows
+    # Near 0, not exactly: without the category's early events the run's time cut moves a little later, so the few
+    # events between the two cuts are the candidate's whole knowledge of the category.
+    assert ours["recall@10"] < 0.1 * theirs["recall@10"] and ours["rows"] >= settings.gate.min_slice_rows
     assert any(f"category {planted}" in reason for reason in record["steps"]["gate"]["models"]["gru4rec"]["reasons"])
 
 
