@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from vitrine.export.data.sequences import OOV, PAD, Dataset
 from vitrine.export.losses import LOSSES, Loss, draw_negatives, full_softmax_loss, proposal, sampled_softmax_loss
 from vitrine.export.metrics import EVAL_BATCH, METRIC_NAMES, SlicedMetrics, batches, ranking_metrics
 from vitrine.export.models import Architecture, SequenceRecommender, build
+from vitrine.settings import LrSchedule
 from vitrine.settings import REPO_ROOT
 
 DEFAULT_DIM: dict[str, int] = {"gru4rec": 64, "sasrec": 128}
@@ -54,11 +55,10 @@ VALIDATION_SAMPLE = "validation_sample.npz"
 """Validation histories kept with the run: the export derives drift-reference distributions from them."""
 REFERENCE_ROWS = 5000
 
-Schedule = Literal["constant", "cosine"]
-SCHEDULES: tuple[Schedule, ...] = ("constant", "cosine")
+SCHEDULES: tuple[LrSchedule, ...] = get_args(LrSchedule)
 
 
-def lr_factor(step: int, total_steps: int, schedule: Schedule, warmup: float) -> float:
+def lr_factor(step: int, total_steps: int, schedule: LrSchedule, warmup: float) -> float:
     """The learning rate of optimizer step `step` (0-based, of `total_steps`) as a share of the configured one.
 
     The first `warmup` share of the steps ramps linearly up to the full rate (step i of w warm-up steps: (i + 1) / w);
@@ -106,7 +106,7 @@ class TrainConfig:
     loss_share: float = 1.0
     """Training only: each batch's loss scores a random share of the real positions (1: all of them) — the
     catalogue softmax costs in proportion."""
-    lr_schedule: Schedule = "cosine"
+    lr_schedule: LrSchedule = "cosine"
     """Learning rate over the run's `epochs` × batches steps (`lr_factor`): "constant", or "cosine" (decays to 0 by
     the last step). With early stopping the schedule still spans `epochs`."""
     warmup: float = 0.05

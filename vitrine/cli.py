@@ -298,12 +298,12 @@ def train_command(
     """Train next-item models on events and record each run (parameters, data fingerprint, metrics), also in the registry."""
     from vitrine.export.data import sequences
     from vitrine.export.models import ARCHITECTURES
-    from vitrine.export.train import TrainConfig, train
+    from vitrine.export.train import SCHEDULES, TrainConfig, train
 
     if loss not in ("full", "sampled"):
         raise typer.BadParameter("choose full or sampled", param_hint="--loss")
-    if lr_schedule not in ("constant", "cosine"):
-        raise typer.BadParameter("choose constant or cosine", param_hint="--lr-schedule")
+    if lr_schedule not in SCHEDULES:
+        raise typer.BadParameter(f"choose {' or '.join(SCHEDULES)}", param_hint="--lr-schedule")
     unknown = [m for m in model if m not in ARCHITECTURES]
     if unknown:
         raise typer.BadParameter(f"unknown model {unknown[0]!r}; choose from {', '.join(ARCHITECTURES)}", param_hint="--model")

@@ -485,6 +485,8 @@ class AlertmanagerSettings(_Section):
 
 
 Architecture = Literal["gru4rec", "sasrec"]
+LrSchedule = Literal["constant", "cosine"]
+"""How the learning rate moves over a training run (export/train.py `lr_factor`)."""
 ModelPrefix = Annotated[str, Field(pattern=r"^([a-z][a-z0-9_]{0,31})?$")]
 
 
@@ -520,7 +522,7 @@ class PipelineSettings(_Section):
     epochs: int | None = Field(None, ge=1, le=1000, description="Unset (also batch_size, learning_rate): per architecture (export/train.py DEFAULTS).")
     batch_size: int | None = Field(None, ge=1, le=65536)
     learning_rate: float | None = Field(None, gt=0, lt=1)
-    lr_schedule: Literal["constant", "cosine"] = Field("cosine", description="Learning rate over the run (export/train.py lr_factor).")
+    lr_schedule: LrSchedule = Field("cosine", description="Learning rate over the run (export/train.py lr_factor).")
     warmup: float = Field(0.05, ge=0, lt=1, description="Share of the training steps over which the learning rate ramps up linearly.")
     dim: int | None = Field(None, ge=4, le=1024, description="Embedding size; unset: per architecture (export/train.py DEFAULT_DIM).")
     max_len: int = Field(20, ge=2, le=512, description="History steps the model sees.")

@@ -110,7 +110,7 @@ class TriggerService:
     def _running(self) -> bool:
         return self._child is not None and self._child.returncode is None
 
-    async def _trigger(self, trigger: str, key: str | None, cause: str = "") -> web.Response:
+    async def _trigger(self, trigger: str, key: str | None, cause: str) -> web.Response:
         async with self._decide:
             busy = self._running() or await asyncio.to_thread(is_locked, self.home)
             decision = self.state.decide(key, busy, time.time())

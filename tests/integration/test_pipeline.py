@@ -101,10 +101,10 @@ async def test_a_partition_without_a_column_stops_the_run_with_the_reason(stack:
     assert record["steps"]["validate"]["status"] == "stopped" and record["steps"]["train"]["status"] == "pending"
 
 
-def _without_training_events_of(table: EventTable, category: str, category_of, validation_fraction: float) -> EventTable:  # noqa: ANN001
-    """The table minus `category`'s events before the validation cut: a candidate trained on it never saw that category."""
-    late = table.ts_ms >= np.quantile(table.ts_ms, 1 - validation_fraction)
-    keep = ~((category_of(table.item_id) == category) & ~late)
+def _without_training_events_of(table: EventTable, categories: np.ndarray, category: str, late: np.ndarray) -> EventTable:
+    """The table minus `category`'s events before the validation cut (`late`: at or after it): a candidate trained on
+    it never saw that category."""
+    keep = ~((categories == category) & ~late)
     return EventTable(table.event_id[keep], table.user_id[keep], table.item_id[keep], table.type[keep], table.ts_ms[keep])
 
 
@@ -130,10 +130,11 @@ async def test_a_candidate_blind_to_one_category_beats_the_champion_overall_and_
         served = write_version(Path(champion_run), repository, name, settings.pipeline.max_k, settings.pipeline.keep_versions)
         await asyncio.to_thread(load_version, served, stack.settings.triton.grpc_url)
         # The planted category: the one with the most validation targets, so that its slice is judged, not just shown.
-        late = category_of(table.item_id[table.ts_ms >= np.quantile(table.ts_ms, 1 - settings.pipeline.validation_fraction)])
-        values, counts = np.unique(late, return_counts=True)
+        categories = category_of(table.item_id)
+        late = table.ts_ms >= np.quantile(table.ts_ms, 1 - settings.pipeline.validation_fraction)
+        values, counts = np.unique(categories[late], return_counts=True)
         planted = str(values[np.argmax(counts)])
-        write_archive(tmp_path / "archive", _without_training_events_of(table, planted, category_of, settings.pipeline.validation_fraction))
+        write_archive(tmp_path / "archive", _without_training_events_of(table, categories, planted, late))
         done = await asyncio.to_thread(vitrine, settings, "pipeline", "run", "--json")
     finally:
         await _unload(stack, name)

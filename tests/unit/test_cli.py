@@ -28,6 +28,17 @@ def test_train_rejects_an_unknown_model() -> None:
     assert result.exit_code == 2 and "unknown model 'bert4rec'" in result.output
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["--lr-schedule", "linear"], "choose constant or cosine"),
+    (["--warmup", "1"], "--warmup"),
+    (["--loss-share", "0"], "--loss-share"),
+    (["--adam-beta2", "1"], "--adam-beta2"),
+])
+def test_train_refuses_bad_training_flags_before_loading_data(args: list[str], says: str) -> None:
+    result = runner.invoke(app, ["train", "--preset", "tiny", "--no-registry", *args])
+    assert result.exit_code == 2 and says in result.output, result.output
+
+
 def test_train_rejects_two_data_sources(tmp_path) -> None:
     events = tmp_path / "e.jsonl"
     events.write_text("")
