@@ -1,9 +1,26 @@
-"""One entry point from per-user outcome rows to a decision: `analyse(rows, weights, control, ...)`.
+"""One look at an experiment: per-user outcome rows → estimates, tests and this look's evidence.
 
-The result is a tree of frozen dataclasses (`ExperimentAnalysis`) that `vitrine ab report` prints as
-a table (`ExperimentAnalysis.table()`) or JSON (`to_dict()`). Nothing is kept between calls: the
-sequential test is recomputed from the rows at every look (rows are in arrival order; `looks` names
-the row counts at which someone looked), so a report may be asked for as often as anyone likes.
+`analyse(rows, weights, control, ...)` returns a tree of frozen dataclasses (`ExperimentAnalysis`) that
+`vitrine ab report` prints as a table or JSON. It is one *look*: the always-valid p-value and confidence
+sequence it gives are this look's; `vitrine.experiments.decision` keeps their running minimum and
+intersection across looks and revisions (one α per experiment), corrects for multiple comparisons and
+says who wins.
+
+**Revisions are strata.** A ramp (10 % → 50 %) changes the split while users keep their buckets, so users
+who entered under each revision were randomised with other weights; pooling them naively mixes the
+arms' shares with whatever changed over time (Simpson's paradox). `vitrine.experiments.revisions` pools a
+user's rows across the revisions of one hypothesis and labels each user with the revision she entered in;
+here each stratum is compared within itself and the strata are combined by inverse variance,
+
+    Δ̂ = Σ_s Δ̂_s / V_s  /  Σ_s 1 / V_s,      Var(Δ̂) = 1 / Σ_s 1 / V_s,
+
+(the fixed-effect combination, e.g. Hartung, Knapp & Sinha, "Statistical Meta-Analysis with
+Applications", 2008, §4.1). Its score Δ̂ / Var(Δ̂) = Σ_s Δ̂_s / V_s is a sum of the strata's score
+processes, so in information time it is again the random walk the mSPRT needs: the one sequential test
+spans every revision. With one stratum everything reduces to the plain two-sample comparison.
+
+**The decision uses CUPED when it can.** The sequential test runs on the CUPED-adjusted difference when a
+pre-exposure covariate exists for the experiment (`revisions.pool` says when it does not, and why).
 """
 
 from __future__ import annotations
@@ -15,7 +32,7 @@ from typing import Final
 import numpy as np
 from statsmodels.stats.proportion import proportion_confint
 
-from vitrine.contracts.outcomes import UserOutcome
+from vitrine.contracts.outcomes import ANALYSED_METRICS, UserOutcome
 from vitrine.experiments import cuped, sequential, srm
 from vitrine.experiments.estimators import (
     ALPHA,
@@ -28,8 +45,9 @@ from vitrine.experiments.estimators import (
     welch_df,
 )
 
-DEFAULT_HORIZON_USERS: Final = 10_000
-"""Users per variant at which the sequential test is tuned to be most sensitive (see `sequential`)."""
+DEFAULT_PLANNED_USERS: Final = 10_000
+"""Users per variant at which the sequential test is tuned to be most sensitive (see `sequential`);
+`outcomes.planned_users_per_variant` in the settings."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,7 @@ METRICS: Final = (
     MetricDef("conversion", "conversion (≥1 purchase)", lambda c: (c["purchases"] > 0).astype(float)),
     MetricDef("purchases_per_user", "purchases / user", lambda c: c["purchases"]),
 )
+assert tuple(m.name for m in METRICS) == ANALYSED_METRICS, "the contract names the metrics analysed here"
 
 
 @dataclass(frozen=True)
@@ -80,14 +99,20 @@ class VariantSummary:
 
 @dataclass(frozen=True)
 class SequentialResult:
-    """mSPRT on the absolute difference: always-valid p-value and confidence sequence at the last look."""
+    """mSPRT on the decision's absolute difference at this look: p-value and confidence sequence.
+
+    Valid at any look; the decision takes the running minimum / intersection over all looks."""
 
     p_value: float
     low: float
     high: float
-    looks: int
-    horizon_users: int
-    tau: float
+    tau2: float
+    planned_users: int
+    estimator: str
+    """"cuped" (the CUPED-adjusted difference) or "plain"."""
+    estimate: float
+    """The difference the test is about (stratified; CUPED-adjusted when `estimator` is "cuped")."""
+    variance: float
     significant: bool
 
 
@@ -112,10 +137,12 @@ class Comparison:
     absolute: Interval
     relative: Interval
     p_value: float
-    """Fixed-horizon Welch test (valid for one look at a pre-planned sample size)."""
+    """Fixed-horizon test (valid for one look at a pre-planned sample size; descriptive here)."""
     significant: bool
     sequential: SequentialResult
     cuped: CupedResult | None = None
+    control_estimate: float = float("nan")
+    """Control's (stratified) value of the metric: turns a relative non-inferiority margin into an absolute one."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +156,8 @@ class ExperimentAnalysis:
     comparisons: list[Comparison]
     covariate_used: bool
     notes: list[str] = field(default_factory=list)
+    strata: list[int] = field(default_factory=list)
+    """The revisions whose entering users are compared (one per stratum)."""
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (floats, strings, lists)."""
@@ -141,16 +170,19 @@ class ExperimentAnalysis:
         for v in self.variants:
             lines.append(f"{v.variant:<14}{v.users:>9}  {v.share.fmt():<26}" + "".join(f"{v.metrics[m.name].fmt():<36}" for m in METRICS))
         lines.append("")
-        lines.append(f"{'vs ' + self.control:<14}{'metric':<28}{'relative lift (95%)':<34}{'p fixed':>9}{'p always-valid':>16}"
+        lines.append(f"{'vs ' + self.control:<14}{'metric':<28}{'relative lift (95%)':<34}{'p fixed':>9}{'p this look':>13}"
                      + ("  CUPED relative lift, p, variance reduction" if self.covariate_used else ""))
         for c in self.comparisons:
-            row = (f"{c.variant:<14}{labels[c.metric]:<28}{c.relative.fmt(pct=True):<34}{c.p_value:>9.4f}{c.sequential.p_value:>16.4f}")
+            row = (f"{c.variant:<14}{labels[c.metric]:<28}{c.relative.fmt(pct=True):<34}{c.p_value:>9.4f}{c.sequential.p_value:>13.4f}")
             if c.cuped is not None:
                 row += f"  {c.cuped.relative.fmt(pct=True)}, p={c.cuped.p_value:.4f}, −{c.cuped.variance_reduction:.0%} var"
             lines.append(row)
         lines.append("")
         flag = "MISMATCH" if self.srm.flagged else "ok"
-        lines.append(f"sample ratio: χ²={self.srm.chi2:.2f} p={self.srm.p_value:.4g} → {flag} {self.srm.reason}".rstrip())
+        lines.append(f"sample ratio: always-valid p={self.srm.p_value:.4g} (χ²={self.srm.chi2:.2f}, one-look p={self.srm.chi2_p_value:.4g}) "
+                     f"→ {flag} {self.srm.reason}".rstrip())
+        if len(self.strata) > 1:
+            lines.append(f"revisions pooled as strata (users by the revision they entered in): {', '.join(map(str, self.strata))}")
         lines += self.notes
         return "\n".join(lines)
 
@@ -162,37 +194,61 @@ def columns(rows: Sequence[UserOutcome]) -> tuple[np.ndarray, dict[str, np.ndarr
     return variants, {n: np.array([getattr(r, n) for r in rows], dtype=float) for n in names}
 
 
-def analyse(rows: list[UserOutcome], weights: dict[str, int], control: str, covariate: bool = True,
-            looks: Sequence[int] | None = None, *, alpha: float = ALPHA,
-            horizon_users: int = DEFAULT_HORIZON_USERS, metrics: Sequence[MetricDef] = METRICS) -> ExperimentAnalysis:
-    """Analyse one experiment revision.
+Estimate = tuple[np.ndarray, np.ndarray]
+"""(estimate, variance of the estimate)."""
 
-    rows: one per user, in arrival order (the order decides what each look saw).
-    weights: the configured split (variant → weight), for the SRM check.
+
+def combine(per_stratum: Sequence[tuple[Estimate, Estimate]]) -> tuple[Estimate, Estimate]:
+    """Inverse-variance combination of (treatment, control) estimates over strata, with one weight per
+    stratum ``w_s ∝ 1 / (V_t,s + V_c,s)`` for both arms, so that their difference is the fixed-effect Δ̂."""
+    inv = np.array([1.0 / max(float(t[1] + c[1]), 1e-300) for t, c in per_stratum])
+    w = inv / inv.sum()
+    t = (sum(w_s * t[0] for w_s, (t, _) in zip(w, per_stratum, strict=True)),
+         sum(w_s**2 * t[1] for w_s, (t, _) in zip(w, per_stratum, strict=True)))
+    c = (sum(w_s * c[0] for w_s, (_, c) in zip(w, per_stratum, strict=True)),
+         sum(w_s**2 * c[1] for w_s, (_, c) in zip(w, per_stratum, strict=True)))
+    return t, c
+
+
+def analyse(rows: list[UserOutcome], weights: Mapping[str, int], control: str, covariate: bool = True, *,
+            strata: Sequence[int] | None = None, stratum_weights: Mapping[int, Mapping[str, int]] | None = None,
+            covariate_refused: str = "", alpha: float = ALPHA, planned_users: int = DEFAULT_PLANNED_USERS,
+            tau2: Mapping[str, float] | None = None, metrics: Sequence[MetricDef] = METRICS) -> ExperimentAnalysis:
+    """One look at an experiment.
+
+    rows: one per user (pooled over revisions by `revisions.pool` when there are several).
+    weights: the current split (variant → weight), for the shares shown.
     control: the variant the others are compared with.
-    covariate: apply CUPED with `pre_events` when any user has some.
-    looks: cumulative row counts at which the results were looked at before now; the always-valid
-        p-value is the minimum over these looks and now, the confidence sequence their intersection.
-        None: only now (still valid: the mSPRT's p-value is valid at any stopping time).
-    horizon_users: users per variant where the sequential test should be most sensitive.
+    covariate: apply CUPED with `pre_events` (events before the user's first exposure in the experiment)
+        when any user has some and `covariate_refused` is empty (else that reason is noted).
+    strata: the revision each row's user entered in (None: one stratum); `stratum_weights` gives each
+        revision's split (for the SRM test; default: `weights` for every stratum).
+    planned_users: users per variant the sequential test is tuned for (τ), unless `tau2` fixes τ² per
+        "variant:metric" (the decision keeps the first look's τ² for the whole experiment).
     """
     if not rows:
         raise ValueError("no outcome rows")
     labels, cols = columns(rows)
+    stratum = np.zeros(len(rows), dtype=int) if strata is None else np.asarray(strata, dtype=int)
+    if stratum.shape != labels.shape:
+        raise ValueError(f"{len(stratum)} strata for {len(rows)} rows")
     present = sorted(set(labels.tolist()))
     if control not in present:
         raise ValueError(f"control {control!r} has no users (variants: {', '.join(present)})")
     order = [control] + [v for v in sorted(set(present) | {v for v, w in weights.items() if w > 0}) if v != control]
     users = {v: int(np.sum(labels == v)) for v in order}
+    strata_ids = sorted(set(stratum.tolist()))
+    split = {s: dict(stratum_weights[s]) if stratum_weights is not None else dict(weights) for s in strata_ids}
+    check = srm.check_strata([({v: int(np.sum((labels == v) & (stratum == s))) for v in present}, split[s]) for s in strata_ids])
     notes: list[str] = []
-    check = srm.check(users, weights)
     z = cols["pre_events"]
-    use_cov = covariate and bool(np.any(z > 0))
-    if covariate and not use_cov:
-        notes.append("CUPED skipped: no pre-experiment events for any user.")
+    use_cov = covariate and not covariate_refused and bool(np.any(z > 0))
+    if covariate and covariate_refused:
+        notes.append(f"CUPED off: {covariate_refused}")
+    elif covariate and not use_cov:
+        notes.append("CUPED off: no user has events before her first exposure in the experiment.")
     total = len(rows)
-    look_idx = sorted({min(max(int(k), 1), total) for k in (looks or ())} | {total})
-    masks = {v: labels == v for v in order}
+    masks = {(s, v): (labels == v) & (stratum == s) for s in strata_ids for v in order}
 
     summaries = []
     for v in order:
@@ -202,55 +258,52 @@ def analyse(rows: list[UserOutcome], weights: dict[str, int], control: str, cova
     for metric in metrics:
         y = metric.numerator(cols)
         x = None if metric.denominator is None else metric.denominator(cols)
-        moments = {v: Moments.of(y, x, z if use_cov else None, mask=masks[v]) for v in order if users[v] >= 2}
-        est = {v: ratio(m) for v, m in moments.items()}
+        pooled = {v: Moments.of(y, x, mask=labels == v) for v in order if users[v] >= 2}
         for s in summaries:
-            if s.variant in est:
-                s.metrics[metric.name] = Interval.normal(*est[s.variant], alpha)
-            else:
-                s.metrics[metric.name] = Interval(float("nan"), float("nan"), float("nan"))
-        adjusted = {}
+            s.metrics[metric.name] = Interval.normal(*ratio(pooled[s.variant]), alpha) if s.variant in pooled else Interval(*[float("nan")] * 3)
+        cells = {key: Moments.of(y, x, z if use_cov else None, mask=m) for key, m in masks.items() if np.sum(m) >= 2}
+        plain = {key: ratio(m) for key, m in cells.items()}
+        adjusted: dict[tuple[int, str], Estimate] = {}
         theta = np.nan
-        if use_cov and len(moments) >= 2:
-            theta, adj = cuped.adjust_all(list(moments.values()))
-            adjusted = dict(zip(moments, adj, strict=True))
+        if use_cov and len(cells) >= 2:
+            theta = cuped.theta(list(cells.values()))
+            for s in strata_ids:
+                in_s = [key for key in cells if key[0] == s]
+                z_mean = sum(cells[k].sz for k in in_s) / sum(cells[k].n for k in in_s)
+                adjusted |= {k: cuped.adjusted(cells[k], theta, z_mean) for k in in_s}
         for v in order[1:]:
-            if v not in est or control not in est:
+            both = [s for s in strata_ids if (s, v) in cells and (s, control) in cells]
+            if not both:
                 continue
-            abs_ = difference(est[v], est[control])
-            rel = relative_difference(est[v], est[control])
-            df = welch_df(est[v][1], moments[v].n, est[control][1], moments[control].n)
+            t, c = combine([(plain[(s, v)], plain[(s, control)]) for s in both])
+            abs_, rel = difference(t, c), relative_difference(t, c)
+            df = welch_df(t[1], pooled[v].n, c[1], pooled[control].n) if len(both) == 1 else None
             p = float(fixed_horizon_p_value(*abs_, df))
-            seq = _sequential(y, x, masks[v], masks[control], look_idx, abs_[1], users[v], horizon_users, alpha)
             cup = None
+            decision = abs_
             if adjusted:
-                a_abs = difference(adjusted[v], adjusted[control])
-                a_rel = relative_difference(adjusted[v], adjusted[control])
-                a_df = welch_df(adjusted[v][1], moments[v].n, adjusted[control][1], moments[control].n)
-                cup = CupedResult(float(theta), Interval.normal(*adjusted[control], alpha), Interval.normal(*adjusted[v], alpha),
+                at, ac = combine([(adjusted[(s, v)], adjusted[(s, control)]) for s in both])
+                a_abs, a_rel = difference(at, ac), relative_difference(at, ac)
+                cup = CupedResult(float(theta), Interval.normal(*ac, alpha), Interval.normal(*at, alpha),
                                   Interval.normal(*a_abs, alpha), Interval.normal(*a_rel, alpha),
-                                  float(fixed_horizon_p_value(*a_abs, a_df)), float(cuped.variance_reduction(abs_[1], a_abs[1])))
+                                  float(fixed_horizon_p_value(*a_abs)), float(cuped.variance_reduction(abs_[1], a_abs[1])))
+                decision = a_abs
+            key = f"{v}:{metric.name}"
+            seq = _sequential(decision, users[v], planned_users, (tau2 or {}).get(key), "cuped" if cup else "plain", alpha)
             comparisons.append(Comparison(v, metric.name, Interval.normal(*abs_, alpha), Interval.normal(*rel, alpha),
-                                          p, p < alpha, seq, cup))
-    return ExperimentAnalysis(control, alpha, total, dict(weights), check, summaries, comparisons, use_cov, notes)
+                                          p, p < alpha, seq, cup, float(c[0])))
+    return ExperimentAnalysis(control, alpha, total, dict(weights), check, summaries, comparisons, use_cov, notes, strata_ids)
 
 
-def _sequential(y: np.ndarray, x: np.ndarray | None, in_t: np.ndarray, in_c: np.ndarray, look_idx: list[int],
-                variance_now: float, users_now: int, horizon_users: int, alpha: float) -> SequentialResult:
-    """mSPRT on Δ = R_t − R_c at every look, from cumulative moments of the rows up to that look.
-
-    τ² is fixed for all looks from today's variance (`sequential.mixture_variance`), so that the
-    running minimum is over one likelihood-ratio martingale.
-    """
-    at = np.asarray(look_idx) - 1
-    mt = Moments.of(y, x, mask=in_t, cumulative=True).at(at)
-    mc = Moments.of(y, x, mask=in_c, cumulative=True).at(at)
-    delta, var = difference(ratio(mt), ratio(mc))
-    tau2 = float(sequential.mixture_variance(variance_now, users_now, horizon_users, alpha))
-    ok = np.isfinite(var) & (var > 0) & (mt.n >= 2) & (mc.n >= 2)
-    delta, var = np.where(ok, delta, 0.0), np.where(ok, var, 1.0)
-    p = sequential.always_valid_p_values(np.where(ok, delta, 0.0), var, np.where(ok, tau2, 0.0))
+def _sequential(decision: Estimate, users_now: int, planned_users: int, tau2: float | None, estimator: str,
+                alpha: float) -> SequentialResult:
+    """mSPRT at this look on the decision's difference; τ² from the planned users unless fixed earlier."""
+    delta, var = (float(v) for v in decision)
+    if tau2 is None:
+        tau2 = float(sequential.planned_tau2(var * users_now, planned_users, alpha))
+    ok = np.isfinite(var) and var > 0 and tau2 > 0
+    if not ok:
+        return SequentialResult(1.0, -np.inf, np.inf, tau2, planned_users, estimator, delta, var, False)
+    p = float(sequential.p_value(delta, var, tau2))
     low, high = sequential.confidence_sequence(delta, var, tau2, alpha)
-    low, high = np.where(ok, low, -np.inf), np.where(ok, high, np.inf)
-    return SequentialResult(float(p[-1]), float(np.max(low)), float(np.min(high)), len(look_idx), horizon_users,
-                            float(np.sqrt(tau2)), bool(p[-1] < alpha))
+    return SequentialResult(p, float(low), float(high), tau2, planned_users, estimator, delta, var, p < alpha)

@@ -16,6 +16,12 @@ per-user version of ``wins_a / (wins_a + wins_b)`` — and under H0 (no preferen
 coin: an exact two-sided binomial (sign) test, `scipy.stats.binomtest`, with its Clopper–Pearson
 interval. The exposure-weighted share ``Σ wins_a / Σ (wins_a + wins_b)`` is reported beside it,
 with a delta-method interval over users (it weights heavy users more; a descriptive figure).
+
+**The verdict uses an always-valid test.** The monitor re-reads the votes every few seconds; the exact
+sign test re-read after every vote from 10 to 1,000 names a winner in an A/A about 4 times in 10. The
+decision therefore uses the beta-binomial mixture (`sequential.share_p_value`, Robbins 1970) on the same
+votes, tuned to a planned number of voting users, whose running minimum is valid at every look; the sign
+test stays in the report as the one-look figure.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 from scipy import stats
 
 from vitrine.contracts.outcomes import InterleavedOutcome
+from vitrine.experiments import sequential
 from vitrine.experiments.estimators import ALPHA, Moments, normal_interval, ratio
 
 
@@ -50,7 +57,13 @@ class InterleavingResult:
     exposure_share_low: float
     exposure_share_high: float
     winner: str | None
-    """The preferred team when p < α, else None."""
+    """The preferred team when this look's always-valid p < α, else None (`decision` uses the running minimum)."""
+    sequential_p: float = 1.0
+    """Always-valid p-value of "no preference" at this look (beta-binomial mixture)."""
+    sequential_low: float = 0.0
+    sequential_high: float = 1.0
+    """Confidence sequence of the share preferring A at this look."""
+    prior_a: float = 0.5
 
 
 def sign_test(prefer_a: int, prefer_b: int, alpha: float = ALPHA) -> tuple[float, float, float, float]:
@@ -75,8 +88,14 @@ def sign_test_p_values(prefer_a: np.ndarray, prefer_b: np.ndarray) -> np.ndarray
     return np.minimum(1.0, 2 * stats.binom.cdf(k, n, 0.5))
 
 
-def analyse_interleaving(rows: Sequence[InterleavedOutcome], alpha: float = ALPHA) -> InterleavingResult:
-    """Preference share of team A with its sign test; rows whose teams are swapped are turned round."""
+DEFAULT_PLANNED_VOTES = 2000
+"""Voting users the always-valid test is tuned for (`outcomes.planned_votes` in the settings)."""
+
+
+def analyse_interleaving(rows: Sequence[InterleavedOutcome], alpha: float = ALPHA,
+                         planned_votes: int = DEFAULT_PLANNED_VOTES) -> InterleavingResult:
+    """Preference share of team A with its sign test and its always-valid test; rows whose teams are swapped
+    are turned round."""
     if not rows:
         raise ValueError("no interleaved outcomes")
     team_a, team_b = rows[0].team_a, rows[0].team_b
@@ -97,6 +116,10 @@ def analyse_interleaving(rows: Sequence[InterleavedOutcome], alpha: float = ALPH
         elow, ehigh = normal_interval(est, var, alpha)
     else:
         est, elow, ehigh = np.float64(0.5), np.float64(0.0), np.float64(1.0)
-    winner = (team_a if share > 0.5 else team_b) if p < alpha else None
+    prior = sequential.beta_prior_for(planned_votes, alpha)
+    votes = prefer_a + prefer_b
+    seq_p = float(sequential.share_p_value(prefer_a, votes, prior))
+    seq_low, seq_high = sequential.share_confidence_sequence(prefer_a, votes, prior, alpha)
+    winner = (team_a if share > 0.5 else team_b) if seq_p < alpha else None
     return InterleavingResult(team_a, team_b, len(rows), prefer_a, prefer_b, len(rows) - prefer_a - prefer_b,
-                              share, low, high, p, float(est), float(elow), float(ehigh), winner)
+                              share, low, high, p, float(est), float(elow), float(ehigh), winner, seq_p, seq_low, seq_high, prior)

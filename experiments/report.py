@@ -1,11 +1,12 @@
-"""`vitrine ab report`: one experiment revision's outcome, guardrails beside it, as a table, JSON and a PNG.
+"""`vitrine ab report`: one experiment's outcome, guardrails beside it, as a table, JSON and a PNG.
 
-Everything here is pure (rows, history and guardrail figures in; text, dict and a picture out); the
-command (`vitrine/commands/ab_report.py`) fetches them from Redis and Prometheus.
+Everything here is pure (the look's analysis and decision, history and serving figures in; text, dict and a
+picture out); the command (`vitrine/commands/ab_report.py`) fetches them from Redis and Prometheus.
 
-The verdict line follows the tests' meaning: a variant "wins" on a metric only when the always-valid
-(sequential) p-value is below α — the one that stays valid however often the report is read — and
-the sample-ratio check passes; otherwise the report says what is missing.
+The verdict is `decision.decide`'s: a variant "wins" on CTR only when its always-valid p-value — the running
+minimum over every look of the experiment's phase, across revisions — is below α after Holm's correction
+over the variants, and the sticky sample-ratio check has never flagged; the interval printed beside it is
+the always-valid one (the running intersection), so the two always agree.
 """
 
 from __future__ import annotations
@@ -15,10 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vitrine.experiments.analysis import ExperimentAnalysis
+from vitrine.experiments.decision import DECISION_METRIC, Decision
 from vitrine.experiments.interleaving import InterleavingResult
-
-DECISION_METRIC = "ctr"
-"""The outcome the verdict is about (the others are shown beside it)."""
 
 
 @dataclass(frozen=True)
@@ -42,51 +41,39 @@ class Report:
     interleaving: InterleavingResult | None
     guardrails: list[Guardrail]
     history: list[dict]
-    sequential_p: dict[str, float] = field(default_factory=dict)
-    """variant:metric → always-valid p-value: the minimum over the monitor's looks and this one."""
+    decision: Decision | None = None
+    phase: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def verdict(self, alpha: float = 0.05) -> str:
-        if self.interleaving is not None:
-            i = self.interleaving
-            if i.winner:
-                return (f"{i.winner} is preferred by {max(i.preference_a, 1 - i.preference_a):.1%} of users with a preference "
-                        f"(sign test p = {i.p_value:.2g}, {i.users_prefer_a + i.users_prefer_b} users)")
-            return f"no preference yet between {i.team_a} and {i.team_b} (p = {i.p_value:.2g})"
-        if self.analysis is None:
+    def verdict(self) -> str:
+        if self.decision is None:
             return "no outcomes yet"
-        if self.analysis.srm.flagged:
-            return "sample ratio mismatch: the split is not what was configured — do not trust these results"
-        winners = []
-        for c in self.analysis.comparisons:
-            if c.metric != DECISION_METRIC:
-                continue
-            p = self.sequential_p.get(f"{c.variant}:{c.metric}", c.sequential.p_value)
-            if p < alpha:
-                better = c.relative.estimate > 0
-                winners.append(f"{c.variant if better else self.analysis.control} wins on CTR: {c.variant} vs "
-                               f"{self.analysis.control} {c.relative.fmt(pct=True)} (always-valid p = {p:.2g})")
-            else:
-                winners.append(f"{c.variant} vs {self.analysis.control}: no decision yet on CTR "
-                               f"({c.relative.fmt(pct=True)}, always-valid p = {p:.2g})")
-        return "; ".join(winners) or "no comparison (one variant only)"
+        return self.decision.text
 
     def table(self) -> str:
         lines = [f"experiment {self.experiment!r} revision {self.revision} ({self.mode}), weights "
-                 + ", ".join(f"{v} {w}%" for v, w in self.weights.items()), ""]
+                 + ", ".join(f"{v} {w}%" for v, w in self.weights.items())
+                 + (f"; one test over revisions {', '.join(map(str, self.phase))}" if len(self.phase) > 1 else ""), ""]
         if self.analysis is not None:
             lines.append(self.analysis.table())
-            if self.sequential_p:
-                lines.append("always-valid p-values over all looks: "
-                             + ", ".join(f"{k} {p:.3g}" for k, p in sorted(self.sequential_p.items())))
+        d = self.decision
+        if d is not None and d.comparisons and self.interleaving is None:
+            lines += ["", f"always-valid over {d.looks} looks{'':<6}{'interval of the difference (relative)':<40}{'p':>9}{'Holm p':>9}"]
+            for c in d.comparisons:
+                lines.append(f"{c.variant + ' ' + c.metric:<32}[{c.relative_low:+.2%}, {c.relative_high:+.2%}] ({c.estimator}){'':<8}"
+                             f"{c.p_value:>9.3g}{c.adjusted_p:>9.3g}")
+        if d is not None and d.guardrails:
+            lines += ["", "guardrails (non-inferiority, always-valid): "
+                      + "; ".join(f"{g.variant} {g.metric} ≥ −{g.margin:.0%}: {g.status.replace('_', '-')}" for g in d.guardrails)]
         if self.interleaving is not None:
             i = self.interleaving
             lines += [f"interleaving: {i.users} users; prefer {i.team_a}: {i.users_prefer_a}, prefer {i.team_b}: {i.users_prefer_b}, "
                       f"tied: {i.users_tied}",
                       f"  share preferring {i.team_a}: {i.preference_a:.1%} [{i.preference_low:.1%}, {i.preference_high:.1%}], "
-                      f"sign test p = {i.p_value:.3g}; exposure-weighted {i.exposure_share_a:.1%}"]
+                      f"sign test p = {i.p_value:.3g} (one look); always-valid [{i.sequential_low:.1%}, {i.sequential_high:.1%}], "
+                      f"p = {i.sequential_p:.3g} this look; exposure-weighted {i.exposure_share_a:.1%}"]
         if self.guardrails:
-            lines += ["", f"{'guardrails':<14}{'req/s':>8}{'p99 ms':>9}{'degraded':>10}{'errors':>9}"]
+            lines += ["", f"{'serving':<14}{'req/s':>8}{'p99 ms':>9}{'degraded':>10}{'errors':>9}"]
             for g in self.guardrails:
                 lines.append(f"{g.variant:<14}{g.requests_per_s:>8.1f}{_ms(g.p99_s):>9}{g.degraded_ratio:>10.2%}{g.error_ratio:>9.2%}")
         lines += ["", "verdict: " + self.verdict(), *self.notes]
@@ -94,10 +81,10 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"experiment": self.experiment, "revision": self.revision, "mode": self.mode, "weights": self.weights,
-                "verdict": self.verdict(), "analysis": self.analysis.to_dict() if self.analysis else None,
+                "phase": self.phase, "verdict": self.verdict(), "analysis": self.analysis.to_dict() if self.analysis else None,
                 "interleaving": asdict(self.interleaving) if self.interleaving else None,
-                "guardrails": [asdict(g) for g in self.guardrails], "sequential_p": self.sequential_p,
-                "looks": len(self.history), "notes": self.notes}
+                "decision": self.decision.to_dict() if self.decision else None,
+                "guardrails": [asdict(g) for g in self.guardrails], "looks": len(self.history), "notes": self.notes}
 
 
 def _ms(seconds: float) -> str:

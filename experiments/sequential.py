@@ -76,3 +76,76 @@ def confidence_sequence(delta: np.ndarray, variance: np.ndarray, tau2: np.ndarra
 def rejects(delta: np.ndarray, variance: np.ndarray, tau2: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
     """Whether the test has rejected at *any* look so far (last axis = looks): ``max_k Λ_k ≥ 1/α``."""
     return np.any(log_likelihood_ratio(delta, variance, tau2) >= -np.log(alpha), axis=-1)
+
+
+def planned_tau2(per_user_variance: np.ndarray, planned_users: float, alpha: float = ALPHA) -> np.ndarray:
+    """τ² tuned to a *planned* number of users per variant, from the per-user variance of Δ̂
+    (``Var(Δ̂) · users``): ``c(α) · per_user_variance / planned_users`` (Howard et al. 2021, §3.5).
+
+    Fixed once per experiment (the decision stores it at its first look): one τ for every look keeps the
+    running minimum a minimum over one martingale.
+    """
+    c = -2 * np.log(alpha) + np.log(1 - 2 * np.log(alpha))
+    return c * np.asarray(per_user_variance) / planned_users
+
+
+# --- a sequential test of a share: the beta-binomial mixture ----------------------------------------
+#
+# For votes X_1, X_2, … ∈ {0, 1} that are fair coins under H0 (p = ½), the mixture of likelihood ratios
+# over a Beta(a, a) prior on p,
+#
+#     Λ_n = ∫ Π (p/½)^X_i ((1−p)/½)^(1−X_i) dBeta(p; a, a) = 2^n · B(a + k, a + n − k) / B(a, a),
+#
+# (k = Σ X_i) is a non-negative martingale with mean 1 under H0 (Robbins, "Statistical methods related to
+# the law of the iterated logarithm", Ann. Math. Statist. 1970; Howard et al. 2021, §3.2 "beta-binomial
+# mixture"), so p_n = min(1, min_{m≤n} 1/Λ_m) is an always-valid p-value — exactly, not asymptotically:
+# it holds from the first vote, where the normal approximation of the mSPRT would not. The confidence
+# sequence of p inverts the same mixture: {p : B(a+k, a+n−k)/B(a, a) / (p^k (1−p)^(n−k)) < 1/α}.
+
+
+def beta_prior_for(planned_votes: float, alpha: float = ALPHA) -> float:
+    """The prior's a for Beta(a, a), matched to the mSPRT's planned τ: the prior's variance
+    ``1 / (4(2a + 1))`` equals ``c(α) · ¼ / planned_votes`` (the per-vote variance under H0 is ¼)."""
+    c = -2 * np.log(alpha) + np.log(1 - 2 * np.log(alpha))
+    return float(max(0.5, (planned_votes / c - 1) / 2))
+
+
+def log_beta_binomial_ratio(k: np.ndarray, n: np.ndarray, a: float, p0: np.ndarray | float = 0.5) -> np.ndarray:
+    """``log Λ`` of the beta-binomial mixture against ``p = p0`` after k successes in n votes."""
+    from scipy.special import betaln
+
+    k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
+    p0 = np.asarray(p0, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        null = np.where(k > 0, k * np.log(p0), 0.0) + np.where(n - k > 0, (n - k) * np.log1p(-p0), 0.0)
+    return betaln(a + k, a + n - k) - betaln(a, a) - null
+
+
+def share_p_value(k: np.ndarray, n: np.ndarray, a: float) -> np.ndarray:
+    """``min(1, 1/Λ)`` at one look (take the running minimum over looks for the always-valid p-value)."""
+    return np.minimum(1.0, np.exp(-log_beta_binomial_ratio(k, n, a)))
+
+
+def share_confidence_sequence(k: int, n: int, a: float, alpha: float = ALPHA) -> tuple[float, float]:
+    """The ``1 − α`` confidence sequence of the share at one look: the p0 the mixture does not reject.
+
+    ``log Λ(p0)`` is convex in p0 with its minimum at k/n, so each bound is found by bisection.
+    """
+    if n == 0:
+        return 0.0, 1.0
+    bound = -np.log(alpha)
+    centre = k / n
+
+    def inside(p0: float) -> bool:
+        return float(log_beta_binomial_ratio(k, n, a, p0)) < bound
+
+    def edge(outer: float) -> float:
+        if inside(outer):
+            return outer
+        lo, hi = centre, outer  # lo inside, hi outside
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if inside(mid) else (lo, mid)
+        return lo
+
+    return edge(1e-12), edge(1 - 1e-12)

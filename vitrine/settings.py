@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from vitrine.contracts import topics
+from vitrine.contracts.outcomes import AnalysedMetric
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE_ENV = "VITRINE_CONFIG"
@@ -190,6 +191,23 @@ class OutcomesSettings(_Section):
     offset_check_interval_s: float = Field(1.0, gt=0, le=3600, description="While idle, how often the stored offsets are compared with the consumer's.")
     monitor_interval_s: float = Field(10.0, gt=0, le=3600, description="How often the current experiment revision is analysed and its gauges exported.")
     monitor_history: int = Field(2000, ge=1, le=100_000, description="Looks kept per revision for the report's intervals over time.")
+    planned_users_per_variant: int = Field(
+        10_000, ge=10, le=100_000_000,
+        description="Users per variant the always-valid test is tuned for (its τ, fixed at an experiment's first look): it decides "
+                    "fastest near this size and stays valid at any size (docs/experiments.md, 'the effect of τ').")
+    planned_votes: int = Field(2000, ge=10, le=100_000_000, description="Interleaving: voting users the always-valid preference test is tuned for.")
+    guardrail_margins: dict[AnalysedMetric, float] = Field(
+        default_factory=lambda: {"conversion": 0.05},
+        description="Guardrail metric → relative non-inferiority margin: a variant passes when the always-valid interval shows it "
+                    "at most this much worse than control (0.05 = 5 %).")
+
+    @field_validator("guardrail_margins")
+    @classmethod
+    def _margins_in_range(cls, margins: dict[str, float]) -> dict[str, float]:
+        bad = {m: v for m, v in margins.items() if not 0 < v < 1}
+        if bad:
+            raise ValueError(f"guardrail margins are relative and must lie in (0, 1): {bad}")
+        return margins
     dlq_topic: str = Field(topics.OUTCOMES_DLQ, pattern=r"^[A-Za-z0-9_.-]{1,249}$", description="Where rejected records go.")
     dlq_send_attempts: int = Field(5, ge=1, le=100, description="Tries per rejected record before it is spilled to `dlq_spill_dir` and skipped.")
     dlq_send_timeout_ms: int = Field(10_000, ge=100, le=300_000, description="Bound on one DLQ send (metadata wait included).")

@@ -66,8 +66,7 @@ class OutcomeConsumer(StoredOffsetsMember):
         await self.consumer.start()
         freeze_startup_objects()
         log.info("joining %s with %s as group %s", self.cfg.exposures_topic, self.cfg.events_topic, self.cfg.group_id)
-        monitor = ExperimentMonitor(self.store, ExperimentStore(self.redis, self.settings.features.namespace), self.metrics,
-                                    self.cfg.monitor_interval_s, self.cfg.monitor_history)
+        monitor = ExperimentMonitor(self.store, ExperimentStore(self.redis, self.settings.features.namespace), self.metrics, self.cfg)
         monitoring = asyncio.create_task(monitor.run_forever())
         try:
             await self.consume(stop)

@@ -68,14 +68,14 @@ class OutcomeMetrics:
         self.batch_size = Histogram(BATCH_SIZE, "Records per processed batch.", buckets=BATCH_SIZE_BUCKETS, registry=registry)
         self.batch_duration = Histogram(BATCH_DURATION, "Time to parse, join and write one batch.", buckets=DURATION_BUCKETS, registry=registry)
         self.lag = Gauge(CONSUMER_LAG, "High watermark minus the next offset to process.", ("topic", "partition"), registry=registry)
-        self.experiment_users = Gauge(EXPERIMENT_USERS, "Users with outcomes in the experiment's current revision.",
+        self.experiment_users = Gauge(EXPERIMENT_USERS, "Users with outcomes in the experiment's current phase (its revisions since the arms last changed).",
                                       ("experiment", "variant"), registry=registry)
-        self.srm_p_value = Gauge(SRM_P_VALUE, "Sample-ratio-mismatch χ² p-value of the current revision against the configured weights "
-                                 "(below 0.001: the split is broken, do not trust the results).", ("experiment",), registry=registry)
+        self.srm_p_value = Gauge(SRM_P_VALUE, "Always-valid sample-ratio-mismatch p-value (Dirichlet-multinomial, each revision's users against "
+                                 "its weights; running minimum: below 0.001 the split is broken and the flag stays).", ("experiment",), registry=registry)
         self.relative_lift = Gauge(RELATIVE_LIFT, "Relative lift of a variant over control (delta method), with its 95 % interval.",
                                    ("experiment", "variant", "metric", "bound"), registry=registry)
         self.sequential_p_value = Gauge(SEQUENTIAL_P_VALUE, "Always-valid (mSPRT) p-value of a variant against control, "
-                                        "the running minimum over the monitor's looks: safe to read at any time.",
+                                        "the running minimum over every look of the experiment's phase (one α across revisions): safe to read at any time.",
                                         ("experiment", "variant", "metric"), registry=registry)
         self.interleaving_preference = Gauge(INTERLEAVING_PREFERENCE, "Interleaving: share of users with a preference who prefer this team.",
                                              ("experiment", "team"), registry=registry)

@@ -111,6 +111,9 @@ class OutcomeStore:
     def history_key(self, experiment: str, revision: int) -> str:
         return f"{self.ns}:history:{experiment}:{revision}"
 
+    def evidence_key(self, experiment: str, phase_start: int) -> str:
+        return f"{self.ns}:evidence:{experiment}:{phase_start}"
+
     @staticmethod
     def offset_field(topic: str, partition: int) -> str:
         return f"{topic}:{partition}"
@@ -274,3 +277,12 @@ class OutcomeStore:
     async def revisions(self, experiment: str) -> list[int]:
         """The revisions of `experiment` that have outcome rows, ascending."""
         return sorted(int(_text(r)) for r in await self.client.smembers(self.revisions_key(experiment)))
+
+    async def load_evidence(self, experiment: str, phase_start: int) -> dict | None:
+        """The decision's evidence over the looks of the phase that began at `phase_start` (`experiments.decision`)."""
+        raw = await self.client.get(self.evidence_key(experiment, phase_start))
+        return json.loads(raw) if raw else None
+
+    async def save_evidence(self, experiment: str, phase_start: int, evidence: dict) -> None:
+        """Kept as long as the rows it was computed from (`revision_ttl_s`)."""
+        await self.client.set(self.evidence_key(experiment, phase_start), json.dumps(evidence), ex=self.settings.revision_ttl_s)

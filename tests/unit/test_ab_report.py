@@ -10,8 +10,10 @@ import numpy as np
 
 from vitrine.contracts.outcomes import UserOutcome
 from vitrine.experiments.analysis import analyse
+from vitrine.experiments.decision import Evidence
 from vitrine.experiments.report import Guardrail, Report, plot_history
 from vitrine.services.gateway.experiment import Experiment, Variant
+from vitrine.services.outcomes.looks import Look, conclude
 from vitrine.services.outcomes.monitor import snapshot_of
 
 WEIGHTS = {"control": 50, "treatment": 50}
@@ -30,17 +32,22 @@ def _rows(n: int, treatment_ctr: float, share_treatment: float = 0.5, seed: int 
     return rows
 
 
+def _look(rows: list[UserOutcome], evidence: Evidence | None = None, now_ms: int = 0) -> Look:
+    look = Look(EXPERIMENT, [2], {}, analyse(rows, WEIGHTS, "control", tau2=evidence.tau2() if evidence else None))
+    return conclude(look, evidence or Evidence("exp", 2), {"conversion": 0.05}, now_ms)
+
+
 def _report(rows: list[UserOutcome], history: list[dict] | None = None) -> Report:
-    analysis = analyse(rows, WEIGHTS, "control")
+    look = _look(rows)
     guardrails = [Guardrail("control", 10.0, 0.008, 0.01, 0.0), Guardrail("treatment", 10.0, 0.011, 0.0, 0.0)]
-    return Report("exp", 2, "ab", WEIGHTS, analysis, None, guardrails, history or [])
+    return Report("exp", 2, "ab", WEIGHTS, look.analysis, None, guardrails, history or [], look.decision, [2])
 
 
 def test_a_clear_winner_is_named_with_its_interval() -> None:
     report = _report(_rows(3000, 0.08))
     assert report.verdict().startswith("treatment wins on CTR")
     text = report.table()
-    assert "guardrails" in text and "treatment" in text and "verdict: treatment wins" in text
+    assert "serving" in text and "guardrails (non-inferiority" in text and "verdict: treatment wins" in text
     json.dumps(report.to_dict(), default=float)  # machine-readable
 
 
@@ -56,10 +63,12 @@ def test_a_broken_split_is_reported_instead_of_a_winner() -> None:
 
 def test_the_lift_over_time_is_drawn(tmp_path: Path) -> None:
     rows = _rows(2000, 0.06)
-    history = []
+    history: list[dict] = []
+    evidence = None
     for n in (200, 600, 1200, 2000):
-        history.append(snapshot_of(EXPERIMENT, analyse(rows[:n], WEIGHTS, "control"), None, history[-1] if history else None,
-                                   60_000 * len(history)))
+        look = _look(rows[:n], evidence, 60_000 * len(history))
+        evidence = look.evidence
+        history.append(snapshot_of(look, 60_000 * len(history)))
     report = _report(rows, history)
     out = tmp_path / "report.png"
     plot_history(report, out)

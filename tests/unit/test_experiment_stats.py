@@ -59,11 +59,31 @@ def test_relative_lift_delta_method_by_hand() -> None:
     assert r == pytest.approx(0.1) and var == pytest.approx(0.0221)
 
 
+def _dm_log_bf(counts: list[int], shares: list[float], k: float = srm.PRIOR_CONCENTRATION) -> float:
+    """log Bayes factor computed independently: scipy's Dirichlet-multinomial pmf over the multinomial pmf."""
+    n = sum(counts)
+    return float(stats.dirichlet_multinomial.logpmf(counts, [k * s for s in shares], n) - stats.multinomial.logpmf(counts, n, shares))
+
+
+def _dm_p_value(*strata: tuple[list[int], list[float]]) -> float:
+    return min(1.0, math.exp(-sum(_dm_log_bf(c, s) for c, s in strata)))
+
+
 def test_srm_by_hand() -> None:
     ok = srm.check({"a": 520, "b": 480}, {"a": 1, "b": 1})
-    assert ok.chi2 == pytest.approx(1.6) and ok.p_value == pytest.approx(stats.chi2.sf(1.6, 1)) and not ok.flagged
-    bad = srm.check({"a": 5200, "b": 4800}, {"a": 1, "b": 1})
-    assert bad.chi2 == pytest.approx(16.0) and bad.p_value < 0.001 and bad.flagged
+    assert ok.chi2 == pytest.approx(1.6) and ok.chi2_p_value == pytest.approx(stats.chi2.sf(1.6, 1)) and not ok.flagged
+    assert ok.p_value == pytest.approx(_dm_p_value(([520, 480], [0.5, 0.5])))
+    bad = srm.check({"a": 5300, "b": 4700}, {"a": 1, "b": 1})
+    assert bad.chi2 == pytest.approx(36.0) and bad.p_value < 0.001 and bad.flagged
+    assert bad.p_value == pytest.approx(_dm_p_value(([5300, 4700], [0.5, 0.5])))
+    # the price of being valid at every look: 52/48 at 10,000 users is χ² p < 0.001 at one look, not yet here
+    assert srm.check({"a": 5200, "b": 4800}, {"a": 1, "b": 1}).chi2_p_value < 0.001
+    # strata (a ramp): the Bayes factors multiply, each stratum against its own weights
+    ramp = srm.check_strata([({"a": 900, "b": 100}, {"a": 90, "b": 10}), ({"a": 530, "b": 470}, {"a": 50, "b": 50})])
+    assert ramp.p_value == pytest.approx(_dm_p_value(([900, 100], [0.9, 0.1]), ([530, 470], [0.5, 0.5])))
+    assert ramp.expected == pytest.approx({"a": 1400.0, "b": 600.0}) and ramp.observed == {"a": 1430, "b": 570}
+    # the same users judged against one 50/50 split would be a glaring mismatch
+    assert srm.check({"a": 1430, "b": 570}, {"a": 1, "b": 1}).flagged and not ramp.flagged
     assert not srm.check({"a": 667, "b": 333}, {"a": 2, "b": 1}).flagged
     stray = srm.check({"a": 10, "b": 10, "c": 1}, {"a": 1, "b": 1})
     assert stray.flagged and "c" in stray.reason
@@ -104,13 +124,22 @@ def test_sign_test_by_hand() -> None:
 
 
 def test_interleaving_rows_user_is_the_unit_and_teams_swapped() -> None:
-    rows = [InterleavedOutcome(f"u{i}", "gru", "pop", 3, 1, 2, 0, 0) for i in range(14)]
-    rows += [InterleavedOutcome(f"v{i}", "pop", "gru", 3, 1, 2, 0, 0) for i in range(3)]  # swapped: prefers pop
-    rows += [InterleavedOutcome("heavy", "gru", "pop", 0, 90, 0, 40, 0)]  # one heavy user = one vote
-    result = analyse_interleaving(rows)
-    assert (result.users_prefer_a, result.users_prefer_b) == (14, 4)
-    assert result.p_value == pytest.approx(stats.binomtest(14, 18).pvalue)
-    assert result.winner == "gru"
+    rows = [InterleavedOutcome(f"u{i}", "gru", "pop", 3, 1, 2, 0, 0) for i in range(42)]
+    rows += [InterleavedOutcome(f"v{i}", "pop", "gru", 3, 1, 2, 0, 0) for i in range(9)]  # swapped: prefers pop
+    rows += [InterleavedOutcome("heavy", "gru", "pop", 0, 900, 0, 400, 0)]  # one heavy user = one vote
+    result = analyse_interleaving(rows, planned_votes=50)
+    assert (result.users_prefer_a, result.users_prefer_b) == (42, 10)
+    assert result.p_value == pytest.approx(stats.binomtest(42, 52).pvalue)
+    # the always-valid p-value, by an independent formula: 1 / (beta-binomial pmf ÷ binomial pmf at ½)
+    a = result.prior_a
+    assert result.sequential_p == pytest.approx(stats.binom.pmf(42, 52, 0.5) / stats.betabinom.pmf(42, 52, a, a))
+    assert result.sequential_p < ALPHA and result.winner == "gru"
+    assert 0.5 < result.sequential_low < 42 / 52 < result.sequential_high
+    # at its edges the confidence sequence is where the mixture's ratio is exactly 1/α
+    for edge in (result.sequential_low, result.sequential_high):
+        assert stats.betabinom.pmf(42, 52, a, a) / stats.binom.pmf(42, 52, edge) == pytest.approx(1 / ALPHA, rel=1e-6)
+    # tuned for 2,000 votes, 52 votes are not yet enough for the always-valid test: no winner
+    assert analyse_interleaving(rows).winner is None
     assert result.exposure_share_a < 0.5  # exposure-weighted, the heavy user dominates: why users vote
 
 
@@ -195,7 +224,7 @@ def _rows(users: int, lift: float, share_b: float, seed: int) -> list[UserOutcom
 
 
 def test_analyse_names_a_large_lift_and_cuped_shrinks_the_interval() -> None:
-    result = analyse(_rows(6000, 0.3, 0.5, seed=31), {"a": 1, "b": 1}, "a", covariate=True, looks=range(500, 6000, 500))
+    result = analyse(_rows(6000, 0.3, 0.5, seed=31), {"a": 1, "b": 1}, "a", covariate=True)
     ctr = next(c for c in result.comparisons if c.metric == "ctr")
     assert ctr.significant and ctr.relative.low > 0 and ctr.sequential.significant
     assert ctr.cuped is not None and ctr.cuped.variance_reduction > 0.1
@@ -210,6 +239,8 @@ def test_analyse_flags_srm_and_keeps_quiet_without_a_difference() -> None:
     assert result.srm.flagged
     quiet = analyse(_rows(4000, 0.0, 0.5, seed=33), {"a": 1, "b": 1}, "a", covariate=False)
     assert not quiet.srm.flagged
+    # quiet: no comparison is significant, by either test
+    assert not any(c.significant or c.sequential.significant for c in quiet.comparisons), quiet.table()
     assert all(c.sequential.p_value >= c.p_value for c in quiet.comparisons)  # always-valid is the more careful
 
 

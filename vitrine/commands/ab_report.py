@@ -56,44 +56,32 @@ async def guardrails(settings: Settings, variants: list[str], window: str = GUAR
 
 
 async def build(settings: Settings, revision: int | None, with_guardrails: bool):  # noqa: ANN201
+    """The report of the experiment's phase ending at `revision` (default: the current one): the same look as the
+    monitor's (`services/outcomes/looks.py`), decided with the evidence the monitor stored plus this look."""
     import redis.asyncio as aioredis
 
     from vitrine.contracts.exposures import INTERLEAVE
-    from vitrine.experiments.analysis import analyse
-    from vitrine.experiments.interleaving import analyse_interleaving
     from vitrine.experiments.report import Report
     from vitrine.services.gateway.experiment import ExperimentStore
+    from vitrine.services.outcomes import looks
     from vitrine.services.outcomes.store import OutcomeStore
 
     client = aioredis.Redis(host=settings.redis.host, port=settings.redis.port, socket_connect_timeout=2, socket_timeout=10)
     try:
-        experiment = await _experiment_at(ExperimentStore(client, settings.features.namespace), revision)
+        experiments = ExperimentStore(client, settings.features.namespace)
+        experiment = await _experiment_at(experiments, revision)
         store = OutcomeStore(client, settings.outcomes)
         history = await store.snapshots(experiment.name, experiment.revision)
+        look = await looks.take(store, experiments, experiment, settings.outcomes)
         weights = {v.name: v.weight for v in experiment.variants}
-        report = Report(experiment.name, experiment.revision, experiment.mode, weights, None, None, [], history)
-        if experiment.mode == INTERLEAVE:
-            rows = await store.interleaved_outcomes(experiment.name, experiment.revision)
-            if rows:
-                report.interleaving = await asyncio.to_thread(analyse_interleaving, rows)
-        else:
-            rows = await store.user_outcomes(experiment.name, experiment.revision)
-            control = experiment.variants[0].name
-            if any(r.variant == control for r in rows) and len({r.variant for r in rows}) > 1:
-                report.analysis = await asyncio.to_thread(analyse, rows, weights, control)
-                for c in report.analysis.comparisons:
-                    key = f"{c.variant}:{c.metric}"
-                    earlier = [look.get("sequential_p", {}).get(key, 1.0) for look in history]
-                    report.sequential_p[key] = min([c.sequential.p_value, *earlier])
-            else:
-                report.notes.append(f"no comparison yet: {len(rows)} users with outcomes, "
-                                    f"variants seen: {sorted({r.variant for r in rows}) or 'none'}")
+        report = Report(experiment.name, experiment.revision, experiment.mode, weights, look.analysis, look.interleaving, [], history,
+                        look.decision if look.evidence is not None else None, look.phase, list(look.notes))
         if with_guardrails:
             names = ["interleave"] if experiment.mode == INTERLEAVE else [v.name for v in experiment.variants]
             try:
                 report.guardrails = await guardrails(settings, names)
             except (httpx.HTTPError, KeyError, ValueError) as exc:
-                report.notes.append(f"guardrails unavailable (Prometheus at {settings.prometheus.url}: {exc})")
+                report.notes.append(f"serving figures unavailable (Prometheus at {settings.prometheus.url}: {exc})")
         return report
     finally:
         await client.aclose()

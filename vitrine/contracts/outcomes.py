@@ -8,9 +8,12 @@ The outcome service (`services/outcomes/store.py`) owns where they live; this is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, get_args
 
 METRICS: Final = ("impressions", "clicks", "add_to_carts", "purchases")
+AnalysedMetric = Literal["impressions_per_user", "ctr", "conversion", "purchases_per_user"]
+"""The metrics `vitrine ab report` analyses from these rows (`experiments.analysis.METRICS` defines each)."""
+ANALYSED_METRICS: Final = get_args(AnalysedMetric)
 
 
 @dataclass(frozen=True)
