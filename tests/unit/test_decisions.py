@@ -218,6 +218,7 @@ def test_guardrails_say_non_inferior_worse_or_undecided() -> None:
         return guards[0].status
 
     assert status(0.0, 20_000) == "non_inferior"
+    assert status(-0.12, 20_000) == "worse"  # 12 % worse with a 10 % margin: shown worse, never non-inferior
     assert status(-0.3, 20_000) == "worse"
     assert status(0.0, 200) == "undecided"
 
