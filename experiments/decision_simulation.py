@@ -477,6 +477,18 @@ class DecisionBench:
         ])
 
 
+    def ratios(self) -> str:
+        r, i, s, d = self.ramp, self.interleaving, self.srm, self.decided
+        return "\n".join([
+            f"ramp A/A ÷ α: decision {r.one_alpha_stratified / r.alpha:.2f}×, with CUPED {r.one_alpha_stratified_cuped / r.alpha:.2f}×, "
+            f"unstratified {r.one_alpha_pooled / r.alpha:.1f}×   interleaving peeked ÷ α: always-valid {i.always_valid_peeked / ALPHA:.2f}×, "
+            f"sign test {i.fixed_peeked / ALPHA:.1f}×   SRM false alarms ÷ 0.001: sequential {s.sequential_false_alarms / 0.001:.2f}×, "
+            f"χ² peeked {s.chi2_false_alarms / 0.001:.0f}×",
+            f"users for 80 % power as decided: A/B {d.ab:,}, CUPED {d.ab_cuped:,} ({d.ab / d.ab_cuped:.2f}× fewer), "
+            f"interleaving {d.interleaving:,} ({d.ab / d.interleaving:.0f}× fewer)",
+        ])
+
+
 def run_decision_bench(ramp_experiments: int = 1000, power_experiments: int = 400, seed: int = 40,
                        progress: Progress | None = None) -> DecisionBench:
     say = progress or (lambda _m: None)

@@ -6,8 +6,9 @@ promises: a ramp 10 % → 25 % → 50 % would get three α budgets, and CUPED's 
 revision 2 would contain her exposure in revision 1. So the analysis spans revisions:
 
 * **A phase** is the run of consecutive revisions that test the same hypothesis: the same variants with the
-  same models and versions, in the same mode. Weight changes (ramps, pauses at 0 %) stay in the phase; a
-  change of what a variant serves starts a new phase — a new question, with its own α.
+  same models and versions, in the same mode, randomised with the same salt. Weight changes (ramps, pauses at
+  0 %) stay in the phase; a change of what a variant serves, or a new salt (every user re-randomised), starts a
+  new phase — a new question, with its own α.
 * **A user's pooled row** starts in the first phase revision she was exposed in (her *entry revision*, the
   stratum she is compared in: she was randomised with that revision's weights) and adds her rows of later
   phase revisions while she keeps the same variant. A ramp moves some users' buckets to another variant;
@@ -34,15 +35,16 @@ class RevisionConfig:
     mode: str
     arms: tuple[tuple[str, str, str], ...]
     weights: dict[str, int]
+    salt: str = ""
 
     @classmethod
     def of(cls, experiment) -> RevisionConfig:  # noqa: ANN001 - services.gateway.experiment.Experiment (no import cycle)
         return cls(experiment.revision, experiment.mode,
                    tuple((v.name, v.model_name, v.model_version) for v in experiment.variants),
-                   {v.name: v.weight for v in experiment.variants})
+                   {v.name: v.weight for v in experiment.variants}, experiment.salt)
 
     def same_hypothesis(self, other: RevisionConfig) -> bool:
-        return (self.mode, self.arms) == (other.mode, other.arms)
+        return (self.mode, self.arms, self.salt) == (other.mode, other.arms, other.salt)
 
 
 def phase(configs: Mapping[int, RevisionConfig], current: int) -> list[int]:

@@ -155,8 +155,9 @@ def outcome_panels() -> list[dict]:
         _panel("Conversion per variant", f"Attributed purchases / exposures (answers shown), per experiment and variant, over {w}.",
                [(ratio(f'{outcomes.ATTRIBUTED}{{type="purchase",{VARIANT}}}', outcomes.EXPOSURES_JOINED), "{{experiment}} / {{variant}}")],
                "percentunit", width=8),
-        _panel("Sample ratio mismatch (SRM) p-value", f"χ² test of users per variant against the configured weights, current revision. "
-               f"Red below {SRM_THRESHOLD}: the split is broken (assignment, logging or bots) — do not trust the experiment's results.",
+        _panel("Sample ratio mismatch (SRM) p-value", f"Always-valid (sequential) test of users per variant against the configured weights, every revision of the "
+               f"current test (a ramp's entrants against their revision's weights), running minimum. Red below {SRM_THRESHOLD}: the split "
+               f"is broken (assignment, logging or bots) and the flag stays — do not trust the experiment's results.",
                [("vitrine:experiment_srm_p_value:min", "{{experiment}}")], "none", kind="stat", base="red",
                thresholds=[(SRM_THRESHOLD, "green")], width=8),
         _panel("Relative lift vs control (95 % interval)", "The monitor's delta-method estimate of (variant − control) / control per user, "
@@ -164,11 +165,12 @@ def outcome_panels() -> list[dict]:
                "fixed horizon; read the always-valid p-value before stopping early.",
                [(f'max by (variant, metric, bound) ({outcomes.RELATIVE_LIFT}{{metric=~"ctr|conversion",{VARIANT}}})',
                  "{{variant}} {{metric}} {{bound}}")], "percentunit", thresholds=[(0, "blue")]),
-        _panel("Always-valid p-value per variant", "mSPRT p-value of each variant against control, the running minimum over the "
-               "monitor's looks: valid whenever it is read. Below 0.05: a difference, even when looked at every minute.",
+        _panel("Always-valid p-value per variant", "mSPRT p-value of each variant against control (on the CUPED-adjusted difference "
+               "when a pre-experiment covariate exists), the running minimum over every look of the test — all revisions of a ramp: "
+               "valid whenever it is read. The verdict also Holm-corrects across variants (`vitrine ab report`).",
                [(f"min by (variant, metric) ({outcomes.SEQUENTIAL_P_VALUE}{{{VARIANT}}})", "{{variant}} {{metric}}")], "none",
                base="blue", thresholds=[(0.05, "text")]),
-        _panel("Users per variant", "Users with an outcome row in the current revision (first exposure's variant kept).",
+        _panel("Users per variant", "Users of the current test (all revisions of a ramp), each in the variant she entered with.",
                [(f"max by (experiment, variant) ({outcomes.EXPERIMENT_USERS})", "{{experiment}} / {{variant}}")], "short", width=8),
         _panel("Interleaving preference per team", "Interleave mode: share of users with a preference (more clicks on one team's "
                "slots) who prefer this team. 50 % is no difference. Exported only while the current experiment interleaves.",

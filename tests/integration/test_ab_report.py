@@ -79,3 +79,55 @@ async def test_interleaving_credits_clicks_to_the_model_that_placed_the_item(sta
         assert prefer_gru4rec > 2 * prefer_popularity and result.winner == "treatment", report.table()
     finally:
         await _restore(stack, previous)
+
+
+async def test_an_aa_through_a_ramp_names_no_winner_and_no_srm(stack: Stack) -> None:
+    """gru4rec against itself, 10 % → 50 %: two revisions of one test (one α), users by the revision they entered in,
+    returning users kept while their variant stays; the report and the monitor name no winner and no SRM."""
+    settings = stack.settings
+    tag = uuid.uuid4().hex[:6]
+    salt, prefix = f"aa-{tag}", f"aa-{tag}-"
+    client = aioredis.Redis(host=settings.redis.host, port=settings.redis.port)
+    store = OutcomeStore(client, settings.outcomes)
+
+    async def split(treatment: int) -> pb.Experiment:
+        async with GatewayClient(settings.gateway.address, EXPERIMENTER) as admin:
+            return await admin.set_experiment(pb.Experiment(name=previous.name, salt=salt, mode="ab", variants=[
+                pb.Variant(name="control", model_name="gru4rec", weight=100 - treatment),
+                pb.Variant(name="treatment", model_name="gru4rec", weight=treatment)]))
+
+    async def shoppers(applied: pb.Experiment, seed: int, users: int) -> None:
+        simulated = await Simulation(settings, SimulationConfig(rate=25, duration_s=20, seed=seed, user_prefix=prefix, users=users)).run()
+        assert simulated.requests > 400 and not simulated.errors
+
+        async def joined() -> int | None:
+            total = sum(r.exposures for r in await store.user_outcomes(applied.name, applied.revision))
+            return total if total >= simulated.requests else None
+
+        await eventually(joined, 60, f"the outcome service to join revision {applied.revision}'s answers")
+
+    async with GatewayClient(settings.gateway.address, EXPERIMENTER) as admin:
+        previous = await admin.get_experiment()
+    try:
+        first = await split(10)
+        await shoppers(first, seed=31, users=300)
+        ramped = await split(50)
+        await shoppers(ramped, seed=32, users=600)  # half of them came before the ramp
+
+        async def monitored() -> dict | None:
+            evidence = await store.load_evidence(ramped.name, first.revision)
+            return evidence if evidence and evidence["looks"] >= 1 and evidence["keys"] else None
+
+        evidence = await eventually(monitored, 3 * settings.outcomes.monitor_interval_s + 20, "the monitor's look at the ramped test")
+        report = await build(settings, None, with_guardrails=False)
+        assert report.phase == [first.revision, ramped.revision], report.table()
+        assert report.analysis is not None and report.analysis.strata == [first.revision, ramped.revision], report.table()
+        assert report.decision is not None and report.decision.looks >= evidence["looks"] + 1
+        assert not report.decision.srm_flagged and evidence["srm_flagged_at_ms"] is None, report.table()
+        assert not report.decision.winners and "no decision yet on CTR" in report.verdict(), report.table()
+        assert evidence["keys"]["treatment:ctr"]["p"] >= 0.05, evidence
+        users = {v.variant: v.users for v in report.analysis.variants}
+        assert users["control"] > users["treatment"] > 0.2 * users["control"], users  # 90/10 then 50/50 entrants
+    finally:
+        await client.aclose()
+        await _restore(stack, previous)

@@ -25,9 +25,9 @@ def se(p: float, runs: int) -> float:
     return math.sqrt(p * (1 - p) / runs)
 
 
-def _config(revision: int, treatment_weight: int, model: str = "gru4rec", mode: str = "ab") -> RevisionConfig:
+def _config(revision: int, treatment_weight: int, model: str = "gru4rec", mode: str = "ab", salt: str = "s") -> RevisionConfig:
     return RevisionConfig(revision, mode, (("control", "popularity", ""), ("treatment", model, "")),
-                          {"control": 100 - treatment_weight, "treatment": treatment_weight})
+                          {"control": 100 - treatment_weight, "treatment": treatment_weight}, salt)
 
 
 def _row(user: str, variant: str, clicks: int, pre: int, impressions: int = 10) -> UserOutcome:
@@ -44,6 +44,8 @@ def test_a_ramp_stays_one_phase_and_a_model_change_starts_another() -> None:
     assert phase(configs, 4) == [4]
     assert phase({2: _config(2, 50), 3: _config(3, 50)}, 3) == [2, 3]  # revision 1 unknown: the walk stops
     assert phase(configs, 9) == [9]
+    assert phase({1: _config(1, 10), 2: _config(2, 50, salt="new")}, 2) == [2]  # re-randomised: a new question
+    assert phase({1: _config(1, 50), 2: _config(2, 50, mode="interleave")}, 2) == [2]
 
 
 def test_users_are_pooled_by_entry_revision_censored_when_moved_and_keep_their_first_covariate() -> None:

@@ -1,6 +1,8 @@
-"""`vitrine bench stats`: the statistics proven by simulation (A/A error rates, power, users needed, SRM).
+"""`vitrine bench stats`: the statistics proven by simulation — each test at one look (A/A error rates, power,
+users needed, SRM), then the tests *as the verdict uses them* (one α across a ramp of revisions, CUPED inside the
+sequential test, Holm, interleaving and SRM under continuous checking, guardrails, users needed as decided).
 
-Pure computation (no stack needed). Prints the table and the key ratios, and rewrites its own section
+Pure computation (no stack needed). Prints the tables and the key ratios, and rewrites its own two sections
 of docs/experiments.md (other sections of that file — e.g. Attribution — are left as they are).
 """
 
@@ -15,6 +17,7 @@ from typing import Annotated
 import typer
 
 RESULTS_HEADING = "## Statistics: measured by simulation"
+DECISIONS_HEADING = "## Decisions as used: measured by simulation"
 COMMAND = "vitrine bench stats"
 
 
@@ -46,21 +49,28 @@ def bench_stats(
 ) -> None:
     """A/A false-positive rates (with and without peeking), power and users needed at a planted +10 % CTR
     (A/B, CUPED, interleaving), SRM detection; about a minute on two cores, no stack needed."""
+    from vitrine.experiments.decision_simulation import run_decision_bench
     from vitrine.experiments.simulation import run_bench
 
     started = time.monotonic()
-    result = run_bench(aa_experiments, users_per_arm, power_experiments, srm_users, seed,
-                       progress=lambda msg: typer.echo(msg, err=True))
+    say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    result = run_bench(aa_experiments, users_per_arm, power_experiments, srm_users, seed, progress=say)
+    decisions = run_decision_bench(aa_experiments // 2, power_experiments, seed + 29, progress=say)
     defaults = (aa_experiments, users_per_arm, power_experiments, srm_users, seed) == (2000, 2000, 400, 20_000, 11)
     command = COMMAND if defaults else (f"{COMMAND} --aa-experiments {aa_experiments} --users-per-arm {users_per_arm} "
                                         f"--power-experiments {power_experiments} --srm-users {srm_users} --seed {seed}")
+    decided_md = f"Reproduce: `{command}` (seeded; the same run as the section above).\n\n" + decisions.markdown()
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2, default=float))
+        typer.echo(json.dumps({"one_look": result.to_dict(), "as_decided": decisions.to_dict()}, indent=2, default=float))
     else:
         typer.echo(result.markdown(command))
         typer.echo("")
+        typer.echo(decided_md)
+        typer.echo("")
         typer.echo(result.ratios())
+        typer.echo(decisions.ratios())
     typer.echo(f"({time.monotonic() - started:.0f} s)", err=True)
     if doc is not None and not no_doc:
         replace_section(doc, RESULTS_HEADING, result.markdown(command))
-        typer.echo(f"wrote the results section of {doc}", err=True)
+        replace_section(doc, DECISIONS_HEADING, decided_md)
+        typer.echo(f"wrote the results sections of {doc}", err=True)
