@@ -23,6 +23,8 @@ from vitrine.settings import OutcomesSettings
 
 MIN_USERS_PER_VARIANT = 2
 """Below this a variant has no variance to estimate: the look has no analysis (`too_few_users`)."""
+AUDIT_LOOK_BACK = 1000
+"""Audit entries read per look (newest first): a phase longer than this many revisions ends there."""
 
 
 @dataclass
@@ -41,9 +43,9 @@ class Look:
 
 
 async def revision_configs(experiments: ExperimentStore, current: Experiment) -> dict[int, RevisionConfig]:
-    """Every revision's configuration the audit log remembers (each entry's old and new), and the current one."""
+    """Every revision's configuration the newest audit entries remember (each entry's old and new), and the current one."""
     configs: dict[int, RevisionConfig] = {}
-    for entry in await experiments.audit(10_000):
+    for entry in await experiments.audit(AUDIT_LOOK_BACK):
         for side in ("old", "new"):
             raw = entry.get(side)
             if raw:
