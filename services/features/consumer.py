@@ -53,6 +53,7 @@ class FeatureConsumer(StoredOffsetsMember):
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        await self._with_redis_retry(lambda: self.require_no_eviction(self.redis))
         await self.producer.start()
         self.consumer.subscribe([self.cfg.events_topic], listener=Rebalance(self))
         await self.consumer.start()
