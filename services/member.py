@@ -69,6 +69,19 @@ def eviction_risk(policy: str, maxmemory_bytes: int) -> str | None:
             "`maxmemory-policy noeviction` (or maxmemory 0) on this Redis; `vitrine stack up` does.")
 
 
+async def require_no_eviction(client: aioredis.Redis) -> None:
+    """Refuse to start on a Redis that may evict this member's state (see `eviction_risk`). A Redis that does
+    not allow CONFIG (some managed services) cannot be checked: a warning says so and the member starts."""
+    try:
+        policy = _text(next(iter((await client.config_get("maxmemory-policy")).values()), b""))
+        maxmemory = int(_text(next(iter((await client.config_get("maxmemory")).values()), b"0")))
+    except aioredis.ResponseError as exc:
+        log.warning("cannot read Redis's eviction policy (%s): make sure it is noeviction, or exactly-once may silently break", exc)
+        return
+    if (risk := eviction_risk(policy, maxmemory)) is not None:
+        raise RuntimeError(risk)
+
+
 class Rebalance(ConsumerRebalanceListener):
     def __init__(self, owner: StoredOffsetsMember) -> None:
         self.owner = owner
@@ -155,18 +168,6 @@ class StoredOffsetsMember:
         finally:
             async with self.batch_lock:
                 await self.commit_processed(self.consumer.assignment())
-
-    async def require_no_eviction(self, client: aioredis.Redis) -> None:
-        """Refuse to start on a Redis that may evict this member's state (see `eviction_risk`). A Redis that does
-        not allow CONFIG (some managed services) cannot be checked: a warning says so and the member starts."""
-        try:
-            policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy", "")
-            maxmemory = int((await client.config_get("maxmemory")).get("maxmemory", 0))
-        except aioredis.ResponseError as exc:
-            log.warning("cannot read Redis's eviction policy (%s): make sure it is noeviction, or exactly-once may silently break", exc)
-            return
-        if (risk := eviction_risk(policy, maxmemory)) is not None:
-            raise RuntimeError(risk)
 
     async def seek_to_stored_offsets(self, assigned: set[TopicPartition]) -> None:
         stored = await self._with_redis_retry(self.stored_offsets)
@@ -255,6 +256,10 @@ class StoredOffsetsMember:
 
     async def _with_redis_retry(self, call: Callable[[], Awaitable[T]]) -> T:
         return await with_redis_retry(call, self.cfg.redis_retry_max_s, self.metrics.write_retries.inc)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class _Runnable(Protocol):

@@ -36,7 +36,7 @@ from vitrine.contracts.events import Event, EventRejected, parse_event
 from vitrine.contracts.exposures import Exposure
 from vitrine.services.gateway.experiment import ExperimentStore
 from vitrine.services.heap import freeze_startup_objects
-from vitrine.services.member import Rebalance, StoredOffsetsMember, serve_until_signalled
+from vitrine.services.member import Rebalance, StoredOffsetsMember, require_no_eviction, serve_until_signalled
 from vitrine.services.outcomes.attribution import APPLIED, CONFLICT, DUPLICATE, UserChanges, Windows, attribute, parse_exposure
 from vitrine.services.outcomes.metrics import OutcomeMetrics
 from vitrine.services.outcomes.monitor import ExperimentMonitor
@@ -61,7 +61,7 @@ class OutcomeConsumer(StoredOffsetsMember):
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        await self._with_redis_retry(lambda: self.require_no_eviction(self.redis))
+        await self._with_redis_retry(lambda: require_no_eviction(self.redis))
         await self.producer.start()
         self.consumer.subscribe([self.cfg.exposures_topic, self.cfg.events_topic], listener=Rebalance(self))
         await self.consumer.start()

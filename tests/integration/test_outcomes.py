@@ -405,6 +405,12 @@ async def test_two_members_split_the_partitions_and_together_equal_the_reference
     try:
         for process, settings in members:
             await _ready(process, settings)
+
+        async def split() -> bool | None:  # the group settled: every partition of both topics owned, by both members
+            owned = [await _metric(s, "vitrine_outcomes_assigned_partitions") for _, s in members]
+            return True if sum(owned) == 2 * PARTITIONS and all(owned) else None
+
+        await eventually(split, 60, "both members to own partitions", interval_s=0.1)
         total = await _publish(lane, [], events)
         await lane.wait_processed(total)
         total += await _publish(lane, exposures, [])
@@ -413,8 +419,10 @@ async def test_two_members_split_the_partitions_and_together_equal_the_reference
         consumed = [await _metric(s, "vitrine_outcomes_exposures_consumed_total") + await _metric(s, "vitrine_outcomes_events_consumed_total")
                     for _, s in members]
         assert all(n > 0 for n in consumed), f"one member joined nothing: {consumed}"
-        assert sum(consumed) >= total
-        assert sum([await _metric(s, "vitrine_outcomes_duplicates_total") for _, s in members]) == sum(consumed) - total
+        rewinds = [await _metric(s, "vitrine_outcomes_offset_rewinds_total") for _, s in members]
+        # A record is read twice only after a refused write (a rebalance moved its partition): never joined twice.
+        assert sum(consumed) >= total, f"{consumed} read for {total} published, rewinds {rewinds}"
+        assert sum([await _metric(s, "vitrine_outcomes_duplicates_total") for _, s in members]) == 0
         assert sum([await _metric(s, "vitrine_outcomes_variant_conflicts_total") for _, s in members]) == expected.conflicts
     finally:
         for process, _ in members:

@@ -16,6 +16,8 @@ from pydantic import StringConstraints
 EXPERIMENT_NAME_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 ExperimentName = Annotated[str, StringConstraints(pattern=EXPERIMENT_NAME_PATTERN)]
 """A valid experiment name (pydantic field type)."""
+ExperimentNameOrNone = Annotated[str, StringConstraints(pattern=f"(?:{EXPERIMENT_NAME_PATTERN})|^$")]
+"""A valid experiment name, or "" (records written before experiments had names)."""
 _NAME: Final = re.compile(EXPERIMENT_NAME_PATTERN)
 
 
