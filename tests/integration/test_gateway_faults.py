@@ -372,7 +372,8 @@ async def test_answers_during_a_kafka_restart_are_sent_or_counted_answered_equal
             async def ask(n: int) -> None:
                 for _ in range(n):
                     request_id = f"kr-{tag}-{len(answered)}"
-                    await client.recommend(f"kafka-restart-{tag}-{len(answered) % 13}", k=3, request_id=request_id)
+                    # A generous deadline: on 2 cores a stopping broker (a JVM) can slow everything for a moment.
+                    await client.recommend(f"kafka-restart-{tag}-{len(answered) % 13}", k=3, request_id=request_id, timeout_s=10)
                     answered.append(request_id)
 
             async def settled() -> dict[str, float]:
