@@ -93,7 +93,12 @@ class Rebalance(ConsumerRebalanceListener):
             self.owner.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self.owner.seek_to_stored_offsets(assigned)
+        # Under the batch lock, and counted: a batch `getmany` returned before these seeks may hold records read from
+        # the old positions (Kafka's commit, or the beginning); `consume` drops it instead of joining it, and reads
+        # again from where the seeks put the partitions.
+        async with self.owner.batch_lock:
+            await self.owner.seek_to_stored_offsets(assigned)
+            self.owner.assignments += 1
 
 
 class StoredOffsetsMember:
@@ -124,6 +129,8 @@ class StoredOffsetsMember:
             client_id=f"{self.cfg.group_id}-dlq", request_timeout_ms=self.cfg.dlq_send_timeout_ms,
         )
         self.batch_lock = asyncio.Lock()
+        self.assignments = 0
+        """Assignments handled so far: a batch fetched under an earlier one is not processed."""
         self.dead_lettered: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         """(topic, partition, offset) of rejects this member sent, newest last (at most DEAD_LETTERED_KEPT)."""
         self.processed: dict[TopicPartition, int] = {}
@@ -157,9 +164,18 @@ class StoredOffsetsMember:
         """Poll and process until `stop`; idle, compare offsets; at the end commit what was stored."""
         try:
             while not stop.is_set():
+                assignments = self.assignments
                 batch = await self.consumer.getmany(timeout_ms=self.cfg.poll_timeout_ms, max_records=self.cfg.max_batch)
                 if batch:
                     async with self.batch_lock:
+                        if self.assignments != assignments:
+                            log.info("a rebalance sought partitions while a batch was fetched: reading again from the new positions")
+                            for tp in set(batch) & self.consumer.assignment():  # getmany moved past them: back to the stored positions
+                                if tp in self.processed:
+                                    self.consumer.seek(tp, self.processed[tp])
+                                else:
+                                    await self.seek_to_unstored(tp)
+                            continue
                         await self.process(batch)
                 elif time.monotonic() - self.last_offset_check >= self.cfg.offset_check_interval_s:
                     async with self.batch_lock:
