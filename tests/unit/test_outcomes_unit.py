@@ -391,3 +391,44 @@ async def test_rejects_read_again_after_a_refused_write_are_not_sent_or_counted_
     assert sent == [3, 5, 8]
     assert member.metrics.rejected.labels("not_json")._value.get() == 2
     assert member.metrics.rejected.labels("missing_field")._value.get() == 1
+
+
+@pytest.mark.timeout(10)
+async def test_a_batch_fetched_across_a_rebalance_is_not_joined_and_its_partitions_go_back_to_the_stored_positions() -> None:
+    """`getmany` returned records read from the positions before the assignment's seeks: joining them and then reading
+    again from the stored offsets would join them twice. The batch is dropped and each partition put back."""
+    import asyncio
+
+    from aiokafka import ConsumerRecord, TopicPartition
+
+    stop = asyncio.Event()
+    stored, unstored = TopicPartition("t", 0), TopicPartition("t", 1)
+    member = _member({})
+    member.processed = {stored: 40}
+    member.batch_lock = asyncio.Lock()
+    member.assignments = 0
+    member.last_offset_check = __import__("time").monotonic()  # no idle offset check in this loop
+    member.partition_lag = type("Lag", (), {"update": lambda self, consumer, processed: None})()
+    processed: list = []
+
+    async def process(batch) -> None:  # noqa: ANN001
+        processed.append(batch)
+
+    async def getmany(timeout_ms: int, max_records: int) -> dict:
+        if member.assignments == 0:
+            member.assignments += 1  # the rebalance listener ran while this fetch was out
+            return {tp: [ConsumerRecord(tp.topic, tp.partition, o, 0, 0, None, b"x", None, 0, 1, []) for o in range(7, 9)]
+                    for tp in (stored, unstored)}
+        stop.set()
+        return {}
+
+    async def commit(offsets) -> None:  # noqa: ANN001
+        pass
+
+    member.process = process
+    member.consumer.getmany = getmany
+    member.consumer.assignment = lambda: {stored, unstored}
+    member.consumer.commit = commit
+    await member.consume(stop)
+    assert processed == []
+    assert sorted(member.consumer.seeks, key=str) == sorted([("t", 0, 40), ("t", 1, "beginning")], key=str)
