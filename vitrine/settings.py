@@ -180,6 +180,10 @@ class OutcomesSettings(_Section):
         description="How far (event time) behind the user's newest record an exposure may arrive and still take credit for "
                     "events read before it: events stay buffered per user this long.")
     dedupe_window_s: int = Field(7 * 86400, ge=60, le=60 * 86400, description="How long (event time) request and event ids are remembered; also the look-back of `pre_events`.")
+    max_clock_skew_s: int = Field(
+        300, ge=0, le=86400,
+        description="How far ahead of this service's clock a record's event time may move a user's watermark (the event contract "
+                    "accepts a day ahead): a shop's fast clock must not make that user's buffered events look late and be pruned.")
     user_ttl_s: int = Field(30 * 86400, ge=60, description="Idle users' join state expires after this long.")
     revision_ttl_s: int = Field(180 * 86400, ge=60, description="Per-revision outcome rows expire this long after their last update.")
     max_batch: int = Field(2000, ge=1, le=100_000, description="Most records joined and written in one atomic script call.")
@@ -353,6 +357,10 @@ class GatewaySettings(_Section):
     exposure_linger_ms: float = Field(
         50, ge=0, le=10_000,
         description="How long the exposure producer gathers records into one Kafka request (not on the answer's path).")
+    exposure_send_timeout_ms: int = Field(
+        10_000, ge=100, le=300_000,
+        description="How long the exposure producer waits for Kafka to acknowledge a batch before it sends the batch again "
+                    "(records are held, never dropped, on a Kafka error; the buffer bounds how many).")
     experiment_poll_s: float = Field(5.0, gt=0, le=3600, description="Safety re-read of the experiment besides pub/sub.")
     drift_window: int = Field(5000, ge=10, le=1_000_000, description="Recent requests per variant compared with the reference.")
     drift_interval_s: float = Field(5.0, gt=0, le=3600)

@@ -35,7 +35,7 @@ from vitrine.contracts.events import Event, EventRejected, parse_event
 from vitrine.services.features.metrics import FeatureMetrics
 from vitrine.services.features.store import FeatureStore, WriteResult
 from vitrine.services.heap import freeze_startup_objects
-from vitrine.services.member import Rebalance, StoredOffsetsMember, serve_until_signalled
+from vitrine.services.member import Rebalance, StoredOffsetsMember, require_no_eviction, serve_until_signalled
 from vitrine.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class FeatureConsumer(StoredOffsetsMember):
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        await self._with_redis_retry(lambda: require_no_eviction(self.redis))
         await self.producer.start()
         self.consumer.subscribe([self.cfg.events_topic], listener=Rebalance(self))
         await self.consumer.start()

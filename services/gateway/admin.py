@@ -65,7 +65,8 @@ class ExperimentAdminService(pb_grpc.ExperimentAdminServicer):
         try:
             experiment = from_proto(request.experiment)
         except ValidationError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(e["msg"] for e in exc.errors(include_url=False)))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'experiment'}: {e['msg']}" for e in exc.errors(include_url=False)))
         not_ready = [f"{v.name}: {v.model_name}{':' + v.model_version if v.model_version else ''}"
                      for v in experiment.variants if not await self.catalog.is_ready(v.model_name, v.model_version)]
         if not_ready:

@@ -23,6 +23,7 @@ from typing import Annotated
 import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from vitrine.contracts.experiments import ExperimentName
 from vitrine.contracts.exposures import AB, INTERLEAVE, ExperimentMode
 from vitrine.settings import VariantSettings
 
@@ -42,7 +43,8 @@ class Variant(BaseModel):
 class Experiment(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=64)] = "default"
+    name: ExperimentName = "default"
+    """Letters, digits, `_.-` (vitrine/contracts/experiments.py): it becomes part of Redis keys and fields."""
     salt: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     variants: tuple[Variant, ...] = Field(min_length=1, max_length=16)
     revision: int = Field(0, ge=0)

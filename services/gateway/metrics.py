@@ -22,6 +22,11 @@ BATCH_SIZE: Final = "vitrine_gateway_batch_size_requests"
 INFLIGHT: Final = "vitrine_gateway_inflight_requests"
 EXPOSURES_SENT: Final = "vitrine_gateway_exposures_sent_total"
 EXPOSURES_DROPPED: Final = "vitrine_gateway_exposures_dropped_total"
+EXPOSURES_BUFFERED: Final = "vitrine_gateway_exposures_buffered_records"
+DROPPED_BUFFER_FULL: Final = "buffer_full"
+DROPPED_SHUTDOWN: Final = "shutdown"
+DROPPED_REASONS: Final = (DROPPED_BUFFER_FULL, DROPPED_SHUTDOWN)
+"""Values of the `reason` label of EXPOSURES_DROPPED. A Kafka error drops nothing: the batch is sent again."""
 VARIANT_WEIGHT: Final = "vitrine_gateway_variant_weight_percent"
 EXPERIMENT_REVISION: Final = "vitrine_gateway_experiment_revision"
 MODEL_READY: Final = "vitrine_gateway_model_ready"
@@ -65,7 +70,13 @@ class GatewayMetrics:
         self.batch_size = Histogram(BATCH_SIZE, "Requests per Triton call.", ("model",), buckets=BATCH_BUCKETS, registry=registry)
         self.inflight = Gauge(INFLIGHT, "Recommend calls being answered right now.", registry=registry)
         self.exposures_sent = Counter(EXPOSURES_SENT.removesuffix("_total"), "Exposure records written to Kafka.", registry=registry)
-        self.exposures_dropped = Counter(EXPOSURES_DROPPED.removesuffix("_total"), "Exposure records dropped because the buffer was full.", registry=registry)
+        self.exposures_dropped = Counter(EXPOSURES_DROPPED.removesuffix("_total"),
+                                         "Exposure records never sent: the buffer was full (Kafka away too long), or still held at shutdown.",
+                                         ("reason",), registry=registry)
+        for reason in DROPPED_REASONS:
+            self.exposures_dropped.labels(reason)
+        self.exposures_buffered = Gauge(EXPOSURES_BUFFERED, "Exposure records waiting to be sent: the buffer plus the batch held "
+                                        "until Kafka acknowledges it (answers = sent + dropped + buffered).", registry=registry)
         self.variant_weight = Gauge(VARIANT_WEIGHT, "Current traffic split.", ("variant", "model_name", "model_version"), registry=registry)
         self.experiment_revision = Gauge(EXPERIMENT_REVISION, "Revision of the experiment this gateway follows.", registry=registry)
         self.model_ready = Gauge(MODEL_READY, "1 when the model version a variant uses is ready in Triton.", ("model_name", "model_version"), registry=registry)

@@ -80,7 +80,8 @@ class Gateway:
         self.rankers = RankerPool(cfg, self.triton, self.metrics)
         depth = cfg.max_k + cfg.max_exclusions + settings.features.purchased_max
         self.fallback = PopularityFallback(self.store, depth, cfg.refresh_s, cfg.redis_timeout_ms / 1000)
-        self.exposures = ExposureLog(settings.kafka.bootstrap_servers, cfg.exposure_buffer, self.metrics, cfg.exposure_linger_ms)
+        self.exposures = ExposureLog(settings.kafka.bootstrap_servers, cfg.exposure_buffer, self.metrics, cfg.exposure_linger_ms,
+                                     cfg.exposure_send_timeout_ms)
         self.experiments = ExperimentStore(self.redis, settings.features.namespace)
         baselines = BaselineStore(self.redis, settings.features.namespace, cfg.drift_baseline_observations, cfg.drift_baseline_ttl_s,
                                   cfg.admin_timeout_ms / 1000)

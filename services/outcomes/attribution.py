@@ -11,8 +11,10 @@ consumer parses and dead-letters. The credit rule (docs/experiments.md, "Attribu
 * arrival order does not matter: an event read before its exposure waits in the user's buffer, and an
   exposure that arrives later takes the credit of every buffered event it is a better match for (the
   credit moves: one exposure's counts go down, the other's up). Events stay buffered for
-  `max_lateness` of event time behind the user's newest record; exposures are kept for the longest
-  window plus `max_lateness`;
+  `max_lateness` of event time behind the user's newest record (the *watermark*); exposures are kept for the
+  longest window plus `max_lateness`. The watermark never moves past the consumer's wall clock plus
+  `clock_skew` (the event contract accepts times up to a day ahead): one event from a shop with a fast clock
+  must not make every pending event of that user look a day old and be pruned;
 * per (experiment, revision) the user keeps the variant of the first exposure processed; an exposure
   in another variant is a *conflict*: counted, not stored, never credited;
 * `pre_events` of a row = the user's distinct events with event time before their first exposure in
@@ -54,6 +56,8 @@ class Windows:
     add_to_cart_ms: int
     purchase_ms: int
     max_lateness_ms: int
+    clock_skew_ms: int = 0
+    """How far ahead of the consumer's clock a record may move the user's watermark."""
 
     def of(self, kind: EventType) -> int:
         return {EventType.CLICK: self.click_ms, EventType.ADD_TO_CART: self.add_to_cart_ms,
@@ -187,10 +191,14 @@ def verdict(team_clicks: dict[str, int]) -> str | None:
 
 
 class _Join:
-    def __init__(self, state: UserState, windows: Windows) -> None:
+    def __init__(self, state: UserState, windows: Windows, now_ms: int) -> None:
         self.s = state
         self.w = windows
         self.c = UserChanges(state.user_id, watermark_ms=state.watermark_ms)
+        self.watermark_cap_ms = now_ms + windows.clock_skew_ms
+
+    def _advance(self, ts_ms: int) -> None:
+        self.c.watermark_ms = max(self.c.watermark_ms, min(ts_ms, self.watermark_cap_ms))
 
     def exposure(self, exposure: Exposure) -> None:
         s, c = self.s, self.c
@@ -198,7 +206,7 @@ class _Join:
             c.exposure_verdicts.append((exposure, DUPLICATE))
             return
         c.new_requests[exposure.request_id] = exposure.ts_ms
-        c.watermark_ms = max(c.watermark_ms, exposure.ts_ms)
+        self._advance(exposure.ts_ms)
         x = StoredExposure.of(exposure)
         row = s.rows.get(x.key)
         if row is not None and row.variant != x.variant:
@@ -231,7 +239,7 @@ class _Join:
             c.event_verdicts.append((event, DUPLICATE))
             return
         c.new_events[event.event_id] = event.ts_ms
-        c.watermark_ms = max(c.watermark_ms, event.ts_ms)
+        self._advance(event.ts_ms)
         for key, row in s.rows.items():
             if event.ts_ms < row.first_ts_ms:
                 c.recount_pre_events[key] = row.first_ts_ms
@@ -289,9 +297,10 @@ class _Join:
             c.del_exposures.add(request_id)
 
 
-def attribute(state: UserState, records: list[Exposure | Event], windows: Windows) -> UserChanges:
-    """Join one user's batch (in arrival order) into `state` (mutated) and return the changes to store."""
-    join = _Join(state, windows)
+def attribute(state: UserState, records: list[Exposure | Event], windows: Windows, now_ms: int) -> UserChanges:
+    """Join one user's batch (in arrival order) into `state` (mutated) and return the changes to store.
+    `now_ms`: the consumer's wall clock; the user's watermark stays at or below `now_ms + windows.clock_skew_ms`."""
+    join = _Join(state, windows, now_ms)
     for record in records:
         if isinstance(record, Exposure):
             join.exposure(record)

@@ -36,7 +36,7 @@ from vitrine.contracts.events import Event, EventRejected, parse_event
 from vitrine.contracts.exposures import Exposure
 from vitrine.services.gateway.experiment import ExperimentStore
 from vitrine.services.heap import freeze_startup_objects
-from vitrine.services.member import Rebalance, StoredOffsetsMember, serve_until_signalled
+from vitrine.services.member import Rebalance, StoredOffsetsMember, require_no_eviction, serve_until_signalled
 from vitrine.services.outcomes.attribution import APPLIED, CONFLICT, DUPLICATE, UserChanges, Windows, attribute, parse_exposure
 from vitrine.services.outcomes.metrics import OutcomeMetrics
 from vitrine.services.outcomes.monitor import ExperimentMonitor
@@ -53,14 +53,15 @@ class OutcomeConsumer(StoredOffsetsMember):
         self.registry = registry or CollectorRegistry()
         self.metrics = OutcomeMetrics(self.registry)
         self.redis = aioredis.Redis(host=settings.redis.host, port=settings.redis.port, socket_timeout=5, socket_connect_timeout=5)
-        self.store = OutcomeStore(self.redis, cfg)
+        self.store = OutcomeStore(self.redis, cfg, on_corrupt=lambda part: self.metrics.corrupt_state.labels(part).inc())
         self.windows = Windows(cfg.click_window_s * 1000, cfg.add_to_cart_window_s * 1000, cfg.purchase_window_s * 1000,
-                               cfg.max_lateness_s * 1000)
+                               cfg.max_lateness_s * 1000, cfg.max_clock_skew_s * 1000)
         # Partition p of both topics to the same member: a user's exposures and events meet in one place.
         self._init_member(settings.kafka.bootstrap_servers, partition_assignment_strategy=(RangePartitionAssignor,))
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        await self._with_redis_retry(lambda: require_no_eviction(self.redis))
         await self.producer.start()
         self.consumer.subscribe([self.cfg.exposures_topic, self.cfg.events_topic], listener=Rebalance(self))
         await self.consumer.start()
@@ -121,7 +122,8 @@ class OutcomeConsumer(StoredOffsetsMember):
             wanted = {user: ([r.event_id for r in rs if isinstance(r, Event)], [r.request_id for r in rs if isinstance(r, Exposure)])
                       for user, rs in by_user.items()}
             states = await self.store.load(wanted)
-            changes = [attribute(states[user], records, self.windows) for user, records in by_user.items()]
+            now_ms = int(time.time() * 1000)
+            changes = [attribute(states[user], records, self.windows, now_ms) for user, records in by_user.items()]
             return changes, await self.store.write(changes, self.cfg.group_id, next_offsets, expected)
 
         changes, differ = await self._with_redis_retry(join_and_write)

@@ -28,6 +28,7 @@ ASSIGNED_PARTITIONS: Final = "vitrine_outcomes_assigned_partitions"
 WRITE_RETRIES: Final = "vitrine_outcomes_write_retries_total"
 OFFSET_REWINDS: Final = "vitrine_outcomes_offset_rewinds_total"
 DLQ_SPILLED: Final = "vitrine_outcomes_dlq_spilled_total"
+CORRUPT_STATE: Final = "vitrine_outcomes_corrupt_state_fields_total"
 
 # The experiment monitor (monitor.py): the current revision's analysis, every `monitor_interval_s`.
 EXPERIMENT_USERS: Final = "vitrine_experiment_users"
@@ -65,6 +66,8 @@ class OutcomeMetrics:
         self.offset_rewinds = counter(
             OFFSET_REWINDS, "Partitions sought back because Redis's stored offset differed from this consumer's (rollback or another writer).")
         self.dlq_spilled = counter(DLQ_SPILLED, "Rejected records the DLQ would not take, written to the local spill file instead.", ("reason",))
+        self.corrupt_state = counter(CORRUPT_STATE, "Stored join-state fields that did not decode and were skipped (part: exposure, "
+                                     "pending, meta); each is logged with the user.", ("part",))
         self.batch_size = Histogram(BATCH_SIZE, "Records per processed batch.", buckets=BATCH_SIZE_BUCKETS, registry=registry)
         self.batch_duration = Histogram(BATCH_DURATION, "Time to parse, join and write one batch.", buckets=DURATION_BUCKETS, registry=registry)
         self.lag = Gauge(CONSUMER_LAG, "High watermark minus the next offset to process.", ("topic", "partition"), registry=registry)

@@ -31,9 +31,10 @@ the plan there is the features store's (per-user script, then per-revision sums,
 from __future__ import annotations
 
 import json
+import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Final, TypeVar
 
 import redis.asyncio as aioredis
 
@@ -41,6 +42,8 @@ from vitrine.contracts.outcomes import METRICS, InterleavedOutcome, UserOutcome
 from vitrine.services.outcomes.attribution import PendingEvent, Row, RowKey, StoredExposure, UserChanges, UserState
 from vitrine.settings import OutcomesSettings
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 SEP: Final = "\x1f"
 ROW_FIELDS: Final = ("exposures", *METRICS, "pre_events")
 
@@ -80,11 +83,26 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def row_field(experiment: str, revision: int) -> str:
+    """The user's meta-hash field of a row membership: "r␟<experiment>␟<revision>"."""
+    return SEP.join(("r", experiment, str(revision)))
+
+
+def decode_row(name: str, value: str) -> tuple[RowKey, Row]:
+    """A row membership from its meta-hash field and value ("<variant>␟<first ts>"). The numeric parts are split
+    off from the right, so a name that contains ␟ (stored before names were validated) still decodes."""
+    experiment, revision = name.removeprefix("r" + SEP).rsplit(SEP, 1)
+    variant, first_ts = value.rsplit(SEP, 1)
+    return (experiment, int(revision)), Row(variant, int(first_ts))
+
+
 class OutcomeStore:
     """Writer and reader of the layout above, over one `redis.asyncio` client."""
 
-    def __init__(self, client: aioredis.Redis, settings: OutcomesSettings) -> None:
+    def __init__(self, client: aioredis.Redis, settings: OutcomesSettings, on_corrupt: Callable[[str], None] = lambda part: None) -> None:
         self.client = client
+        self.on_corrupt = on_corrupt
+        """Called with "exposure", "pending" or "meta" for each stored field `load` skips because it does not decode."""
         self.settings = settings
         self.ns = f"{settings.namespace}:o"
         self._apply = client.register_script(_APPLY)
@@ -136,20 +154,34 @@ class OutcomeStore:
             exposures, pending, meta, event_scores, request_scores = replies[5 * i: 5 * i + 5]
             event_ids, request_ids = wanted[user]
             state = UserState(user)
-            state.exposures = {_text(k): StoredExposure.from_json(_text(k), v) for k, v in exposures.items()}
-            state.pending = {_text(k): PendingEvent.from_json(_text(k), v) for k, v in pending.items()}
+            for raw_field, raw_value in exposures.items():
+                if (x := self._decoded(user, "exposure", raw_field, raw_value, StoredExposure.from_json)) is not None:
+                    state.exposures[x.request_id] = x
+            for raw_field, raw_value in pending.items():
+                if (p := self._decoded(user, "pending", raw_field, raw_value, PendingEvent.from_json)) is not None:
+                    state.pending[p.event_id] = p
             for raw_field, raw_value in meta.items():
-                name, value = _text(raw_field), _text(raw_value)
+                name = _text(raw_field)
                 if name == "wm":
-                    state.watermark_ms = int(value)
+                    state.watermark_ms = self._decoded(user, "meta", raw_field, raw_value, lambda _, v: int(v)) or 0
                 elif name.startswith("r" + SEP):
-                    _, experiment, revision = name.split(SEP, 2)
-                    variant, first_ts = value.rsplit(SEP, 1)
-                    state.rows[(experiment, int(revision))] = Row(variant, int(first_ts))
+                    if (decoded := self._decoded(user, "meta", raw_field, raw_value, decode_row)) is not None:
+                        state.rows[decoded[0]] = decoded[1]
             state.seen_events = {e for e, score in zip(event_ids, event_scores, strict=False) if score is not None}
             state.seen_requests = {r for r, score in zip(request_ids, request_scores, strict=False) if score is not None}
             states[user] = state
         return states
+
+    def _decoded(self, user: str, part: str, raw_field: bytes | str, raw_value: bytes | str, decode: Callable[[str, str], T]) -> T | None:
+        """One stored field decoded, or None (skipped, counted by `on_corrupt`, logged) when it does not decode:
+        one user's damaged field must not stop the join for everyone (the service would exit and be restarted forever)."""
+        try:
+            return decode(_text(raw_field), _text(raw_value))
+        except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError) as exc:
+            self.on_corrupt(part)
+            log.error("skipping an undecodable %s field of user %r in %s: %r → %r (%s)", part, user, self.ns,
+                      raw_field[:200], raw_value[:200], exc)
+            return None
 
     def _ops(self, changes: Iterable[UserChanges]) -> dict[str, list[list[str]]]:
         cfg = self.settings
@@ -166,7 +198,7 @@ class OutcomeStore:
             ops["hset"].append([m, "wm", str(c.watermark_ms)])
             for (experiment, revision), row in c.put_rows.items():
                 rows = self.rows_key(experiment, revision)
-                ops["hset"].append([m, SEP.join(("r", experiment, str(revision))), f"{row.variant}{SEP}{row.first_ts_ms}"])
+                ops["hset"].append([m, row_field(experiment, revision), f"{row.variant}{SEP}{row.first_ts_ms}"])
                 ops["hset"].append([rows, f"{c.user_id}{SEP}variant", row.variant])
                 ops["sadd"].append([self.revisions_key(experiment), str(revision)])
                 revision_keys.add(rows)

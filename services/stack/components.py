@@ -96,7 +96,7 @@ def redis(settings: Settings) -> Component:
             "--appendfsync", cfg.appendfsync,
             "--save", "",
             "--maxmemory", f"{cfg.maxmemory_mb}mb",
-            "--maxmemory-policy", "volatile-lru",
+            "--maxmemory-policy", "noeviction",  # exactly-once state must never be evicted (services/member.py, eviction_risk)
         ],
         ports={"redis": (cfg.host, cfg.port)},
         probe=health.redis_ready,

@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -42,13 +43,16 @@ async def private_gateway(base: Settings, namespace: str | None = None, timeout_
         gateway = base.gateway.model_copy(update={"port": free_port(), "metrics_port": free_port(), "demo_keys": True, **overrides})
         features = base.features.model_copy(update={"namespace": namespace}) if namespace else base.features
         settings = base.model_copy(update={"gateway": gateway, "features": features})
+        # stderr to a file, not a pipe nobody drains: a gateway that logs a lot (Kafka away) would block on a full pipe.
+        log = tempfile.TemporaryFile()
         process = subprocess.Popen([sys.executable, "-m", "vitrine", "gateway", "run"], env={**os.environ, **settings_env(settings)},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                   stdout=subprocess.DEVNULL, stderr=log)
         try:
             if await _answers(process, settings, timeout_s):
                 yield settings
                 return
-            error = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            log.seek(0)
+            error = log.read().decode(errors="replace")
             if "cannot listen" not in error and "address already in use" not in error.lower() or attempt == STARTS - 1:
                 raise AssertionError(f"private gateway exited with {process.returncode}:\n{error[-3000:]}")
         finally:
@@ -59,6 +63,7 @@ async def private_gateway(base: Settings, namespace: str | None = None, timeout_
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+            log.close()
 
 
 async def _answers(process: subprocess.Popen, settings: Settings, timeout_s: float) -> bool:

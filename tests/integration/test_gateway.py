@@ -150,6 +150,14 @@ async def test_experiment_changes_are_validated(experimenter: GatewayClient) -> 
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await experimenter.set_experiment(_split(50, 50), expected_revision=current.revision - 1)
     assert error.value.code() == grpc.StatusCode.ABORTED
+    # A name the outcome store could not key on (the unit separator, a space) is refused where it enters.
+    for bad_name in ("spring\x1fsale", "spring sale", "-x", "x" * 65):
+        named = _split(50, 50)
+        named.name = bad_name
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await experimenter.set_experiment(named)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "name" in error.value.details(), bad_name
+    assert (await experimenter.get_experiment()).revision == current.revision  # nothing stored, the gateway still answers
 
 
 async def test_every_answer_is_logged_to_kafka(stack: Stack, storefront: GatewayClient) -> None:

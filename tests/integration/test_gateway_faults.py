@@ -7,6 +7,7 @@ with readiness waits or run against a private gateway (tests/integration/gateway
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -333,3 +334,84 @@ async def test_a_shopper_with_one_step_gets_the_transitions_answer_without_the_m
         text = await metrics_text(settings)
         assert re.search(r'vitrine_gateway_answers_total\{[^}]*source="transitions"[^}]*\} [1-9]', text)
         assert "vitrine_gateway_degraded_total{" not in text
+
+
+# --- issue 20, item 7: exposures across a Kafka restart ---------------------------------------------------------
+def _exposure_counts(text: str) -> dict[str, float]:
+    """answers, sent, dropped (all reasons) and buffered from a gateway's /metrics."""
+    wanted = {"vitrine_gateway_answers_total": "answered", "vitrine_gateway_exposures_sent_total": "sent",
+              "vitrine_gateway_exposures_dropped_total": "dropped", "vitrine_gateway_exposures_buffered_records": "buffered"}
+    counts = dict.fromkeys(wanted.values(), 0.0)
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        if name in wanted:
+            counts[wanted[name]] += float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+@pytest.mark.timeout(180)
+async def test_answers_during_a_kafka_restart_are_sent_or_counted_answered_equals_sent_plus_dropped_plus_buffered(stack: Stack) -> None:
+    """A private gateway answers steadily while the stack's Kafka is stopped and started again. Its exposure sender
+    holds the batch Kafka did not acknowledge and sends it after the restart: at the end every answer is in
+    `recs.served` (by request id), nothing is dropped, and the gateway's own counters say answered = sent + dropped +
+    buffered — during the outage too."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    tag = uuid.uuid4().hex[:8]
+    reader = AIOKafkaConsumer(bootstrap_servers=stack.settings.kafka.bootstrap_servers)
+    await reader.start()
+    partitions = [TopicPartition(topics.RECS_SERVED, p) for p in range(stack.settings.kafka.partitions)]
+    reader.assign(partitions)
+    await reader.seek_to_end(*partitions)
+    for tp in partitions:
+        await reader.position(tp)  # pinned before the first answer
+    answered: list[str] = []
+    try:
+        async with private_gateway(stack.settings, exposure_send_timeout_ms=1000) as settings, \
+                GatewayClient(settings.gateway.address, STOREFRONT) as client:
+            async def ask(n: int) -> None:
+                for _ in range(n):
+                    request_id = f"kr-{tag}-{len(answered)}"
+                    # A generous deadline: on 2 cores a stopping broker (a JVM) can slow everything for a moment.
+                    await client.recommend(f"kafka-restart-{tag}-{len(answered) % 13}", k=3, request_id=request_id, timeout_s=10)
+                    answered.append(request_id)
+
+            async def settled() -> dict[str, float]:
+                """Counts from two identical scrapes in a row: the scrape thread may read between two updates of one step."""
+                previous = None
+                while (counts := _exposure_counts(await metrics_text(settings))) != previous:
+                    previous = counts
+                assert counts["answered"] == counts["sent"] + counts["dropped"] + counts["buffered"], counts
+                return counts
+
+            async def held() -> dict[str, float] | None:
+                await ask(5)
+                counts = await settled()
+                return counts if counts["buffered"] >= 20 else None
+
+            await ask(20)
+            await asyncio.to_thread(stack.supervisor.rpc_stop, "kafka")
+            try:
+                during = await eventually(held, 60, "answers held while Kafka is away", interval_s=0.05)
+                assert during["answered"] == len(answered)
+            finally:
+                await stack.up(report=lambda line: None)
+            await ask(20)
+
+            async def all_sent() -> dict[str, float] | None:
+                counts = await settled()
+                return counts if counts["buffered"] == 0 else None
+
+            final = await eventually(all_sent, 60, "the held exposures to be sent after the restart", interval_s=0.1)
+            assert final == {"answered": len(answered), "sent": len(answered), "dropped": 0, "buffered": 0}
+        found: set[str] = set()
+
+        async def in_topic() -> bool | None:
+            for messages in (await reader.getmany(timeout_ms=500)).values():
+                found.update(rid for m in messages if (rid := json.loads(m.value)["request_id"]).startswith(f"kr-{tag}-"))
+            return True if found >= set(answered) else None
+
+        await eventually(in_topic, 30, f"{len(answered)} exposures in {topics.RECS_SERVED}", interval_s=0)
+        assert found == set(answered)
+    finally:
+        await reader.stop()

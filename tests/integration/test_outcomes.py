@@ -1,7 +1,11 @@
 """The outcome service against the real Kafka and Redis: each test has its own two topics, DLQ, consumer group
 and key namespace. The service runs as `vitrine outcomes run` subprocesses configured through the environment
 as `vitrine stack up` configures its own; waits are on stored offsets, never fixed sleeps. Every result is
-compared with `outcome_reference` (plain Python, all records at once) on the same records."""
+compared with `outcome_reference` (plain Python, all records at once) on the same records.
+
+The service runs with a realistic `max_lateness` (1 h): pruning is on and forgets creditable events in every test's
+traffic. Where that depends on arrival, the tests publish every event first and wait until it is joined, then the
+exposures — the order the reference models (see its docstring)."""
 
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from vitrine.settings import Settings
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 PARTITIONS = 4
 MIN = 60_000
+LATENESS_S = 3600
 
 
 @dataclass
@@ -77,7 +82,7 @@ async def lane(stack: Stack):
     outcomes = base.outcomes.model_copy(update={
         "exposures_topic": f"served.test-{tag}", "events_topic": f"events.otest-{tag}", "dlq_topic": f"outcomes.dlq.test-{tag}",
         "group_id": f"otest-{tag}", "namespace": f"o{tag}",
-        "max_lateness_s": 2 * 86400,  # no record of these tests is ever too late: the reference has no horizon
+        "max_lateness_s": LATENESS_S,  # pruning on: the reference applies the same horizon
     })
     settings = base.model_copy(update={"outcomes": outcomes})
     admin = AIOKafkaAdminClient(bootstrap_servers=base.kafka.bootstrap_servers)
@@ -121,9 +126,10 @@ def _stop(process: subprocess.Popen) -> None:
 def _traffic(tag: str, seed: int, users: int = 60, items: int = 40) -> tuple[list[Exposure], list[Event]]:
     """A few hours of one experiment in two revisions (A/B), and an interleaving experiment: exposures, and
     events that answer them (inside and outside the windows, on shown and unshown items), views before the
-    first exposure, and events of users never exposed."""
+    first exposure, events of users never exposed, and users shown another variant than their first in the same
+    revision (a variant conflict). Every record is at least an hour in the past."""
     rng = random.Random(seed)
-    t0 = int(time.time() * 1000) - 6 * 3_600_000
+    t0 = int(time.time() * 1000) - 8 * 3_600_000
     exposures: list[Exposure] = []
     events: list[Event] = []
     catalogue = [f"item-{i}" for i in range(items)]
@@ -148,7 +154,9 @@ def _traffic(tag: str, seed: int, users: int = 60, items: int = 40) -> tuple[lis
                              model_version="1", item_ids=shown, scores=[1.0] * 6, latency_ms=2.0, degraded=False,
                              experiment=f"il-{tag}", revision=1, mode="interleave", slot_variants=slots)
             else:
-                x = Exposure(request_id=f"req-{seed}-{u}-{n}", user_id=user, ts_ms=ts, variant=variant, model_name="m",
+                conflict = u % 7 == 3 and n == 1  # this answer came from another variant (e.g. a second gateway's stale split)
+                x = Exposure(request_id=f"req-{seed}-{u}-{n}", user_id=user, ts_ms=ts,
+                             variant=({"control": "treatment", "treatment": "control"}[variant] if conflict else variant), model_name="m",
                              model_version="1", item_ids=shown, scores=[1.0] * 6, latency_ms=2.0, degraded=False,
                              experiment=f"ab-{tag}", revision=revision)
             exposures.append(x)
@@ -178,16 +186,20 @@ async def _publish(lane: Lane, exposures: list[Exposure], events: list[Event]) -
     return len(sends)
 
 
-async def _assert_matches_reference(lane: Lane, exposures: list[Exposure], events: list[Event]) -> None:
-    expected = outcome_reference.compute(exposures, events, lane.windows_ms())
+async def _assert_matches_reference(lane: Lane, exposures: list[Exposure], events: list[Event]) -> outcome_reference.Expected:
+    """The rows equal the reference's, with the service's lateness horizon (events joined before exposures)."""
+    expected = outcome_reference.compute(exposures, events, lane.windows_ms(), max_lateness_ms=lane.cfg.max_lateness_s * 1000)
     assert expected.users and expected.interleaved, "the traffic has no rows or no interleaving: the test proves little"
     assert sum(r.clicks for rows in expected.users.values() for r in rows) > 20, "too few attributed clicks to prove anything"
+    assert expected.forgotten > 0, "no event was beyond the horizon: the test does not prove pruning"
+    assert expected.conflicts > 0, "no variant conflict in the traffic: the test does not prove they are ignored"
     for (experiment, revision), rows in expected.users.items():
         assert await lane.store.user_outcomes(experiment, revision) == rows, (experiment, revision)
     for (experiment, revision), rows in expected.interleaved.items():
         assert await lane.store.interleaved_outcomes(experiment, revision) == rows, (experiment, revision)
     for experiment, revisions in expected.revisions.items():
         assert await lane.store.revisions(experiment) == revisions
+    return expected
 
 
 async def test_attribution_equals_a_plain_python_reference_with_events_first_and_duplicates(lane: Lane) -> None:
@@ -202,7 +214,8 @@ async def test_attribution_equals_a_plain_python_reference_with_events_first_and
         assert not await lane.store.user_outcomes(f"ab-{lane.cfg.group_id}", 1)
         total += await _publish(lane, exposures, [])
         await lane.wait_processed(total)
-        await _assert_matches_reference(lane, exposures, events)
+        expected = await _assert_matches_reference(lane, exposures, events)
+        assert await _metric(settings, "vitrine_outcomes_variant_conflicts_total") == expected.conflicts  # counted, not credited
         rng = random.Random(2)
         again_x, again_e = rng.sample(exposures, len(exposures) // 2), rng.sample(events, len(events) // 2)
         total += await _publish(lane, again_x, again_e)
@@ -210,8 +223,9 @@ async def test_attribution_equals_a_plain_python_reference_with_events_first_and
         await _assert_matches_reference(lane, exposures + again_x, events + again_e)
         assert await _metric(settings, "vitrine_outcomes_duplicates_total", 'kind="exposure"') == len(again_x)
         assert await _metric(settings, "vitrine_outcomes_duplicates_total", 'kind="event"') == len(again_e)
-        impressions = sum(len(x.item_ids) for x in exposures)
+        impressions = sum(r.impressions for rows in expected.users.values() for r in rows)  # conflicting exposures not among them
         assert await _metric(settings, "vitrine_outcomes_impressions_total") == impressions
+        assert await _metric(settings, "vitrine_outcomes_variant_conflicts_total") == expected.conflicts  # duplicates are not conflicts
     finally:
         _stop(process)
     assert process.returncode == 0, process.stderr.read().decode()[-2000:]
@@ -221,13 +235,17 @@ async def test_a_service_killed_mid_stream_and_restarted_ends_equal_to_the_refer
     """SIGKILL mid-stream, restart: the rows equal the reference (nothing lost, nothing counted twice), and the
     restart resumed exactly at Redis's offsets (Kafka's commits are kept a minute behind on purpose)."""
     exposures, events = _traffic(lane.cfg.group_id, seed=3, users=400)
-    total = await _publish(lane, exposures, events)
     first, settings = lane.start(max_batch=20, commit_interval_s=60)
     try:
-        async def partway() -> bool | None:
-            return True if await lane.processed() >= total // 5 else None
+        await _ready(first, settings)
+        joined_events = await _publish(lane, [], events)
+        await lane.wait_processed(joined_events)  # events first: the order the reference's horizon models
+        total = joined_events + await _publish(lane, exposures, [])
 
-        await eventually(partway, 90, "a fifth of the records", interval_s=0.01)
+        async def partway() -> bool | None:
+            return True if await lane.processed() >= joined_events + len(exposures) // 5 else None
+
+        await eventually(partway, 90, "a fifth of the exposures", interval_s=0.01)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         at_kill = await lane.processed()
@@ -261,6 +279,13 @@ async def test_bad_records_go_to_the_dlq_with_reasons_and_the_good_ones_around_t
         (lane.cfg.events_topic, exposures[1].model_dump_json().encode()): "missing_field",  # and an exposure on the event topic
         (lane.cfg.events_topic, json.dumps({"event_id": "x", "user_id": "u", "item_id": "i", "type": "wishlist", "ts_ms": now_ms}).encode()): "unknown_type",
     }
+    bad[(lane.cfg.exposures_topic, json.dumps({**good_x, "request_id": "bad-3", "experiment": "spring\x1fsale"}).encode())] = "invalid_field"
+    # Stored state a damaged or older writer left: a row under a name with the separator (written before names were
+    # validated: it decodes from the right), and fields that do not decode at all (skipped and counted, never fatal).
+    victim = exposures[0].user_id
+    await lane.store.client.hset(lane.store.user_key(victim, "m"), mapping={
+        "r\x1fspring\x1fsale\x1f4": "control\x1f1", "r\x1fbroken": "control\x1f1", "r\x1fexp\x1f7": "no-separator"})
+    await lane.store.client.hset(lane.store.user_key(victim, "p"), "garbage-event", "{not json")
     dlq = AIOKafkaConsumer(lane.cfg.dlq_topic, bootstrap_servers=lane.settings.kafka.bootstrap_servers, auto_offset_reset="earliest")
     await dlq.start()
     process, settings = lane.start()
@@ -268,7 +293,9 @@ async def test_bad_records_go_to_the_dlq_with_reasons_and_the_good_ones_around_t
     await producer.start()
     try:
         await _ready(process, settings)
-        total = await _publish(lane, exposures[: len(exposures) // 2], events)
+        total = await _publish(lane, [], events)
+        await lane.wait_processed(total)
+        total += await _publish(lane, exposures[: len(exposures) // 2], [])
         for (topic, value) in bad:
             await (await producer.send(topic, value=value, key=exposures[0].user_id.encode()))
         total += len(bad) + await _publish(lane, exposures[len(exposures) // 2:], [])
@@ -288,7 +315,117 @@ async def test_bad_records_go_to_the_dlq_with_reasons_and_the_good_ones_around_t
         for reason in set(bad.values()):
             assert await _metric(settings, "vitrine_outcomes_records_rejected_total", f'reason="{reason}"') == list(bad.values()).count(reason)
         assert process.poll() is None  # bad input never kills the service
+        assert await _metric(settings, "vitrine_outcomes_corrupt_state_fields_total", 'part="meta"') >= 2
+        assert await _metric(settings, "vitrine_outcomes_corrupt_state_fields_total", 'part="pending"') >= 1
     finally:
         await producer.stop()
         await dlq.stop()
         _stop(process)
+
+
+async def _dump(client: aioredis.Redis, namespace: str) -> dict[bytes, tuple[bytes, int]]:
+    """Every key of the namespace as DUMP payload and remaining TTL: a copy to roll Redis back to."""
+    return {key: (await client.dump(key), max(0, await client.pttl(key))) async for key in client.scan_iter(match=f"{namespace}:*", count=1000)}
+
+
+async def _roll_back(client: aioredis.Redis, namespace: str, copy: dict[bytes, tuple[bytes, int]]) -> None:
+    """Redis as it was when `copy` was taken, in one transaction (as after a restart from an older AOF or replica)."""
+    keys = [key async for key in client.scan_iter(match=f"{namespace}:*", count=1000)]
+    async with client.pipeline(transaction=True) as pipe:
+        if keys:
+            pipe.delete(*keys)
+        for key, (payload, ttl) in copy.items():
+            pipe.restore(key, ttl, payload, replace=True)
+        await pipe.execute()
+
+
+async def test_a_redis_rollback_and_lost_offsets_are_replayed_to_the_same_rows_and_rejects_are_not_sent_twice(lane: Lane) -> None:
+    """Redis rolled back to before the exposures (rows and offsets together): the running service notices while idle,
+    rewinds to the stored offsets and ends with the reference's rows — nothing counted twice, the bad records of the
+    replayed stretch not sent to the DLQ (nor counted) again. Then the offsets alone are lost while the service is
+    down: on assignment it reads every partition from the beginning (no stored offset means nothing of it is stored),
+    so every record is read again and is a duplicate: same rows."""
+    exposures, events = _traffic(lane.cfg.group_id, seed=7)
+    bad = [b"not json", json.dumps({"request_id": "r", "user_id": "u"}).encode()]
+    process, settings = lane.start()
+    dlq = AIOKafkaConsumer(lane.cfg.dlq_topic, bootstrap_servers=lane.settings.kafka.bootstrap_servers, auto_offset_reset="earliest")
+    await dlq.start()
+    producer = AIOKafkaProducer(bootstrap_servers=lane.settings.kafka.bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        await _ready(process, settings)
+        total = await _publish(lane, [], events)
+        await lane.wait_processed(total)
+        before_exposures = await _dump(lane.store.client, lane.cfg.namespace)
+        for value in bad:
+            await (await producer.send(lane.cfg.exposures_topic, value=value, key=exposures[0].user_id.encode()))
+        total += len(bad) + await _publish(lane, exposures, [])
+        await lane.wait_processed(total)
+        await _assert_matches_reference(lane, exposures, events)
+        assert await _metric(settings, "vitrine_outcomes_records_rejected_total") == len(bad)
+
+        await _roll_back(lane.store.client, lane.cfg.namespace, before_exposures)
+        assert await lane.processed() < total
+        await lane.wait_processed(total)
+        assert await _metric(settings, "vitrine_outcomes_offset_rewinds_total") >= 1
+        await _assert_matches_reference(lane, exposures, events)
+        assert await _metric(settings, "vitrine_outcomes_duplicates_total") == 0  # the rolled-back stretch was joined once
+        assert await _metric(settings, "vitrine_outcomes_records_rejected_total") == len(bad)
+        dead: list[bytes] = []
+
+        async def dead_lettered() -> bool | None:
+            dead.extend(m.value for m in await polled(dlq, 200))
+            return True if len(dead) >= len(bad) else None
+
+        await eventually(dead_lettered, 30, "the rejects in the DLQ", interval_s=0)
+        dead.extend(m.value for m in await polled(dlq, 500))
+        assert sorted(dead) == sorted(bad)  # once each
+    finally:
+        await producer.stop()
+        await dlq.stop()
+        _stop(process)
+    assert process.returncode == 0, process.stderr.read().decode()[-2000:]
+
+    await lane.store.client.delete(lane.store.offsets_key(lane.cfg.group_id))  # Kafka's commits still say "all read"
+    again, settings = lane.start()
+    try:
+        await lane.wait_processed(total)
+        await _assert_matches_reference(lane, exposures, events)
+        assert await _metric(settings, "vitrine_outcomes_duplicates_total") == total - len(bad)  # every valid record read again
+    finally:
+        _stop(again)
+    assert again.returncode == 0, again.stderr.read().decode()[-2000:]
+
+
+async def test_two_members_split_the_partitions_and_together_equal_the_reference(lane: Lane) -> None:
+    """Two services in one group: both own partitions and join records, none is joined twice, and the rows (with
+    variant conflicts counted, not credited) equal the reference."""
+    exposures, events = _traffic(lane.cfg.group_id, seed=9, users=120)
+    members = [lane.start(), lane.start()]
+    try:
+        for process, settings in members:
+            await _ready(process, settings)
+
+        async def split() -> bool | None:  # the group settled: every partition of both topics owned, by both members
+            owned = [await _metric(s, "vitrine_outcomes_assigned_partitions") for _, s in members]
+            return True if sum(owned) == 2 * PARTITIONS and all(owned) else None
+
+        await eventually(split, 60, "both members to own partitions", interval_s=0.1)
+        total = await _publish(lane, [], events)
+        await lane.wait_processed(total)
+        total += await _publish(lane, exposures, [])
+        await lane.wait_processed(total)
+        expected = await _assert_matches_reference(lane, exposures, events)
+        consumed = [await _metric(s, "vitrine_outcomes_exposures_consumed_total") + await _metric(s, "vitrine_outcomes_events_consumed_total")
+                    for _, s in members]
+        assert all(n > 0 for n in consumed), f"one member joined nothing: {consumed}"
+        rewinds = [await _metric(s, "vitrine_outcomes_offset_rewinds_total") for _, s in members]
+        # A record is read twice only after a refused write (a rebalance moved its partition): never joined twice.
+        assert sum(consumed) >= total, f"{consumed} read for {total} published, rewinds {rewinds}"
+        assert sum([await _metric(s, "vitrine_outcomes_duplicates_total") for _, s in members]) == 0
+        assert sum([await _metric(s, "vitrine_outcomes_variant_conflicts_total") for _, s in members]) == expected.conflicts
+    finally:
+        for process, _ in members:
+            _stop(process)
+    for process, _ in members:
+        assert process.returncode == 0, process.stderr.read().decode()[-2000:]

@@ -32,3 +32,31 @@ async def test_runs_with_append_only_file_and_its_own_data_dir(client: aioredis.
     assert config["appendfsync"] == stack.settings.redis.appendfsync
     assert config["dir"] == str(stack.settings.stack.home / "redis")
     assert int(config["port"]) == stack.settings.redis.port
+
+
+@pytest.mark.asyncio
+async def test_the_stack_redis_cannot_evict_exactly_once_state_and_the_consumers_check_accepts_it(stack: Stack) -> None:
+    """`stack up` runs Redis with noeviction (its 1 GB cap kept); the consumers' start-up check, on the same client type
+    they use (bytes replies), accepts it — and refuses the same Redis once an evicting policy is set."""
+    from vitrine.services.member import eviction_risk, require_no_eviction
+
+    raw = aioredis.Redis.from_url(stack.settings.redis.url)  # as the consumers make it: no decode_responses
+    try:
+        policy = (await raw.config_get("maxmemory-policy"))
+        maxmemory = await raw.config_get("maxmemory")
+        assert {_text(k): _text(v) for k, v in policy.items()} == {"maxmemory-policy": "noeviction"}
+        assert int(_text(next(iter(maxmemory.values())))) > 0  # the cap stays: a full Redis refuses writes instead
+        assert eviction_risk("noeviction", 1 << 30) is None
+        await require_no_eviction(raw)
+        await raw.config_set("maxmemory-policy", "volatile-lru")
+        try:
+            with pytest.raises(RuntimeError, match="noeviction"):
+                await require_no_eviction(raw)
+        finally:
+            await raw.config_set("maxmemory-policy", "noeviction")
+    finally:
+        await raw.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

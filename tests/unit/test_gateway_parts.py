@@ -252,4 +252,68 @@ async def test_exposures_never_block_serving_and_drops_beyond_the_buffer_are_cou
     for _ in range(5):
         log.record(record)  # returns at once: serving never waits on Kafka
     assert log.buffer.qsize() == 3
-    assert metrics.exposures_dropped._value.get() == 2
+    assert metrics.exposures_dropped.labels("buffer_full")._value.get() == 2
+
+
+class _FlakyProducer:
+    """An AIOKafkaProducer stand-in: `send` raises for the first `refuse` calls, then the next `fail` deliveries
+    fail (a timeout's error on the future), then every record is acknowledged and kept in `topic`."""
+
+    topic: list = []
+
+    def __init__(self, refuse: int, fail: int, **_: object) -> None:
+        self.refuse, self.fail = refuse, fail
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def send(self, topic: str, value: bytes, key: bytes) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        if self.refuse:
+            self.refuse -= 1
+            raise ConnectionError("broker away")
+        if self.fail:
+            self.fail -= 1
+            future.set_exception(TimeoutError("no acknowledgement"))
+        else:
+            _FlakyProducer.topic.append(value)
+            future.set_result(None)
+        return future
+
+
+@pytest.mark.timeout(10)
+async def test_a_kafka_error_keeps_the_batch_and_sends_it_again_so_answers_equal_sent_plus_dropped_plus_buffered(monkeypatch) -> None:
+    import json
+
+    from prometheus_client import CollectorRegistry
+
+    from vitrine.contracts.exposures import Exposure
+    from vitrine.services.gateway import exposures
+    from vitrine.services.gateway.exposures import ExposureLog
+    from vitrine.services.gateway.metrics import GatewayMetrics
+
+    monkeypatch.setattr(exposures, "RETRY_S", 0.01)
+    registry = CollectorRegistry()
+    metrics = GatewayMetrics(registry)
+    producers = iter([_FlakyProducer(refuse=0, fail=3), _FlakyProducer(refuse=2, fail=0), _FlakyProducer(refuse=0, fail=0)])
+    _FlakyProducer.topic = []
+    log = ExposureLog("unused", capacity=100, metrics=metrics, producer_factory=lambda **_: next(producers))
+
+    def counted() -> tuple[float, float, float]:
+        sample = registry.get_sample_value
+        return (sample("vitrine_gateway_exposures_sent_total"),
+                sum(sample("vitrine_gateway_exposures_dropped_total", {"reason": r}) for r in ("buffer_full", "shutdown")),
+                sample("vitrine_gateway_exposures_buffered_records"))
+
+    for n in range(20):
+        log.record(Exposure(request_id=f"r{n}", user_id="u", ts_ms=1, variant="a", model_name="m", model_version="1",
+                            item_ids=["i"], scores=[1.0], latency_ms=1.0, degraded=False))
+    assert sum(counted()) == 20
+    log.start()
+    while counted()[0] < 20:
+        assert sum(counted()) == 20  # at every moment: answered = sent + dropped + buffered
+        await asyncio.sleep(0.001)
+    await log.stop()
+    assert counted() == (20, 0, 0)
+    assert sorted(json.loads(v)["request_id"] for v in _FlakyProducer.topic) == sorted(f"r{n}" for n in range(20))

@@ -12,6 +12,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vitrine.contracts.events import MAX_FUTURE_SKEW_MS, MIN_TS_MS, EventRejected
+from vitrine.contracts.experiments import ExperimentNameOrNone
 
 AB: Final = "ab"
 INTERLEAVE: Final = "interleave"
@@ -34,8 +35,9 @@ class Exposure(BaseModel):
     degraded: bool
     degraded_reason: str = ""
     page: str = ""
-    experiment: str = ""
-    """Name of the experiment whose assignment served this answer."""
+    experiment: ExperimentNameOrNone = ""
+    """Name of the experiment whose assignment served this answer (`contracts.experiments`; "" in records written
+    before experiments had names). Any other value is rejected (`invalid_field`)."""
     revision: int = Field(0, ge=0)
     """Its revision: a split change starts a new one, and outcomes are analysed per revision."""
     mode: ExperimentMode = AB
