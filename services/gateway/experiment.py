@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from vitrine.contracts.experiments import ExperimentName
 from vitrine.contracts.exposures import AB, INTERLEAVE, ExperimentMode
@@ -100,9 +100,31 @@ class ExperimentStore:
         default = Experiment(salt=salt, variants=tuple(Variant(**v.model_dump()) for v in variants),
                              revision=1, updated_by="default", updated_at_ms=int(time.time() * 1000))
         await self.client.set(self.key, default.model_dump_json(), nx=True)
-        current = await self.load()
+        try:
+            current = await self.load()
+        except ValidationError as exc:
+            return await self._replace_invalid(default, exc)
         assert current is not None
         return current
+
+    async def _replace_invalid(self, default: Experiment, why: ValidationError) -> Experiment:
+        """A stored experiment that today's rules reject (e.g. a name written before names were validated) would
+        keep every gateway from starting: replace it by the configured default, one revision later, audited."""
+        raw = await self.client.get(self.key)
+        try:
+            old = json.loads(raw)
+            revision = int(old.get("revision", 0)) + 1
+        except (TypeError, ValueError, AttributeError):
+            old, revision = None, 1
+        stored = default.model_copy(update={"revision": revision, "updated_by": "default (the stored experiment was invalid)"})
+        log.error("the stored experiment is invalid (%s): replaced by the configured default as revision %d", why, revision)
+        audit = {"by": stored.updated_by, "at_ms": stored.updated_at_ms, "old": old, "new": json.loads(stored.model_dump_json())}
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.key, stored.model_dump_json())
+            pipe.lpush(self.audit_key, json.dumps(audit))
+            pipe.publish(self.channel, str(stored.revision))
+            await pipe.execute()
+        return stored
 
     async def save(self, new: Experiment, by: str, expected_revision: int = 0) -> Experiment:
         async with self.client.pipeline(transaction=True) as pipe:

@@ -60,3 +60,22 @@ async def test_the_stack_redis_cannot_evict_exactly_once_state_and_the_consumers
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+async def test_an_experiment_stored_under_older_rules_is_replaced_not_fatal(client: aioredis.Redis) -> None:
+    """A name with the store's separator, written before names were validated, must not keep a gateway from starting."""
+    import json
+
+    from vitrine.services.gateway.experiment import ExperimentStore
+    from vitrine.settings import VariantSettings
+
+    store = ExperimentStore(client, f"t{uuid.uuid4().hex[:8]}")
+    bad = {"name": "spring\x1fsale", "salt": "s", "revision": 4, "mode": "ab",
+           "variants": [{"name": "control", "model_name": "popularity", "model_version": "", "weight": 100}]}
+    await client.set(store.key, json.dumps(bad))
+    current = await store.seed((VariantSettings(name="control", model_name="popularity", weight=100),))
+    assert current.name == "default" and current.revision == 5
+    assert (await store.load()) == current
+    audit = await store.audit()
+    assert audit[0]["old"]["name"] == "spring\x1fsale" and audit[0]["new"]["revision"] == 5
+    await client.delete(store.key, store.audit_key)
