@@ -300,6 +300,11 @@ def test_the_pre_period_is_dated_before_the_first_visit_within_the_look_back(mod
     ages_days = (FIRST_VISIT_MS - np.array(stamps)) / DAY_MS
     assert np.histogram(ages_days, bins=3, range=(0, 3))[0].min() > 0.25 * len(stamps)  # about a third each day
     assert model.pre_period(0, None, FIRST_VISIT_MS, PrePeriod(events=0), np.random.default_rng(0)) == []
+    # A pre-period of 15 minutes: sessions (steps ~25 s apart) that start near its end still end before the gap.
+    short = PrePeriod(events=10, days=15 / 1440, gap_s=120)
+    for user in range(100):
+        times = [ts for _, _, ts in model.pre_period(user, None, FIRST_VISIT_MS, short, np.random.default_rng([3, user]))]
+        assert all(FIRST_VISIT_MS - short.span_ms <= ts <= FIRST_VISIT_MS - 120_000 for ts in times), user
 
 
 def test_the_pre_period_size_follows_the_shoppers_click_propensity(small: synthetic.Storefront) -> None:
