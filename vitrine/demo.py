@@ -10,7 +10,9 @@ simulated experiment (the loop: recommendations → shoppers' reactions → even
    event's time: that is when the answer reflects the event (Kafka → feature consumer → Redis →
    gateway → Triton). Whether the printed list changed is then a comparison of like with like.
 3. A simulated experiment: control = popularity, treatment = gru4rec, 50/50, with `vitrine simulate`'s
-   shoppers reacting to what each arm shows them.
+   shoppers reacting to what each arm shows them; each shopper's pre-period (her events of the days
+   before, as many as her activity, which also drives her clicks) is published first, so the report's
+   CUPED has a covariate and shows the variance it removes.
 4. The retraining loop: `vitrine pipeline run` on the event archive (which holds the demo's traffic):
    validate → train → evaluate against the served champion → gate → (export, load, register). On a few
    minutes of traffic the candidates lose to the champion, and the run says so with its numbers.
@@ -192,7 +194,9 @@ async def _experiment(settings: Settings, echo: Callable[[str], None], seconds: 
     config = SimulationConfig(rate=EXPERIMENT_RATE, duration_s=seconds, seed=int(time.time()))
     echo(f"6. a simulated experiment (revision {applied.revision}): {arms}, 50/50; {config.rate:g} shopper visits/s "
          f"for {seconds:g}s (`vitrine simulate`): each shopper views an item, is shown {config.k} items, clicks by "
-         "relevance to her (her categories, where sessions go next) × position, and may buy")
+         "relevance to her (her categories, where sessions go next) × position, and may buy; before her first visit, her "
+         f"history of the {config.pre_period.days:g} days before is published (as many events as she is active), the covariate "
+         "of CUPED")
     simulation = Simulation(settings, config)
     marks = {int(config.rate * seconds * q) for q in (0.25, 0.5, 0.75)}
 
@@ -206,6 +210,15 @@ async def _experiment(settings: Settings, echo: Callable[[str], None], seconds: 
     from vitrine.commands.ab_report import build
     from vitrine.services.outcomes.store import OutcomeStore
 
+    # Every event the run published was acknowledged before it returned: the ends of the events topic now bound them,
+    # so once the outcome service's stored offsets reach these ends, every shopper's pre_events is counted.
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        events_topic = settings.outcomes.events_topic
+        ends = await consumer.end_offsets([TopicPartition(events_topic, p) for p in range(settings.kafka.partitions)])
+    finally:
+        await consumer.stop()
     client = aioredis.Redis(host=settings.redis.host, port=settings.redis.port)
     try:
         store = OutcomeStore(client, settings.outcomes)
@@ -213,7 +226,8 @@ async def _experiment(settings: Settings, echo: Callable[[str], None], seconds: 
         joined = 0
         while time.monotonic() < deadline:
             joined = sum(r.exposures for r in await store.user_outcomes(applied.name, applied.revision))
-            if joined >= report.requests:
+            stored = await store.stored_offsets(settings.outcomes.group_id)
+            if joined >= report.requests and all(stored.get((events_topic, tp.partition), -1) >= end for tp, end in ends.items()):
                 break
             await asyncio.sleep(0.5)
     finally:

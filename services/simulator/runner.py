@@ -1,7 +1,11 @@
 """`vitrine simulate`: open-loop simulated shoppers against the gateway, their reactions published to Kafka.
 
 Visits arrive on an open-loop schedule (`rate` per second, Poisson or constant; a visit starts when it
-is due whatever the gateway does). One visit of shopper u (a storefront user, with her affinities):
+is due whatever the gateway does); each visit's shopper is drawn in proportion to her latent activity
+(`shopper.ShopperModel.activity`). Before the first visit, every shopper the schedule will bring gets
+her pre-period (`SimulationConfig.pre_period`, on by default): her history of the days before the run,
+dated before it and published (acknowledged by Kafka) before any request, so the outcome service counts
+it as her `pre_events`, the CUPED covariate. One visit of shopper u (a storefront user, with her affinities):
 
 1. she lands on an item page — the item she clicked on her previous visit, else where she goes by
    herself (a successor of her recent item, or a popular item of one of her categories), her recent
@@ -14,7 +18,8 @@ is due whatever the gateway does). One visit of shopper u (a storefront user, wi
 
 A shopper's visits never overlap (a lock per shopper): her events stay in order. The report counts
 requests, impressions and clicks per variant as the simulator saw them (in interleaving mode per team,
-from each slot's owner) and the events acknowledged by Kafka by type.
+from each slot's owner) and the events acknowledged by Kafka by type (the pre-period's among them, and
+also on their own).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from vitrine.contracts.events import Event, EventType
 from vitrine.export.data import synthetic
 from vitrine.services.events.publisher import EventSink
 from vitrine.services.gateway.client import GatewayClient
-from vitrine.services.simulator.shopper import ChoiceParams, ShopperModel, item_index
+from vitrine.services.simulator.shopper import ChoiceParams, PrePeriod, ShopperModel, item_index
 from vitrine.settings import Settings
 
 STOREFRONT_KEY = "vitrine-demo-storefront"
@@ -63,6 +68,8 @@ class SimulationConfig:
     max_in_flight: int = 1_000
     topic: str = topics.EVENTS
     params: ChoiceParams = field(default_factory=ChoiceParams)
+    pre_period: PrePeriod = field(default_factory=PrePeriod)
+    """Each shopper's history before her first visit (`PrePeriod(events=0)`: none)."""
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.duration_s <= 0 or self.k < 1 or self.dwell_s < 0 or self.timeout_s <= 0:
@@ -106,7 +113,13 @@ class SimulationReport:
     max_behind_s: float = 0.0
     seconds: float = 0.0
     events: Counter = field(default_factory=Counter)
-    """Events acknowledged by Kafka, by type."""
+    """Events acknowledged by Kafka, by type (the pre-period's included)."""
+    pre_period: Counter = field(default_factory=Counter)
+    """The pre-period's events, by type."""
+    pre_period_shoppers: int = 0
+    """Shoppers given a pre-period (every shopper the schedule brings)."""
+    pre_period_s: float = 0.0
+    """Seconds spent publishing the pre-period before the first visit."""
     variants: dict[str, VariantTally] = field(default_factory=lambda: defaultdict(VariantTally))
     """A/B: per response variant. Interleaving: per slot owner (team)."""
     interleaved: Counter = field(default_factory=Counter)
@@ -121,7 +134,8 @@ class SimulationReport:
         out: dict = {"run_id": self.run_id, "visits_due": self.visits_due, "requests": self.requests,
                      "errors": dict(self.errors), "skipped": self.skipped, "max_behind_s": self.max_behind_s,
                      "seconds": self.seconds, "events": dict(self.events), "events_sent": self.events_sent,
-                     "interleaved": dict(self.interleaved), "users": self.users}
+                     "interleaved": dict(self.interleaved), "users": self.users, "pre_period": dict(self.pre_period),
+                     "pre_period_shoppers": self.pre_period_shoppers, "pre_period_s": self.pre_period_s}
         out["variants"] = {name: {**{k: v for k, v in asdict(t).items() if k != "models"}, "ctr": t.ctr,
                                   "expected_ctr": t.expected_ctr, "models": dict(t.models)}
                            for name, t in sorted(self.variants.items())}
@@ -133,7 +147,13 @@ class _Shopper:
     user: int
     recent: int | None
     next_page: int | None = None
+    last_ms: int = 0
+    """Event time of her newest event: her next one is dated later, even within the same millisecond."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def stamp(self, now_ms: int) -> int:
+        self.last_ms = max(now_ms, self.last_ms + 1)
+        return self.last_ms
 
 
 def last_items(table: synthetic.EventTable, n_users: int) -> list[int | None]:
@@ -166,17 +186,40 @@ class Simulation:
         n_users = self.model.n_users if config.users is None else min(config.users, self.model.n_users)
         recent = last_items(synthetic.generate(cfg), self.model.n_users)
         self.shoppers = [_Shopper(u, recent[u]) for u in range(n_users)]
+        lookback_s = settings.outcomes.dedupe_window_s
+        if config.pre_period.enabled and config.pre_period.span_ms > lookback_s * 1000:
+            raise ValueError(f"the pre-period ({config.pre_period.days:g} days) is longer than the outcome service's look-back "
+                             f"(outcomes.dedupe_window_s = {lookback_s} s): its oldest events would not be counted")
         self.report = SimulationReport(run_id=uuid.uuid4().hex[:10], users=n_users)
         self._event_number = 0
 
     def user_id(self, user: int) -> str:
         return f"{self.config.user_prefix}u{user}"
 
-    def _event(self, user: int, item: int | str, kind: EventType, ts_ms: int) -> Event:
+    def _event(self, user: int, item: int | str, kind: EventType, ts_ms: int, tag: str = "") -> Event:
         self._event_number += 1
         item_id = item if isinstance(item, str) else f"i{item}"
-        return Event(event_id=f"sim-{self.report.run_id}-{self._event_number}", user_id=self.user_id(user),
+        return Event(event_id=f"sim-{self.report.run_id}-{tag}{self._event_number}", user_id=self.user_id(user),
                      item_id=item_id, type=kind, ts_ms=ts_ms)
+
+    def visitors(self, due: int, rng: np.random.Generator) -> np.ndarray:
+        """The shopper of each of `due` visits: drawn in proportion to the shoppers' activity."""
+        activity = self.model.activity[: len(self.shoppers)]
+        return rng.choice(len(self.shoppers), size=due, p=activity / activity.sum())
+
+    def pre_period(self, users: list[int], first_visit_ms: int) -> list[Event]:
+        """The pre-period events of `users` (ids "sim-<run>-h<n>"), each shopper's dated before `first_visit_ms`;
+        moves each shopper's recent item to her last pre-period page. Same seed, same events."""
+        out: list[Event] = []
+        for user in users:
+            shopper = self.shoppers[user]
+            rng = np.random.default_rng([self.config.seed, 0x9E, user])
+            history = self.model.pre_period(user, shopper.recent, first_visit_ms, self.config.pre_period, rng)
+            out += [self._event(user, item, kind, ts, tag="h") for item, kind, ts in history]
+            views = [item for item, kind, _ in history if kind == EventType.VIEW]
+            if views:
+                shopper.recent = views[-1]
+        return out
 
     async def run(self, progress: Callable[[int, int], None] | None = None) -> SimulationReport:
         """Run the schedule; `progress(done, due)` is called as visits finish."""
@@ -184,11 +227,20 @@ class Simulation:
         rng = np.random.default_rng(cfg.seed)
         due = arrival_offsets(cfg.rate, cfg.duration_s, cfg.arrivals, rng)
         report.visits_due = len(due)
-        chosen = rng.integers(len(self.shoppers), size=len(due))
+        chosen = self.visitors(len(due), rng)
         done = 0
 
         async with EventSink(self.settings.kafka.bootstrap_servers, cfg.topic) as sink, \
                 GatewayClient(self.settings.gateway.address, cfg.api_key) as client:
+            if cfg.pre_period.enabled:
+                began = time.monotonic()
+                shoppers = sorted(set(chosen.tolist()))
+                for event in self.pre_period(shoppers, int(time.time() * 1000)):
+                    await self._send(sink, event)
+                    report.pre_period[event.type.value] += 1
+                await sink.flush()  # acknowledged before any request: dated and sent before every exposure
+                report.pre_period_shoppers = len(shoppers)
+                report.pre_period_s = time.monotonic() - began
             tasks: set[asyncio.Task] = set()
 
             def finished(task: asyncio.Task) -> None:
@@ -226,8 +278,7 @@ class Simulation:
         async with shopper.lock:
             page = shopper.next_page if shopper.next_page is not None else self.model.own_next(shopper.user, shopper.recent, rng)
             shopper.recent, shopper.next_page = page, None
-            now_ms = int(time.time() * 1000)
-            await self._send(sink, self._event(shopper.user, page, EventType.VIEW, now_ms))
+            await self._send(sink, self._event(shopper.user, page, EventType.VIEW, shopper.stamp(int(time.time() * 1000))))
             if cfg.dwell_s:
                 await asyncio.sleep(cfg.dwell_s)
             try:
@@ -240,9 +291,9 @@ class Simulation:
             shown = [i.item_id for i in reply.items]
             reaction = self.model.react(shopper.user, page, shown, rng)
             self._tally(reply, shopper.user, page, shown, reaction.clicked, reaction.carted, reaction.purchased)
-            ts = int(time.time() * 1000)
-            for n, (item, kind) in enumerate(reaction.events()):
-                await self._send(sink, self._event(shopper.user, item, kind, ts + n))
+            now_ms = int(time.time() * 1000)
+            for item, kind in reaction.events():
+                await self._send(sink, self._event(shopper.user, item, kind, shopper.stamp(now_ms)))
             if reaction.clicked:
                 shopper.next_page = item_index(reaction.clicked[0], self.model.storefront.n_items)
 
@@ -302,6 +353,9 @@ def ctr_interval(clicks: int, impressions: int) -> tuple[float, float]:
 def render(report: SimulationReport) -> str:
     lines = [f"run {report.run_id}: {report.requests:,} requests of {report.visits_due:,} visits due in {report.seconds:.1f}s, "
              f"{report.users:,} shoppers · events to Kafka {report.events_sent:,} ({', '.join(f'{k} {v:,}' for k, v in sorted(report.events.items()))})"]
+    if report.pre_period_shoppers:
+        lines.append(f"pre-period: {sum(report.pre_period.values()):,} events of {report.pre_period_shoppers:,} shoppers dated in the days "
+                     f"before the run ({', '.join(f'{k} {v:,}' for k, v in sorted(report.pre_period.items()))}), sent in {report.pre_period_s:.1f}s")
     if report.errors or report.skipped:
         lines.append(f"errors by code: {dict(report.errors) or 'none'} · skipped (client fell behind): {report.skipped:,}")
     header = f"  {'variant':<14} {'model':<18} {'requests':>8} {'impr.':>7} {'clicks':>6} {'CTR':>7} {'95% interval':>17} {'exp. CTR':>8} {'carts':>5} {'buys':>5} {'degraded':>8}"

@@ -23,6 +23,20 @@ successors of the current item and items of the user's categories at the top; po
 same global best-sellers to everyone, mostly from categories the user never visits. With the position
 bias, *ordering* matters as well: the same items ranked by relevance earn more than ranked at random.
 
+Shoppers differ in how active they are: each storefront user has a latent *activity* a_u, log-normal
+with mean 1 and log-spread `activity_sd`, drawn once per storefront (its seed), so a user is as active
+in every run. It multiplies her click probabilities (capped at 1), how often she visits during a run
+(`runner.py` draws visitors in proportion to it) and how many events she had before the run
+(`pre_period`): her history before the experiment predicts her clicks in it, as in a real shop — the
+correlation CUPED exploits (`experiments/cuped.py`).
+
+The pre-period (`pre_period`): before her first visit of a run, a shopper's Poisson(`events` · a_u)
+storefront events of her own navigation (`own_next`: views, and down the storefront's funnel
+add-to-carts and purchases; never a click, which is a click on a recommendation), in sessions whose
+starts fall uniformly in the `days` before, the newest at least `gap_s` before her first visit: inside
+the outcome service's look-back (`outcomes.dedupe_window_s`, 7 days), which counts them as the row's
+`pre_events`.
+
 Everything here is pure (no I/O): the runner (`runner.py`) feeds it what the gateway answered.
 """
 
@@ -45,12 +59,55 @@ class ChoiceParams:
     """Click probability of a perfectly relevant item in the first slot."""
     successor_weight: float = 0.5
     """Share of relevance that comes from being a successor of the page's item (the rest: category affinity)."""
+    activity_sd: float = 0.7
+    """σ of log(activity): how unequal shoppers are (0: all alike, activity 1)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.floor <= self.ceiling <= 1:
             raise ValueError("need 0 <= floor <= ceiling <= 1")
         if not 0 <= self.successor_weight <= 1:
             raise ValueError("successor_weight must lie in [0, 1]")
+        if not 0 <= self.activity_sd <= MAX_ACTIVITY_SD:
+            raise ValueError(f"activity_sd must lie in [0, {MAX_ACTIVITY_SD}]")
+
+
+MAX_ACTIVITY_SD = 2.0
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class PrePeriod:
+    """Each shopper's history before her first visit of a run (see the module docstring)."""
+
+    events: float = 8.0
+    """Mean number of events of a shopper of activity 1 (Poisson, times her activity); 0: no pre-period."""
+    days: float = 6.0
+    """Her sessions start uniformly in this many days before her first visit (at most the outcome service's look-back)."""
+    gap_s: float = 60.0
+    """Her newest pre-period event lies at least this long before her first visit."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.events <= 10_000:
+            raise ValueError("pre-period events must lie in [0, 10000]")
+        if not 0 < self.days <= 60:
+            raise ValueError("pre-period days must lie in (0, 60]")
+        if not 0 <= self.gap_s < self.days * 86_400:
+            raise ValueError("pre-period gap_s must be >= 0 and shorter than the pre-period")
+
+    @property
+    def enabled(self) -> bool:
+        return self.events > 0
+
+    @property
+    def span_ms(self) -> int:
+        """How far before the first visit the oldest pre-period event may lie."""
+        return int(self.days * DAY_MS)
+
+
+def latent_activity(n_users: int, sd: float, seed: int) -> np.ndarray:
+    """Each user's activity: log-normal with mean 1 (log-mean −σ²/2), from a stream of its own."""
+    rng = np.random.default_rng([seed, 0xAC7])
+    return np.exp(sd * rng.standard_normal(n_users) - sd * sd / 2)
 
 
 def position_bias(position: int) -> float:
@@ -95,6 +152,8 @@ class ShopperModel:
         self.storefront = storefront
         self.params = params or ChoiceParams()
         aff = storefront.affinities
+        self.activity = latent_activity(aff.shape[0], self.params.activity_sd, storefront.config.seed)
+        """Each user's latent activity (mean 1): clicks, visits and pre-period events scale with it."""
         self._affinity = aff / aff.max(axis=1, keepdims=True)
         self._successors: list[dict[int, float]] = []
         for succ, weights in zip(storefront.successors, storefront.successor_weights, strict=True):
@@ -117,8 +176,8 @@ class ShopperModel:
         return w * successor + (1 - w) * affinity
 
     def click_probabilities(self, user: int, page: int | None, items: list[str]) -> np.ndarray:
-        p = self.params
-        return np.array([position_bias(pos) * (p.floor + (p.ceiling - p.floor) * self.relevance(user, page, item))
+        p, activity = self.params, float(self.activity[user])
+        return np.array([min(1.0, activity * position_bias(pos) * (p.floor + (p.ceiling - p.floor) * self.relevance(user, page, item)))
                          for pos, item in enumerate(items)])
 
     def expected_clicks(self, user: int, page: int | None, items: list[str]) -> float:
@@ -155,3 +214,36 @@ class ShopperModel:
             return int(rng.integers(sf.n_items))
         weights = sf.popularity[pool]
         return int(pool[min(int(np.searchsorted(np.cumsum(weights), rng.random() * weights.sum())), len(pool) - 1)])
+
+    def pre_period(self, user: int, recent: int | None, first_visit_ms: int, config: PrePeriod,
+                   rng: np.random.Generator) -> list[tuple[int, EventType, int]]:
+        """The shopper's history before her first visit at `first_visit_ms`: (item, type, ts_ms) in time order,
+        Poisson(`config.events` · activity) of them, her navigation going on from `recent` (see the module docstring)."""
+        if not config.enabled:
+            return []
+        cfg = self.storefront.config
+        n = int(rng.poisson(config.events * float(self.activity[user])))
+        if n == 0:
+            return []
+        # What she did: views along her own path, some going down the funnel; a new session with 1/steps per view.
+        steps: list[tuple[int, EventType, bool]] = []  # (item, type, starts a session)
+        page = recent
+        while len(steps) < n:
+            page = self.own_next(user, page, rng)
+            steps.append((page, EventType.VIEW, not steps or rng.random() < 1 / cfg.steps_per_session))
+            if len(steps) < n and rng.random() < cfg.click_prob * cfg.cart_prob:
+                steps.append((page, EventType.ADD_TO_CART, False))
+                if len(steps) < n and rng.random() < cfg.purchase_prob:
+                    steps.append((page, EventType.PURCHASE, False))
+        # When: session starts uniform in the window, steps `seconds_between_steps` apart on average.
+        newest = first_visit_ms - int(config.gap_s * 1000)
+        oldest = first_visit_ms - config.span_ms
+        sessions = sum(starts for _, _, starts in steps)
+        starts = iter(np.sort(rng.uniform(oldest, newest, size=sessions)).tolist())
+        gaps = rng.exponential(cfg.seconds_between_steps * 1000, size=n).tolist()
+        out: list[tuple[int, EventType, int]] = []
+        ts = float(oldest)
+        for (item, kind, new_session), gap in zip(steps, gaps, strict=True):
+            ts = next(starts) if new_session else ts + gap
+            out.append((item, kind, min(int(ts), newest)))
+        return sorted(out, key=lambda e: e[2])

@@ -35,6 +35,7 @@ from vitrine.services.gateway import metrics as gateway_metrics
 from vitrine.services.gateway.baselines import BaselineStore
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.services.simulator.runner import Simulation, SimulationConfig
+from vitrine.services.simulator.shopper import ChoiceParams, PrePeriod
 from vitrine.services.stack import Stack
 from vitrine.settings import GatewaySettings, Settings
 from vitrine.v1 import recommender_pb2 as pb
@@ -76,8 +77,12 @@ def _storefront(prefix: str, drift: bool) -> list:
 
 
 async def _simulate(settings: Settings, prefix: str, seconds: float, seed: int) -> None:
+    # The shoppers as they were measured: all alike and without a simulated pre-period (their whole storefront history
+    # is published instead). Each run would add a pre-period dated after that history — in the planted-drift part,
+    # known items pushing the drifted line out of the newest steps — and unequal activity would leave idle shoppers'
+    # histories growing past the warm-up.
     config = SimulationConfig(rate=RATE, duration_s=seconds, seed=seed, users=SHOPPERS, user_prefix=prefix,
-                              storefront_seed=STOREFRONT_SEED)
+                              storefront_seed=STOREFRONT_SEED, params=ChoiceParams(activity_sd=0), pre_period=PrePeriod(events=0))
     report = await Simulation(settings, config).run()
     assert report.requests > 0.9 * report.visits_due, f"only {report.requests} of {report.visits_due} visits were answered"
 

@@ -26,6 +26,14 @@ def simulate(
     key: Annotated[str, typer.Option("--key", envvar="VITRINE_API_KEY", help="Storefront API key.")] = "vitrine-demo-storefront",
     json_out: Annotated[Path | None, typer.Option("--json", dir_okay=False, help="Also write the summary as JSON.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    pre_period: Annotated[bool, typer.Option(help="Before the first visit, publish each shopper's history of the days before "
+                                                  "(the outcome service's pre_events, CUPED's covariate).")] = True,
+    pre_events: Annotated[float, typer.Option(min=0, max=10_000, help="Mean pre-period events of a shopper of average activity "
+                                                                      "(Poisson, times her activity).")] = 8.0,
+    pre_days: Annotated[float, typer.Option(min=0.01, max=60, help="The pre-period spans this many days before the run; at most "
+                                                                   "the outcome service's look-back (outcomes.dedupe_window_s).")] = 6.0,
+    activity_sd: Annotated[float, typer.Option(min=0, max=2, help="Spread (σ of the log) of the shoppers' latent activity, which scales "
+                                                                  "their clicks, visits and pre-period events (0: all alike).")] = 0.7,
 ) -> None:
     """Simulated shoppers: ask the gateway, click / add to cart / buy by relevance and position, events to Kafka."""
     import re
@@ -35,6 +43,7 @@ def simulate(
     from vitrine.cli import _fail, _quiet_client_logs, _settings
     from vitrine.export.data import synthetic
     from vitrine.services.simulator.runner import Simulation, SimulationConfig, render
+    from vitrine.services.simulator.shopper import ChoiceParams, PrePeriod
 
     if arrivals not in ("poisson", "constant"):
         raise typer.BadParameter("choose poisson or constant", param_hint="--arrivals")
@@ -44,9 +53,14 @@ def simulate(
         raise typer.BadParameter("1-64 characters of [A-Za-z0-9_.:@/-]", param_hint="--user-prefix")
     _quiet_client_logs()
     settings = _settings()
+    lookback_days = settings.outcomes.dedupe_window_s / 86400
+    if pre_period and pre_days > lookback_days:
+        raise typer.BadParameter(f"at most the outcome service's look-back, {lookback_days:g} days (outcomes.dedupe_window_s): "
+                                 "older events are not counted", param_hint="--pre-days")
     config = SimulationConfig(rate=rate, duration_s=duration, seed=seed, k=k, arrivals=arrivals, dwell_s=dwell, preset=preset,
                               storefront_seed=storefront_seed, users=users, user_prefix=user_prefix, api_key=key,
-                              timeout_s=timeout, max_in_flight=max_in_flight)
+                              timeout_s=timeout, max_in_flight=max_in_flight, params=ChoiceParams(activity_sd=activity_sd),
+                              pre_period=PrePeriod(events=pre_events if pre_period else 0.0, days=pre_days))
     simulation = Simulation(settings, config)
 
     async def main():  # noqa: ANN202
