@@ -187,11 +187,14 @@ async def _experiment(settings: Settings, echo: Callable[[str], None], seconds: 
 
     async with GatewayClient(settings.gateway.address, EXPERIMENTER_KEY) as admin:
         current = await admin.get_experiment()
-        experiment = pb.Experiment(name=current.name, salt=current.salt, mode="ab", variants=[
+        # A salt and shoppers of this run's own: a new test (its own α; a repeated demo does not continue the last one's),
+        # whose shoppers' histories really precede their first exposure in it (CUPED's covariate).
+        stamp = int(time.time())
+        experiment = pb.Experiment(name=current.name, salt=f"demo-{stamp}", mode="ab", variants=[
             pb.Variant(name=name, model_name=model, weight=100 // len(EXPERIMENT)) for name, model in EXPERIMENT])
         applied = await admin.set_experiment(experiment)
     arms = " vs ".join(f"{v.name} = {v.model_name}" for v in applied.variants)
-    config = SimulationConfig(rate=EXPERIMENT_RATE, duration_s=seconds, seed=int(time.time()))
+    config = SimulationConfig(rate=EXPERIMENT_RATE, duration_s=seconds, seed=stamp, user_prefix=f"d{stamp}-")
     echo(f"6. a simulated experiment (revision {applied.revision}): {arms}, 50/50; {config.rate:g} shopper visits/s "
          f"for {seconds:g}s (`vitrine simulate`): each shopper views an item, is shown {config.k} items, clicks by "
          "relevance to her (her categories, where sessions go next) × position, and may buy; before her first visit, her "
