@@ -22,14 +22,9 @@ from scipy import stats
 from vitrine.experiments import cuped, sequential, srm
 from vitrine.experiments.estimators import ALPHA, Moments, difference, ratio
 from vitrine.experiments.interleaving import sign_test_p_values, user_votes
-from vitrine.experiments.simulation import ab_outcomes, calibrate, draw_users, interleaved_outcomes
+from vitrine.experiments.simulation import _chunks, ab_outcomes, calibrate, draw_users, interleaved_outcomes
 
 Progress = Callable[[str], None]
-
-
-def _chunks(experiments: int, users: int, budget: int = 4_000_000) -> list[int]:
-    size = max(1, budget // (users * 20))
-    return [min(size, experiments - i) for i in range(0, experiments, size)]
 
 
 def _combined(cells: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], strata: list[int]) -> tuple[np.ndarray, np.ndarray]:

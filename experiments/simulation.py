@@ -157,8 +157,9 @@ def interleaved_outcomes(users: Users, sigma_a: float, sigma_b: float, rng: np.r
     return wins_a.reshape(shape), wins_b.reshape(shape)
 
 
-def _chunks(experiments: int, users: int) -> list[int]:
-    size = max(1, CHUNK_ELEMENTS // (users * POOL))
+def _chunks(experiments: int, users: int, budget: int = CHUNK_ELEMENTS) -> list[int]:
+    """Experiments per chunk so that one chunk holds about `budget` user × item values."""
+    size = max(1, budget // (users * POOL))
     return [min(size, experiments - i) for i in range(0, experiments, size)]
 
 
