@@ -254,6 +254,10 @@ from vitrine.commands.pipeline import app as pipeline_app  # noqa: E402 - `vitri
 app.add_typer(pipeline_app, name="pipeline")
 from vitrine.commands.triggers import app as triggers_app  # noqa: E402 - `vitrine triggers run` (webhook → pipeline)
 app.add_typer(triggers_app, name="triggers")
+from vitrine.commands.rollout import app as rollout_app  # noqa: E402 - `vitrine rollout start|status|pause|resume|abort`
+from vitrine.commands.rollout import service_app as rollouts_app  # noqa: E402 - `vitrine rollouts run` (the controller)
+app.add_typer(rollout_app, name="rollout")
+app.add_typer(rollouts_app, name="rollouts")
 
 
 @app.command("train")

@@ -593,6 +593,79 @@ class TriggersSettings(_Section):
     max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="Larger webhook bodies are refused (413).")
 
 
+
+def _parse_steps(steps: object) -> object:
+    """Steps as given in a config file, env (JSON) or `--steps 1,5,25` text; validated by `check_steps`."""
+    if isinstance(steps, str):
+        try:
+            return tuple(int(part) for part in steps.split(",") if part.strip())
+        except ValueError as exc:
+            raise ValueError(f"steps are comma-separated whole percentages, e.g. 1,5,25,50,100 (got {steps!r})") from exc
+    return steps
+
+
+def check_steps(steps: tuple[int, ...]) -> tuple[int, ...]:
+    """A rollout's steps: whole percentages of traffic, strictly increasing, within 1..100, ending at 100."""
+    if not steps:
+        raise ValueError("steps must name at least one percentage (the last must be 100)")
+    out_of_range = [s for s in steps if not 1 <= s <= 100]
+    if out_of_range:
+        raise ValueError(f"steps are percentages in 1..100, got {out_of_range}")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"steps must increase strictly, got {list(steps)}")
+    if steps[-1] != 100:
+        raise ValueError(f"the last step must be 100 (the challenger serves everybody), got {steps[-1]}")
+    return tuple(steps)
+
+
+class RolloutSettings(_Section):
+    """Progressive rollouts (`vitrine rollout start`, `vitrine rollouts run`; services/rollouts/, docs/rollouts.md): the
+    challenger's share grows step by step while the judge compares it with control over the same window."""
+
+    steps: tuple[int, ...] = Field(
+        (1, 5, 25, 50, 100), min_length=1, max_length=20,
+        description="Default steps: the challenger's share of traffic in %, strictly increasing, ending at 100.")
+    hold_s: float = Field(600.0, ge=1, le=7 * 86_400, description="Default time each step is held before it is judged.")
+    interval_s: float = Field(5.0, gt=0, le=3600, description="How often the controller loads the rollout's state and acts.")
+    min_window_s: float = Field(
+        10.0, ge=1, le=86_400,
+        description="Shortest window the serving figures are read over (Prometheus needs a few scrapes for a rate): the "
+                    "window is max(hold, this).")
+    min_requests: int = Field(
+        50, ge=1, le=100_000_000,
+        description="Fewest requests the challenger AND control must each have answered in the window to be compared; "
+                    "fewer: hold (judge again at the next interval).")
+    p99_ratio: float = Field(
+        1.5, ge=1, le=100,
+        description="The challenger's p99 may be at most control's p99 × this (+ p99_slack_s) over the same window: a "
+                    "machine-wide spike raises both and does not roll back.")
+    p99_slack_s: float = Field(
+        0.005, ge=0, le=10, description="Absolute slack on the p99 comparison (seconds): millisecond noise on a fast control is not a breach.")
+    error_ratio_slack: float = Field(
+        0.01, ge=0, le=1, description="The challenger's error ratio may exceed control's by at most this (absolute).")
+    degraded_ratio_slack: float = Field(
+        0.05, ge=0, le=1, description="The challenger's degraded ratio may exceed control's by at most this (absolute).")
+    require_non_inferior: bool = Field(
+        False,
+        description="Also require every outcome guardrail to be shown non-inferior before a step advances (otherwise only "
+                    "'worse' counts: it rolls back). Needs enough exposed users; off by default.")
+    variant: str = Field("challenger", pattern=r"^[a-z0-9_-]{1,32}$", description="Name of the experiment variant the challenger is served as.")
+    metrics_host: Host = "127.0.0.1"
+    metrics_port: Port = Field(19850, description="The controller's /metrics (`vitrine rollouts run`).")
+    prometheus_timeout_s: float = Field(5.0, gt=0, le=120, description="Bound on one Prometheus query of the controller.")
+    triton_timeout_s: float = Field(5.0, gt=0, le=120, description="Bound on one readiness call to Triton.")
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps_from_text(cls, steps: object) -> object:
+        return _parse_steps(steps)
+
+    @field_validator("steps")
+    @classmethod
+    def _valid_steps(cls, steps: tuple[int, ...]) -> tuple[int, ...]:
+        return check_steps(steps)
+
+
 class StackSettings(_Section):
     home: Path = Field(REPO_ROOT / ".stack", description="State, configs and one log file per component.")
     cache: Path = Field(
@@ -634,6 +707,7 @@ class Settings(BaseSettings):
     alertmanager: AlertmanagerSettings = AlertmanagerSettings()
     pipeline: PipelineSettings = PipelineSettings()
     triggers: TriggersSettings = TriggersSettings()
+    rollouts: RolloutSettings = RolloutSettings()
     stack: StackSettings = StackSettings()
 
     @classmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -34,25 +33,13 @@ async def _experiment_at(experiments, revision: int | None):  # noqa: ANN001, AN
 
 
 async def guardrails(settings: Settings, variants: list[str], window: str = GUARDRAIL_WINDOW) -> list:
-    """p99, degraded and error ratio per variant over `window`, from the gateway's series in Prometheus."""
+    """p99, degraded and error ratio per variant over `window`, from the gateway's series in Prometheus
+    (`services/gateway/figures.py`, the queries the rollout judge reads too)."""
     from vitrine.experiments.report import Guardrail
-    from vitrine.services.gateway.metrics import DEGRADED, REQUEST_DURATION, REQUESTS
+    from vitrine.services.gateway.figures import variant_figures
 
-    client_errors = "OK|INVALID_ARGUMENT|UNAUTHENTICATED|PERMISSION_DENIED"
-    queries = {
-        "rate": f"sum by (variant) (rate({REQUESTS}[{window}]))",
-        "p99": f"histogram_quantile(0.99, sum by (le, variant) (rate({REQUEST_DURATION}_bucket[{window}])))",
-        "degraded": f"sum by (variant) (rate({DEGRADED}[{window}])) / sum by (variant) (rate({REQUESTS}{{code=\"OK\"}}[{window}]))",
-        "errors": f"sum by (variant) (rate({REQUESTS}{{code!~\"{client_errors}\"}}[{window}])) / sum by (variant) (rate({REQUESTS}[{window}]))",
-    }
-    values: dict[str, dict[str, float]] = {}
-    async with httpx.AsyncClient(base_url=settings.prometheus.url, timeout=PROMETHEUS_TIMEOUT_S) as client:
-        for name, query in queries.items():
-            reply = await client.get("/api/v1/query", params={"query": query})
-            reply.raise_for_status()
-            values[name] = {r["metric"].get("variant", ""): float(r["value"][1]) for r in reply.json()["data"]["result"]}
-    return [Guardrail(v, values["rate"].get(v, 0.0), values["p99"].get(v, math.nan), values["degraded"].get(v, 0.0),
-                      values["errors"].get(v, 0.0)) for v in variants]
+    figures = await variant_figures(settings.prometheus.url, variants, window, PROMETHEUS_TIMEOUT_S)
+    return [Guardrail(f.variant, f.requests_per_s, f.p99_s, f.degraded_ratio, f.error_ratio) for f in figures]
 
 
 async def build(settings: Settings, revision: int | None, with_guardrails: bool):  # noqa: ANN201

@@ -1,0 +1,165 @@
+"""Rollouts on the real stack: simulated shoppers (the project's simulator) keep both arms busy while the controller
+(`vitrine rollouts run`, a real process) judges each step against control over the same window, and a person's
+commands go through the CLI. Holds are seconds here instead of minutes.
+
+The rollout changes the stack's experiment (the one Prometheus sees the gateway serve); each test puts the previous
+experiment back and removes the rollout's state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from tests.integration.invariants import eventually
+from vitrine.services.gateway.client import GatewayClient
+from vitrine.services.gateway.experiment import ExperimentStore
+from vitrine.services.rollouts.metrics import DECISIONS, STEP
+from vitrine.services.rollouts.store import COMPLETED, ROLLED_BACK, RolloutState, RolloutStore
+from vitrine.services.simulator.runner import Simulation, SimulationConfig
+from vitrine.services.stack import Stack
+from vitrine.services.stack.components import settings_env
+from vitrine.services.stack.launcher import free_port
+from vitrine.settings import Settings
+from vitrine.v1 import recommender_pb2 as pb
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+EXPERIMENTER = "vitrine-demo-experimenter"
+STEPS = "20,50,100"
+HOLD = "4s"
+
+
+@pytest.fixture
+def settings(stack: Stack) -> Settings:
+    """The stack's settings with a fast controller: judged every 0.5 s over ≥ 6 s (3 scrapes), ≥ 15 requests per arm."""
+    rollouts = stack.settings.rollouts.model_copy(update={"interval_s": 0.5, "min_window_s": 6.0, "min_requests": 15,
+                                                          "metrics_port": free_port()})
+    return stack.settings.model_copy(update={"rollouts": rollouts})
+
+
+@pytest.fixture
+async def stores(settings: Settings) -> AsyncIterator[tuple[ExperimentStore, RolloutStore]]:
+    """The stack's experiment and rollout stores; afterwards the previous experiment is back and no rollout is left."""
+    client = aioredis.Redis(host=settings.redis.host, port=settings.redis.port)
+    experiments, rollouts = ExperimentStore(client, settings.features.namespace), RolloutStore(client, settings.features.namespace)
+    async with GatewayClient(settings.gateway.address, EXPERIMENTER) as admin:
+        previous = await admin.get_experiment()
+    try:
+        yield experiments, rollouts
+    finally:
+        await client.delete(rollouts.key, rollouts.audit_key)
+        async with GatewayClient(settings.gateway.address, EXPERIMENTER) as admin:
+            await admin.set_experiment(pb.Experiment(name=previous.name, salt=previous.salt, mode=previous.mode, variants=previous.variants))
+        await client.aclose()
+
+
+@contextlib.contextmanager
+def controller(settings: Settings) -> Iterator[subprocess.Popen]:
+    """`vitrine rollouts run` with these settings; its log is shown if the test fails while it runs."""
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen([sys.executable, "-m", "vitrine", "rollouts", "run"], env={**os.environ, **settings_env(settings)},
+                               stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    except BaseException:
+        log.seek(0)
+        print("controller log:\n" + log.read().decode(errors="replace")[-4000:])  # noqa: T201 - shown by pytest on failure
+        raise
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+async def vitrine(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "vitrine", *args], env={**os.environ, **settings_env(settings)},
+                                   capture_output=True, text=True, timeout=60)
+
+
+@contextlib.asynccontextmanager
+async def shoppers(settings: Settings, seconds: float) -> AsyncIterator[None]:
+    """Simulated shoppers (with histories, so that models rank them) visiting at 30/s in the background."""
+    config = SimulationConfig(rate=30, duration_s=seconds, seed=5, user_prefix=f"ro-{uuid.uuid4().hex[:6]}-")
+    task = asyncio.create_task(Simulation(settings, config).run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def reached(rollouts: RolloutStore, check) -> RolloutState | None:  # noqa: ANN001
+    state = await rollouts.load()
+    return state if state is not None and check(state) else None
+
+
+async def test_a_healthy_challenger_walks_every_step_to_100_percent_across_a_controller_restart(
+        settings: Settings, stores: tuple[ExperimentStore, RolloutStore]) -> None:
+    experiments, rollouts = stores
+    async with shoppers(settings, 90):
+        started = await vitrine(settings, "rollout", "start", "sasrec", "--steps", STEPS, "--hold", HOLD)
+        assert started.returncode == 0, started.stderr
+        assert {v.name: v.weight for v in (await experiments.load()).variants} == {"control": 80, "challenger": 20}
+        with controller(settings):
+            await eventually(lambda: reached(rollouts, lambda s: s.step >= 1), 40, "the first advance (20 % → 50 %)")
+        # The controller stops between steps; a new one continues from the state in Redis, not from the beginning.
+        with controller(settings):
+            done = await eventually(lambda: reached(rollouts, lambda s: s.status in (COMPLETED, ROLLED_BACK)), 40, "the rollout to end")
+            metrics = httpx.get(f"http://{settings.rollouts.metrics_host}:{settings.rollouts.metrics_port}/metrics", timeout=5).text
+    audit = list(reversed(await rollouts.audit()))
+    assert done.status == COMPLETED, [(e.action, e.reasons) for e in audit]
+    assert [e.action for e in audit if e.action != "hold"] == ["start", "advance", "complete"]
+    assert [e.weights[1]["challenger"] for e in audit if e.action != "hold"] == [20, 50, 100]
+    for entry in (e for e in audit if e.action in ("advance", "complete")):
+        assert entry.by == "rollout-controller" and entry.numbers["ready"] is True
+        assert entry.numbers["challenger_requests"] >= 15 and entry.numbers["control_requests"] >= 15, entry.numbers
+        assert entry.numbers["challenger_p99_s"] <= entry.numbers["p99_limit_s"]
+    final = await experiments.load()
+    assert {v.name: v.weight for v in final.variants} == {"control": 0, "challenger": 100} and final.revision == done.experiment_revision
+    assert f'{STEP}{{model="sasrec"}} 100.0' in metrics
+    assert f'{DECISIONS}{{action="complete"}} 1.0' in metrics
+    status = await vitrine(settings, "rollout", "status")
+    assert status.returncode == 0 and "completed, 100 %" in status.stdout, status.stdout
+
+
+async def test_a_failing_challenger_is_rolled_back_to_0_percent_within_one_step_and_the_audit_says_why(
+        settings: Settings, stores: tuple[ExperimentStore, RolloutStore]) -> None:
+    # `smoke` is ready in Triton but is no ranker (no vocabulary, other tensors): every answer for its variant is
+    # degraded, while control answers normally in the same window.
+    experiments, rollouts = stores
+    async with shoppers(settings, 60):
+        started = await vitrine(settings, "rollout", "start", "smoke", "--steps", STEPS, "--hold", HOLD)
+        assert started.returncode == 0, started.stderr
+        with controller(settings):
+            done = await eventually(lambda: reached(rollouts, lambda s: s.status != "running"), 40, "a decision to end the rollout")
+    audit = await rollouts.audit()
+    assert done.status == ROLLED_BACK and done.step == 0, [(e.action, e.reasons) for e in audit]
+    rollback = audit[0]
+    assert rollback.action == "rollback" and rollback.weights == ({"control": 80, "challenger": 20}, {"control": 100, "challenger": 0})
+    assert any(r.startswith("degraded ratio") for r in rollback.reasons), rollback.reasons
+    assert rollback.numbers["challenger_degraded_ratio"] > rollback.numbers["degraded_ratio_limit"]
+    assert {v.name: v.weight for v in (await experiments.load()).variants} == {"control": 100, "challenger": 0}
+    status = await vitrine(settings, "rollout", "status")
+    assert "rolled_back, 0 %" in status.stdout and "degraded ratio" in status.stdout, status.stdout
+
+
+async def test_a_challenger_that_triton_does_not_serve_is_refused_at_start(settings: Settings, stores: tuple[ExperimentStore, RolloutStore]) -> None:
+    experiments, rollouts = stores
+    before = await experiments.load()
+    refused = await vitrine(settings, "rollout", "start", "nosuchmodel", "--hold", HOLD)
+    assert refused.returncode == 1 and "nosuchmodel is not ready in Triton" in refused.stderr, refused.stderr
+    assert await rollouts.load() is None and (await experiments.load()).revision == before.revision
