@@ -13,7 +13,7 @@ import time
 from typing import Annotated, Literal
 
 import redis.asyncio as aioredis
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from vitrine.settings import check_steps
 
@@ -89,6 +89,10 @@ class StateConflict(RuntimeError):
     """The rollout changed since the caller read it; read it again."""
 
 
+class InvalidState(ValueError):
+    """The stored state is not a rollout state today's rules accept (written by hand, or by an incompatible version)."""
+
+
 class RolloutStore:
     def __init__(self, client: aioredis.Redis, namespace: str) -> None:
         self.client = client
@@ -96,8 +100,17 @@ class RolloutStore:
         self.audit_key = f"{namespace}:rollout:audit"
 
     async def load(self) -> RolloutState | None:
-        raw = await self.client.get(self.key)
-        return RolloutState.model_validate_json(raw) if raw else None
+        return self._parse(await self.client.get(self.key))
+
+    def _parse(self, raw: bytes | None) -> RolloutState | None:
+        if not raw:
+            return None
+        try:
+            return RolloutState.model_validate_json(raw)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'state'}: {e['msg']}" for e in exc.errors(include_url=False, include_input=False))
+            raise InvalidState(f"the rollout state in Redis ({self.key}) is invalid ({problems}); nothing acts on it — "
+                               f"inspect it, then delete the key to start over (the experiment's split is unchanged)") from None
 
     async def save(self, new: RolloutState, entry: AuditEntry, expected_revision: int | None) -> RolloutState:
         """Store `new` (its revision one above the stored one) and its audit entry atomically.
@@ -105,8 +118,7 @@ class RolloutStore:
         expected_revision: the state revision the caller read (None: there must be no state, or a finished one)."""
         async with self.client.pipeline(transaction=True) as pipe:
             await pipe.watch(self.key)
-            raw = await pipe.get(self.key)
-            old = RolloutState.model_validate_json(raw) if raw else None
+            old = self._parse(await pipe.get(self.key))
             if expected_revision is None:
                 if old is not None and old.status not in FINISHED:
                     await pipe.unwatch()
@@ -126,7 +138,15 @@ class RolloutStore:
         return stored
 
     async def audit(self, limit: int = 100) -> list[AuditEntry]:
-        return [AuditEntry.model_validate_json(r) for r in await self.client.lrange(self.audit_key, 0, limit - 1)]
+        """The newest `limit` entries; an entry today's rules reject is shown as such, not dropped."""
+        entries = []
+        for raw in await self.client.lrange(self.audit_key, 0, limit - 1):
+            try:
+                entries.append(AuditEntry.model_validate_json(raw))
+            except ValidationError as exc:
+                entries.append(AuditEntry(by="?", at_ms=0, action="unreadable", status=("", ""), weights=({}, {}),
+                                          reasons=[f"an audit entry this version cannot read ({exc.error_count()} problems): {raw[:200]!r}"]))
+        return entries
 
 
 def now_ms() -> int:

@@ -91,3 +91,16 @@ def test_growing_the_last_variant_keeps_every_user_who_saw_the_challenger() -> N
         assert abs(len(now) / len(users) - percent / 100) < 0.02
         seen = now
     assert {v.weight for v in split(experiment, state, 0).variants if v.name == "challenger"} == {0}
+
+
+def test_a_stored_state_that_is_not_a_rollout_is_refused_with_the_key_and_the_field_named() -> None:
+    from vitrine.services.rollouts.store import InvalidState, RolloutStore
+
+    store = RolloutStore(None, "vt")  # type: ignore[arg-type] - parsing only, no Redis call
+    good = _state().model_dump_json().encode()
+    assert store._parse(good) == _state() and store._parse(None) is None
+    for bad, field in ((good.replace(b'"running"', b'"sleeping"'), "status"), (good.replace(b"[1,5,25,50,100]", b"[1,5,50]"), "steps"),
+                       (b"not json", "state")):
+        with pytest.raises(InvalidState, match=rf"vt:rollout\) is invalid \({field}") as caught:
+            store._parse(bad)
+        assert "delete the key" in str(caught.value)

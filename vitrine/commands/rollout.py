@@ -75,12 +75,13 @@ def _run(settings, work):  # noqa: ANN001, ANN202
     from redis.exceptions import RedisError
 
     from vitrine.cli import _fail
+    from vitrine.services.gateway.experiment import ConflictError
     from vitrine.services.rollouts.controller import RolloutError
-    from vitrine.services.rollouts.store import StateConflict
+    from vitrine.services.rollouts.store import InvalidState, StateConflict
 
     try:
         return asyncio.run(_with_stores(settings, work))
-    except (RolloutError, StateConflict, LookupError) as exc:
+    except (RolloutError, StateConflict, InvalidState, ConflictError, LookupError) as exc:
         raise _fail(exc) from exc
     except (OSError, RedisError) as exc:
         raise _fail(RuntimeError(f"cannot reach Redis at {settings.redis.host}:{settings.redis.port} ({exc}); is the stack up?")) from exc
