@@ -95,7 +95,7 @@ def stack_status() -> None:
 
 @stack_app.command("logs")
 def stack_logs(
-    component: Annotated[str, typer.Argument(help="redis, redis-exporter, kafka, mlflow, triton, features, outcomes, archive, gateway, triggers, alertmanager, prometheus or supervisord")],
+    component: Annotated[str, typer.Argument(help="redis, redis-exporter, kafka, mlflow, triton, features, outcomes, archive, gateway, rollouts, triggers, alertmanager, prometheus or supervisord")],
     lines: Annotated[int, typer.Option("--lines", "-n", min=1, max=100_000, help="How many lines from the end.")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
 ) -> None:

@@ -205,6 +205,8 @@ class RolloutController:
 
     async def tick(self) -> Tick:
         state = await self.store.load()
+        if self.metrics:
+            self.metrics.last_tick.set(now_ms() / 1000)
         if state is None:
             return Tick(None)
         if self.metrics:

@@ -16,6 +16,8 @@ DECISIONS: Final = "vitrine_rollout_decisions_total"
 STATUS: Final = "vitrine_rollout_status"
 TICKS_FAILED: Final = "vitrine_rollout_ticks_failed_total"
 LAST_DECISION: Final = "vitrine_rollout_last_decision_timestamp_seconds"
+LAST_TICK: Final = "vitrine_rollout_last_tick_timestamp_seconds"
+"""When the controller last read the rollout state from Redis (the stack's readiness probe: > 0 once it has)."""
 ACTIONS: Final = ("advance", "hold", "rollback", "complete", "pause")
 """`pause`: the controller paused the rollout itself (somebody else changed the experiment)."""
 
@@ -31,6 +33,7 @@ class RolloutMetrics:
                                     "Controller ticks that could not gather their figures or act (Redis, Prometheus or Triton away).",
                                     registry=registry)
         self.last_decision = Gauge(LAST_DECISION, "When the controller last decided (Unix time, seconds).", registry=registry)
+        self.last_tick = Gauge(LAST_TICK, "When the controller last read the rollout's state (Unix time, seconds).", registry=registry)
         for action in ACTIONS:
             self.decisions.labels(action)
         for status in STATUSES:

@@ -336,6 +336,7 @@ def prometheus(settings: Settings) -> Component:
                 archive_target=f"{settings.archive.metrics_host}:{settings.archive.metrics_port}",
                 gateway_target=f"{settings.gateway.metrics_host}:{settings.gateway.metrics_port}",
                 triggers_target=f"{settings.triggers.host}:{settings.triggers.port}",
+                rollouts_target=f"{settings.rollouts.metrics_host}:{settings.rollouts.metrics_port}",
                 rules_file=str(rules),
                 extra_rules=str(home / EXTRA_RULES_DIR / "*.yml"),
                 alertmanager_target=f"{settings.alertmanager.host}:{settings.alertmanager.port}",
@@ -421,6 +422,19 @@ def gateway(settings: Settings) -> Component:
     )
 
 
+def rollouts(settings: Settings) -> Component:
+    """The rollout controller: judges running rollouts against control and moves the experiment's split."""
+    cfg = settings.rollouts
+    return Component(
+        name="rollouts",
+        command=[sys.executable, "-m", "vitrine", "rollouts", "run"],
+        ports={"metrics": (cfg.metrics_host, cfg.metrics_port)},
+        probe=health.rollouts_ready,
+        url=f"http://{cfg.metrics_host}:{cfg.metrics_port}/metrics (every {cfg.interval_s:g} s; `vitrine rollout status`)",
+        env=settings_env(settings),
+    )
+
+
 def ensure_token(path: Path) -> None:
     """The bearer token Alertmanager must send: created once (random, mode 0600), never overwritten."""
     import secrets
@@ -448,7 +462,7 @@ def triggers(settings: Settings) -> Component:
 
 
 BUILDERS: tuple[Callable[[Settings], Component], ...] = (
-    redis, redis_exporter, kafka, mlflow, triton, features, outcomes, archive, gateway, triggers, alertmanager, prometheus)
+    redis, redis_exporter, kafka, mlflow, triton, features, outcomes, archive, gateway, rollouts, triggers, alertmanager, prometheus)
 """Start order: dependencies first (the gateway fetches versions' metadata from MLflow), the trigger service before
 Alertmanager, which posts to it, Alertmanager before Prometheus, which sends it alerts, and Prometheus last so that
 its targets are already up."""

@@ -173,6 +173,22 @@ async def triggers_ready(settings: Settings) -> str | None:
     return None
 
 
+async def rollouts_ready(settings: Settings) -> str | None:
+    """The rollout controller serves metrics and has read the rollout's state from Redis at least once."""
+    from vitrine.services.rollouts.metrics import LAST_TICK
+
+    url = f"http://{settings.rollouts.metrics_host}:{settings.rollouts.metrics_port}/metrics"
+    try:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    for line in response.text.splitlines():
+        if line.startswith(LAST_TICK + " "):
+            return None if float(line.split()[1]) > 0 else "has not reached Redis yet"
+    return f"{LAST_TICK} not exported"
+
+
 async def _owns_partitions(url: str, gauge: str) -> str | None:
     try:
         async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:

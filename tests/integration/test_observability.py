@@ -325,7 +325,7 @@ def test_experiment_alerts_fire_on_planted_series(tmp_path: Path) -> None:
 
 async def test_prometheus_scrapes_every_target(stack: Stack, traffic: Traffic) -> None:
     jobs = {r["metric"]["job"]: r["value"][1] for r in await _query(stack, "up")}
-    assert jobs == {job: "1" for job in ("prometheus", "redis", "triton", "features", "outcomes", "archive", "gateway", "triggers", "alertmanager")}
+    assert jobs == {job: "1" for job in ("prometheus", "redis", "triton", "features", "outcomes", "archive", "gateway", "rollouts", "triggers", "alertmanager")}
 
 
 async def test_report_renders_the_key_panels(stack: Stack, traffic: Traffic, tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
-"""Rollouts on the real stack: simulated shoppers (the project's simulator) keep both arms busy while the controller
-(`vitrine rollouts run`, a real process) judges each step against control over the same window, and a person's
-commands go through the CLI. Holds are seconds here instead of minutes.
+"""Rollouts on the real stack: simulated shoppers (the project's simulator) keep both arms busy while the stack's
+rollout controller (the `rollouts` component, `vitrine rollouts run`) judges each step against control over the same
+window, and a person's commands go through the CLI. Holds are seconds here instead of minutes (the test stack's
+`rollouts` settings: tests/integration/conftest.py).
 
 The rollout changes the stack's experiment (the one Prometheus sees the gateway serve); each test puts the previous
 experiment back and removes the rollout's state."""
@@ -12,9 +13,8 @@ import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -28,7 +28,7 @@ from vitrine.services.rollouts.store import COMPLETED, ROLLED_BACK, RolloutState
 from vitrine.services.simulator.runner import Simulation, SimulationConfig
 from vitrine.services.stack import Stack
 from vitrine.services.stack.components import settings_env
-from vitrine.services.stack.launcher import free_port
+from vitrine.services.stack.health import rollouts_ready
 from vitrine.settings import Settings
 from vitrine.v1 import recommender_pb2 as pb
 
@@ -40,10 +40,7 @@ HOLD = "4s"
 
 @pytest.fixture
 def settings(stack: Stack) -> Settings:
-    """The stack's settings with a fast controller: judged every 0.5 s over ≥ 6 s (3 scrapes), ≥ 15 requests per arm."""
-    rollouts = stack.settings.rollouts.model_copy(update={"interval_s": 0.5, "min_window_s": 6.0, "min_requests": 15,
-                                                          "metrics_port": free_port()})
-    return stack.settings.model_copy(update={"rollouts": rollouts})
+    return stack.settings
 
 
 @pytest.fixture
@@ -62,26 +59,15 @@ async def stores(settings: Settings) -> AsyncIterator[tuple[ExperimentStore, Rol
         await client.aclose()
 
 
-@contextlib.contextmanager
-def controller(settings: Settings) -> Iterator[subprocess.Popen]:
-    """`vitrine rollouts run` with these settings; its log is shown if the test fails while it runs."""
-    log = tempfile.TemporaryFile()
-    process = subprocess.Popen([sys.executable, "-m", "vitrine", "rollouts", "run"], env={**os.environ, **settings_env(settings)},
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield process
-    except BaseException:
-        log.seek(0)
-        print("controller log:\n" + log.read().decode(errors="replace")[-4000:])  # noqa: T201 - shown by pytest on failure
-        raise
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+async def restart_controller(stack: Stack) -> None:
+    """Stop the stack's controller and start it again, ready when its probe says so (it has read the state from Redis)."""
+    await asyncio.to_thread(stack.supervisor.rpc_stop, "rollouts")
+    await asyncio.to_thread(stack.supervisor.start, "rollouts")
+
+    async def ready() -> bool | None:
+        return True if await rollouts_ready(stack.settings) is None else None
+
+    await eventually(ready, 30, "the restarted rollout controller to read the state")
 
 
 async def vitrine(settings: Settings, *args: str) -> subprocess.CompletedProcess:
@@ -108,20 +94,19 @@ async def reached(rollouts: RolloutStore, check) -> RolloutState | None:  # noqa
 
 
 async def test_a_healthy_challenger_walks_every_step_to_100_percent_across_a_controller_restart(
-        settings: Settings, stores: tuple[ExperimentStore, RolloutStore]) -> None:
+        stack: Stack, settings: Settings, stores: tuple[ExperimentStore, RolloutStore]) -> None:
     experiments, rollouts = stores
     async with shoppers(settings, 90):
         started = await vitrine(settings, "rollout", "start", "sasrec", "--steps", STEPS, "--hold", HOLD)
         assert started.returncode == 0, started.stderr
         assert {v.name: v.weight for v in (await experiments.load()).variants} == {"control": 80, "challenger": 20}
-        with controller(settings):
-            await eventually(lambda: reached(rollouts, lambda s: s.step >= 1), 40, "the first advance (20 % → 50 %)")
-        # The controller stops between steps; a new one continues from the state in Redis, not from the beginning.
-        with controller(settings):
-            done = await eventually(lambda: reached(rollouts, lambda s: s.status in (COMPLETED, ROLLED_BACK)), 40, "the rollout to end")
-            metrics = httpx.get(f"http://{settings.rollouts.metrics_host}:{settings.rollouts.metrics_port}/metrics", timeout=5).text
+        first = await eventually(lambda: reached(rollouts, lambda s: s.step >= 1 or s.status != "running"), 40, "the first advance (20 % → 50 %)")
+        # The controller restarts between steps; the new process continues from the state in Redis, not from the beginning.
+        await restart_controller(stack)
+        done = await eventually(lambda: reached(rollouts, lambda s: s.status != "running"), 40, "the rollout to end")
+        metrics = httpx.get(f"http://{settings.rollouts.metrics_host}:{settings.rollouts.metrics_port}/metrics", timeout=5).text
     audit = list(reversed(await rollouts.audit()))
-    assert done.status == COMPLETED, [(e.action, e.reasons) for e in audit]
+    assert first.step == 1 and done.status == COMPLETED, [(e.action, e.reasons) for e in audit]
     assert [e.action for e in audit if e.action != "hold"] == ["start", "advance", "complete"]
     assert [e.weights[1]["challenger"] for e in audit if e.action != "hold"] == [20, 50, 100]
     for entry in (e for e in audit if e.action in ("advance", "complete")):
@@ -131,7 +116,7 @@ async def test_a_healthy_challenger_walks_every_step_to_100_percent_across_a_con
     final = await experiments.load()
     assert {v.name: v.weight for v in final.variants} == {"control": 0, "challenger": 100} and final.revision == done.experiment_revision
     assert f'{STEP}{{model="sasrec"}} 100.0' in metrics
-    assert f'{DECISIONS}{{action="complete"}} 1.0' in metrics
+    assert f'{DECISIONS}{{action="complete"}} 1.0' in metrics  # counted by the restarted process: the last step was its own
     status = await vitrine(settings, "rollout", "status")
     assert status.returncode == 0 and "completed, 100 %" in status.stdout, status.stdout
 
@@ -144,8 +129,7 @@ async def test_a_failing_challenger_is_rolled_back_to_0_percent_within_one_step_
     async with shoppers(settings, 60):
         started = await vitrine(settings, "rollout", "start", "smoke", "--steps", STEPS, "--hold", HOLD)
         assert started.returncode == 0, started.stderr
-        with controller(settings):
-            done = await eventually(lambda: reached(rollouts, lambda s: s.status != "running"), 40, "a decision to end the rollout")
+        done = await eventually(lambda: reached(rollouts, lambda s: s.status != "running"), 40, "a decision to end the rollout")
     audit = await rollouts.audit()
     assert done.status == ROLLED_BACK and done.step == 0, [(e.action, e.reasons) for e in audit]
     rollback = audit[0]

@@ -104,3 +104,22 @@ def test_a_stored_state_that_is_not_a_rollout_is_refused_with_the_key_and_the_fi
         with pytest.raises(InvalidState, match=rf"vt:rollout\) is invalid \({field}") as caught:
             store._parse(bad)
         assert "delete the key" in str(caught.value)
+
+
+def test_promtool_finds_nothing_to_say_about_the_controllers_metrics() -> None:
+    import shutil
+    import subprocess
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from vitrine.services.rollouts.metrics import RolloutMetrics
+
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (make setup installs it)")
+    registry = CollectorRegistry()
+    metrics = RolloutMetrics(registry)
+    metrics.show("sasrec", 25, "running")
+    metrics.decisions.labels("advance").inc()
+    metrics.last_tick.set(1.7e9)
+    checked = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(registry).decode(), capture_output=True, text=True)
+    assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked.stdout + checked.stderr

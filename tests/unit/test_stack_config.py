@@ -24,8 +24,8 @@ def settings(tmp_path) -> Settings:
 def test_components_start_in_dependency_order_with_distinct_ports(settings: Settings) -> None:
     components = build_all(settings)
     assert [c.name for c in components] == [
-        "redis", "redis-exporter", "kafka", "mlflow", "triton", "features", "outcomes", "archive", "gateway", "triggers",
-        "alertmanager", "prometheus"]
+        "redis", "redis-exporter", "kafka", "mlflow", "triton", "features", "outcomes", "archive", "gateway", "rollouts",
+        "triggers", "alertmanager", "prometheus"]
     ports = [port for c in components for _, port in c.ports.values()]
     assert len(ports) == len(set(ports))
 
@@ -65,6 +65,7 @@ def test_prepare_renders_kafka_and_prometheus_configs_without_placeholders(setti
     assert f"127.0.0.1:{settings.redis_exporter.port}" in rendered
     assert "job_name: archive" in rendered and f"127.0.0.1:{settings.archive.metrics_port}" in rendered
     assert "job_name: triggers" in rendered and f"127.0.0.1:{settings.triggers.port}" in rendered
+    assert "job_name: rollouts" in rendered and f"127.0.0.1:{settings.rollouts.metrics_port}" in rendered
 
 
 def test_port_in_use_sees_a_listening_socket() -> None:
