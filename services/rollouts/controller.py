@@ -65,10 +65,19 @@ def weights(experiment: Experiment | None) -> dict[str, int]:
 
 
 def split(experiment: Experiment, state: RolloutState, percent: int) -> Experiment:
-    """The rollout's experiment with the challenger at `percent` and control at the rest."""
-    variants = tuple(v.model_copy(update={"weight": percent if v.name == state.variant else 100 - percent})
-                     for v in experiment.variants)
-    return experiment.model_copy(update={"variants": variants})
+    """The rollout's experiment with the challenger at `percent` and control at the rest (any other variant — one a
+    person added — keeps its weight). Validated like any experiment: weights that cannot add up are an error."""
+    others = sum(v.weight for v in experiment.variants if v.name not in (state.variant, state.control))
+    missing = [name for name in (state.control, state.variant) if name not in weights(experiment)]
+    if missing:
+        raise RolloutError(f"the experiment has no variant {' or '.join(map(repr, missing))} (the rollout splits traffic between "
+                           f"{state.control!r} and {state.variant!r})")
+    control = 100 - percent - others
+    if control < 0:
+        raise RolloutError(f"other variants hold {others} %: the challenger cannot get {percent} %")
+    variants = [v.model_copy(update={"weight": percent if v.name == state.variant else control if v.name == state.control else v.weight})
+                for v in experiment.variants]
+    return Experiment.model_validate({**experiment.model_dump(), "variants": [v.model_dump() for v in variants]})
 
 
 def window_s(state: RolloutState, cfg: RolloutSettings) -> float:
@@ -109,7 +118,8 @@ async def start(experiments: ExperimentStore, store: RolloutStore, model: str, v
     state = RolloutState(model=model, version=version, variant=variant, control=control.name, steps=steps, hold_s=hold_s,
                          step_started_ms=now_ms(), experiment_revision=0, started_by=by)
     challenger = Variant(name=variant, model_name=model, model_version=version, weight=0)
-    planned = split(current.model_copy(update={"variants": (control, challenger)}), state, steps[0])
+    planned = split(Experiment.model_validate({**current.model_dump(), "variants": [control.model_dump(), challenger.model_dump()]}),
+                    state, steps[0])
     try:
         saved = await experiments.save(planned, by=f"{CONTROLLER} (start by {by})", expected_revision=current.revision)
     except ConflictError as exc:
@@ -143,8 +153,12 @@ async def command(experiments: ExperimentStore, store: RolloutStore, action: str
             raise RolloutError(f"the experiment is at revision {before.revision if before else 'none'}, not the rollout's "
                                f"{state.experiment_revision}: somebody changed the split; abort and start again")
         update["step_started_ms"] = now_ms()
-    if action == "abort" and before is not None and state.variant in weights(before):
-        after = await experiments.save(split(before, state, 0), by=f"{CONTROLLER} (abort by {by})", expected_revision=before.revision)
+    if action == "abort" and before is not None and weights(before).get(state.variant, 0) > 0:
+        try:
+            planned = split(before, state, 0)
+        except RolloutError as exc:
+            raise RolloutError(f"{exc}; set the split by hand (`vitrine ab set`) with the challenger at 0, then abort again") from exc
+        after = await experiments.save(planned, by=f"{CONTROLLER} (abort by {by})", expected_revision=before.revision)
         update["experiment_revision"] = after.revision
     entry = AuditEntry(by=by, at_ms=now_ms(), action=action, status=(state.status, new_status),
                        weights=(weights(before), weights(after)), reasons=[f"{action} by {by}"],
@@ -211,11 +225,13 @@ class RolloutController:
             return Tick(None)
         if self.metrics:
             self.metrics.show(state.model, state.percent, state.status)
-        if state.status != RUNNING or now_ms() - state.step_started_ms < state.hold_s * 1000:
+        if state.status != RUNNING:
             return Tick(state)
         experiment = await self.experiments.load()
         if experiment is None or experiment.revision != state.experiment_revision:
             return Tick(await self._pause_for_foreign_change(state, experiment))
+        if now_ms() - state.step_started_ms < state.hold_s * 1000:
+            return Tick(state)
         window = window_s(state, self.cfg)
         by_name = {f.variant: f for f in await self.figures([state.variant, state.control], window)}
         challenger, control = (self._arm(by_name.get(name), name, window) for name in (state.variant, state.control))
@@ -260,7 +276,7 @@ class RolloutController:
 
     async def _pause_for_foreign_change(self, state: RolloutState, experiment: Experiment | None) -> RolloutState:
         reason = (f"the experiment is at revision {experiment.revision if experiment else 'none'}, not the rollout's "
-                  f"{state.experiment_revision}: somebody else changed the split, so the rollout pauses (resume or abort)")
+                  f"{state.experiment_revision}: somebody else changed the split, so the rollout pauses (abort it and start again)")
         log.warning("rollout of %s: %s", state.target, reason)
         return await self._record(state, experiment, experiment, "pause", PAUSED, [reason], {}, {"reason": reason})
 

@@ -147,3 +147,32 @@ async def test_a_challenger_that_triton_does_not_serve_is_refused_at_start(setti
     refused = await vitrine(settings, "rollout", "start", "nosuchmodel", "--hold", HOLD)
     assert refused.returncode == 1 and "nosuchmodel is not ready in Triton" in refused.stderr, refused.stderr
     assert await rollouts.load() is None and (await experiments.load()).revision == before.revision
+
+
+async def test_a_person_pauses_resumes_and_aborts_and_a_split_changed_by_someone_else_pauses_the_rollout(
+        settings: Settings, stores: tuple[ExperimentStore, RolloutStore]) -> None:
+    experiments, rollouts = stores
+    started = await vitrine(settings, "rollout", "start", "sasrec", "--steps", "10,100", "--hold", "1h")  # never judged here
+    assert started.returncode == 0, started.stderr
+    second = await vitrine(settings, "rollout", "start", "gru4rec", "--hold", HOLD)
+    assert second.returncode == 1 and "is running at 10 %; abort it first" in second.stderr, second.stderr
+    paused = await vitrine(settings, "rollout", "pause")
+    assert paused.returncode == 0 and "paused at 10 %" in paused.stdout, paused.stderr
+    again = await vitrine(settings, "rollout", "pause")
+    assert again.returncode == 1 and "pause applies to a rollout that is running" in again.stderr, again.stderr
+    resumed = await vitrine(settings, "rollout", "resume")
+    assert resumed.returncode == 0 and "running at 10 %" in resumed.stdout, resumed.stderr
+    # An experimenter changes the split behind the rollout's back: the controller notices at its next tick and pauses.
+    async with GatewayClient(settings.gateway.address, EXPERIMENTER) as admin:
+        current = await admin.get_experiment()
+        await admin.set_experiment(pb.Experiment(name=current.name, salt=current.salt, mode=current.mode, variants=[
+            pb.Variant(name=v.name, model_name=v.model_name, model_version=v.model_version, weight=50) for v in current.variants]))
+    state = await eventually(lambda: reached(rollouts, lambda s: s.status == "paused"), 10, "the controller to pause the rollout")
+    assert "somebody else changed the split" in state.reason and (await rollouts.audit())[0].by == "rollout-controller"
+    refused = await vitrine(settings, "rollout", "resume")
+    assert refused.returncode == 1 and "somebody changed the split" in refused.stderr, refused.stderr
+    aborted = await vitrine(settings, "rollout", "abort")
+    assert aborted.returncode == 0 and "aborted at 0 %" in aborted.stdout, aborted.stderr
+    assert {v.name: v.weight for v in (await experiments.load()).variants} == {"control": 100, "challenger": 0}
+    audit = [e.action for e in reversed(await rollouts.audit())]
+    assert audit == ["start", "pause", "resume", "pause", "abort"], audit

@@ -123,3 +123,16 @@ def test_promtool_finds_nothing_to_say_about_the_controllers_metrics() -> None:
     metrics.last_tick.set(1.7e9)
     checked = subprocess.run(["promtool", "check", "metrics"], input=generate_latest(registry).decode(), capture_output=True, text=True)
     assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), checked.stdout + checked.stderr
+
+
+def test_a_split_keeps_a_variant_a_person_added_and_refuses_weights_that_cannot_add_up() -> None:
+    from vitrine.services.rollouts.controller import RolloutError
+
+    experiment = Experiment(salt="s", variants=(Variant(name="control", model_name="gru4rec", weight=60),
+                                                Variant(name="extra", model_name="sasrec", weight=30),
+                                                Variant(name="challenger", model_name="sasrec", weight=10)))
+    assert {v.name: v.weight for v in split(experiment, _state(), 25).variants} == {"control": 45, "extra": 30, "challenger": 25}
+    with pytest.raises(RolloutError, match="other variants hold 30 %"):
+        split(experiment, _state(), 75)
+    with pytest.raises(RolloutError, match="no variant 'gone' "):
+        split(experiment, _state(control="gone"), 5)
