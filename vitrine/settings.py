@@ -629,8 +629,8 @@ class RolloutSettings(_Section):
     interval_s: float = Field(5.0, gt=0, le=3600, description="How often the controller loads the rollout's state and acts.")
     min_window_s: float = Field(
         10.0, ge=1, le=86_400,
-        description="Shortest window the serving figures are read over (Prometheus needs a few scrapes for a rate): the "
-                    "window is max(hold, this).")
+        description="Shortest window the serving figures are read over (Prometheus needs a few scrapes for a rate): a step "
+                    "lasts max(hold, this) and is judged over that window, which so never reaches into the step before.")
     min_requests: int = Field(
         50, ge=1, le=100_000_000,
         description="Fewest requests the challenger AND control must each have answered in the window to be compared; "

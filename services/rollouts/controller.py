@@ -81,6 +81,7 @@ def split(experiment: Experiment, state: RolloutState, percent: int) -> Experime
 
 
 def window_s(state: RolloutState, cfg: RolloutSettings) -> float:
+    """The window a step is judged over, and how long it lasts at least: its hold, or `min_window_s` if longer."""
     return max(state.hold_s, cfg.min_window_s)
 
 
@@ -230,9 +231,9 @@ class RolloutController:
         experiment = await self.experiments.load()
         if experiment is None or experiment.revision != state.experiment_revision:
             return Tick(await self._pause_for_foreign_change(state, experiment))
-        if now_ms() - state.step_started_ms < state.hold_s * 1000:
-            return Tick(state)
         window = window_s(state, self.cfg)
+        if now_ms() - state.step_started_ms < window * 1000:
+            return Tick(state)  # judged once the step has lasted its window, so the window never reaches into the step before
         by_name = {f.variant: f for f in await self.figures([state.variant, state.control], window)}
         challenger, control = (self._arm(by_name.get(name), name, window) for name in (state.variant, state.control))
         ready = await self.readiness(state.model, state.version)
