@@ -37,6 +37,7 @@ from vitrine.report import DASHBOARDS, expand, render
 from vitrine.services.events.publisher import publish
 from vitrine.services.features import metrics as feature_metrics
 from vitrine.services.gateway import metrics as gateway_metrics
+from vitrine.services.rollouts import metrics as rollout_metrics
 from vitrine.services.gateway.client import GatewayClient
 from vitrine.services.outcomes import metrics as outcome_metrics
 from vitrine.services.stack import Stack
@@ -268,7 +269,7 @@ async def test_every_alert_watches_a_series_that_has_data(stack: Stack, traffic:
 
 async def test_every_metric_name_used_is_exported(stack: Stack, traffic: Traffic) -> None:
     exported = {"up"} | {r["record"] for r in _rules() if "record" in r}
-    for module in (gateway_metrics, feature_metrics, outcome_metrics):
+    for module in (gateway_metrics, feature_metrics, outcome_metrics, rollout_metrics):
         for name in (v for k, v in vars(module).items() if k.isupper() and isinstance(v, str) and v.startswith("vitrine_")):
             exported |= {name, f"{name}_bucket", f"{name}_sum", f"{name}_count"}
     async with httpx.AsyncClient(timeout=5) as client:

@@ -136,3 +136,32 @@ def test_a_split_keeps_a_variant_a_person_added_and_refuses_weights_that_cannot_
         split(experiment, _state(), 75)
     with pytest.raises(RolloutError, match="no variant 'gone' "):
         split(experiment, _state(control="gone"), 5)
+
+
+def test_the_rollback_alert_fires_on_a_rollback_and_not_on_advances(tmp_path) -> None:  # noqa: ANN001
+    """promtool evaluates deploy/prometheus/alerts.yml over planted controller counters: one rollback at minute 5 fires
+    VitrineRolloutRolledBack at once (no `for:`), and resolves 15 minutes later; advances and holds never fire it."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from vitrine.services.rollouts.metrics import DECISIONS
+    from vitrine.services.stack.components import ALERT_RULES
+
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (make setup installs it)")
+    series = {f'{DECISIONS}{{action="rollback",instance="c",job="rollouts"}}': "0x4 1x30",
+              f'{DECISIONS}{{action="advance",instance="c",job="rollouts"}}': "0+1x34",
+              f'{DECISIONS}{{action="hold",instance="c",job="rollouts"}}': "0+7x34"}
+    fired = [{"labels": 'ALERTS{alertname="VitrineRolloutRolledBack",alertstate="firing",severity="ticket"}', "value": 1}]
+
+    def at(minute: int, samples: list) -> dict:
+        return {"expr": 'ALERTS{alertname="VitrineRolloutRolledBack"}', "eval_time": f"{minute}m", "exp_samples": samples}
+
+    spec = tmp_path / "rollout_alert_test.yml"
+    spec.write_text(yaml.safe_dump({"rule_files": [str(ALERT_RULES)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": [{"series": k, "values": v} for k, v in series.items()],
+        "promql_expr_test": [at(4, []), at(6, fired), at(18, fired), at(22, [])]}]}))
+    result = subprocess.run(["promtool", "test", "rules", str(spec)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
