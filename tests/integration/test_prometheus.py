@@ -8,7 +8,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("job", ["prometheus", "redis", "triton", "archive", "triggers"])
+@pytest.mark.parametrize("job", ["prometheus", "redis", "triton", "archive", "triggers", "rollouts"])
 async def test_scrapes_each_target(stack: Stack, job: str) -> None:
     url = f"{stack.settings.prometheus.url}/api/v1/query"
 
