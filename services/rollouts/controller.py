@@ -80,6 +80,15 @@ def split(experiment: Experiment, state: RolloutState, percent: int) -> Experime
     return Experiment.model_validate({**experiment.model_dump(), "variants": [v.model_dump() for v in variants]})
 
 
+def first_step(current: Experiment, state: RolloutState) -> Experiment:
+    """The experiment a rollout starts with: control (the current first variant) and the challenger appended last, at the
+    first step's share; the current experiment's other variants leave it."""
+    control = next(v for v in current.variants if v.name == state.control)
+    challenger = Variant(name=state.variant, model_name=state.model, model_version=state.version, weight=0)
+    two_arms = Experiment.model_validate({**current.model_dump(), "variants": [{**control.model_dump(), "weight": 100}, challenger.model_dump()]})
+    return split(two_arms, state, state.steps[0])
+
+
 def window_s(state: RolloutState, cfg: RolloutSettings) -> float:
     """The window a step is judged over, and how long it lasts at least: its hold, or `min_window_s` if longer."""
     return max(state.hold_s, cfg.min_window_s)
@@ -118,9 +127,7 @@ async def start(experiments: ExperimentStore, store: RolloutStore, model: str, v
                            "rename it or set rollouts.variant")
     state = RolloutState(model=model, version=version, variant=variant, control=control.name, steps=steps, hold_s=hold_s,
                          step_started_ms=now_ms(), experiment_revision=0, started_by=by)
-    challenger = Variant(name=variant, model_name=model, model_version=version, weight=0)
-    planned = split(Experiment.model_validate({**current.model_dump(), "variants": [control.model_dump(), challenger.model_dump()]}),
-                    state, steps[0])
+    planned = first_step(current, state)
     try:
         saved = await experiments.save(planned, by=f"{CONTROLLER} (start by {by})", expected_revision=current.revision)
     except ConflictError as exc:

@@ -165,3 +165,14 @@ def test_the_rollback_alert_fires_on_a_rollback_and_not_on_advances(tmp_path) ->
         "promql_expr_test": [at(4, []), at(6, fired), at(18, fired), at(22, [])]}]}))
     result = subprocess.run(["promtool", "test", "rules", str(spec)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_rollout_starts_with_control_first_and_the_challenger_last_at_the_first_step() -> None:
+    from vitrine.services.rollouts.controller import first_step
+
+    current = Experiment(salt="s", revision=7, variants=(Variant(name="control", model_name="gru4rec", weight=50),
+                                                         Variant(name="treatment", model_name="sasrec", weight=50)))
+    started = first_step(current, _state(version="2", steps=(5, 100)))
+    assert [(v.name, v.model_name, v.model_version, v.weight) for v in started.variants] == [
+        ("control", "gru4rec", "", 95), ("challenger", "sasrec", "2", 5)]
+    assert started.salt == current.salt and started.name == current.name  # same users in the same buckets
