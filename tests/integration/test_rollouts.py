@@ -39,12 +39,7 @@ HOLD = "4s"
 
 
 @pytest.fixture
-def settings(stack: Stack) -> Settings:
-    return stack.settings
-
-
-@pytest.fixture
-async def stores(settings: Settings) -> AsyncIterator[tuple[ExperimentStore, RolloutStore]]:
+async def stores(stack: Stack, settings: Settings) -> AsyncIterator[tuple[ExperimentStore, RolloutStore]]:
     """The stack's experiment and rollout stores; afterwards the previous experiment is back and no rollout is left."""
     client = aioredis.Redis(host=settings.redis.host, port=settings.redis.port)
     experiments, rollouts = ExperimentStore(client, settings.features.namespace), RolloutStore(client, settings.features.namespace)
