@@ -11,6 +11,9 @@ registry means for each command:
   metadata into its Triton config. A registry that does not answer is an error *before* anything is written,
   unless `--no-registry`: then the version is served with its metadata read from the local model repository,
   which only works where the gateway shares that folder (the local stack), never in production.
+- `vitrine models promote NAME VERSION`: the version becomes `champion`, the previous champion `fallback`.
+- `vitrine models fallback NAME`: the `fallback` back as champion, its Triton version made ready, routing moved
+  (export/aliases.py; docs/registry.md).
 """
 
 from __future__ import annotations
