@@ -12,8 +12,10 @@
 
   Order, so that a failure half-way can be finished by running the command again: (1) read the aliases (no
   fallback → error), (2) make the fallback's Triton version READY (loaded through the repository API if
-  needed) and refuse if it cannot be, (3) move routing, (4) move the aliases. After (3) a rerun finds no
-  variant left on the old champion and only moves the aliases.
+  needed) and refuse if it cannot be, (3) move routing, (4) move the aliases (`Registry.promote` of the fallback).
+  If (4) fails, routing already serves the fallback and the error names the one command that finishes it:
+  `vitrine models promote MODEL <fallback version>`, correct from the untouched aliases and from a half-moved
+  pair alike (`fallback` is moved before `champion`).
 """
 
 from __future__ import annotations
@@ -211,8 +213,8 @@ async def fall_back(settings: Settings, registry: Registry, model: str, by: str 
     except Exception as exc:  # noqa: BLE001 - routing moved already: say so, and how to finish
         raise FallbackError(
             f"routing moved to {model} version {new_triton} ({', '.join(moved) or 'no variant served the old champion'}), "
-            f"but the registry's aliases could not be moved ({type(exc).__name__}: {exc}); run the command again "
-            "to move them") from exc
+            f"but the registry's aliases could not be moved ({type(exc).__name__}: {exc}); finish with "
+            f"`vitrine models promote {model} {aliases[FALLBACK]}` (it makes the old champion the fallback)") from exc
     return FallbackResult(model=model, champion_before=aliases.get(CHAMPION), champion_after=moves[CHAMPION],
                           fallback_after=moves.get(FALLBACK), triton_before=old_triton, triton_after=new_triton,
                           readiness=readiness, variants_moved=moved, experiment_revision=revision,

@@ -229,7 +229,8 @@ def fallback_moves(aliases: dict[str, str]) -> dict[str, str]:
         raise RegistryError("no version has the alias `fallback` (a version becomes the fallback when another is "
                             "promoted to champion after it)")
     if aliases.get(CHAMPION) == fallback:
-        raise RegistryError(f"version {fallback} is both champion and fallback: nothing to fall back to")
+        raise RegistryError(f"version {fallback} is both champion and fallback: nothing to fall back to (a promotion "
+                            "that stopped half-way: `vitrine models promote` of the intended champion finishes it)")
     return promotion_moves(aliases, fallback)
 
 
@@ -486,7 +487,8 @@ class Registry:
         return {alias: self.triton_version(model, version) for alias, version in self.aliases(model).items()}
 
     def _apply(self, model: str, moves: dict[str, str]) -> None:
-        # champion last: a failure half-way leaves the old champion in place rather than two aliases on one version
+        # `champion` last: stopped half-way, the old champion still serves as champion (and may also carry `fallback`),
+        # and promoting the intended version again yields the intended pair (promotion_moves).
         for alias in sorted(moves, key=lambda a: a == CHAMPION):
             self.client.set_registered_model_alias(model, alias, moves[alias])
 
@@ -498,7 +500,8 @@ class Registry:
         return moves
 
     def swap_to_fallback(self, model: str) -> dict[str, str]:
-        """`fallback` becomes `champion` and the old champion `fallback`; RegistryError without a fallback."""
+        """`fallback` becomes `champion` and the old champion `fallback` (a promotion of the fallback); RegistryError
+        without a fallback."""
         moves = fallback_moves(self.aliases(model))
         self._apply(model, moves)
         return moves

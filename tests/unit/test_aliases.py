@@ -165,3 +165,28 @@ def test_fallback_with_the_registry_away_is_a_clear_error(monkeypatch: pytest.Mo
     monkeypatch.setenv("VITRINE_REGISTRY__PROBE_TIMEOUT_S", "1")
     result = runner.invoke(app, ["models", "fallback", "gru4rec"])
     assert result.exit_code == 1 and "does not answer" in result.output and "127.0.0.1:9" in result.output, result.output
+
+
+def test_a_promotion_stopped_half_way_is_finished_by_promoting_again() -> None:
+    """Aliases are set one by one, `fallback` before `champion`: after a failure in between, promoting the intended
+    version again gives the intended pair (what the fallback command's error tells the operator to run)."""
+    for start, version in (({CHAMPION: "3", FALLBACK: "2"}, "2"), ({CHAMPION: "3", FALLBACK: "2"}, "4")):
+        intended = {**start, **promotion_moves(start, version)}
+        half = {**start, FALLBACK: intended[FALLBACK]}  # fallback moved, champion not yet
+        assert {**half, **promotion_moves(half, version)} == intended
+
+
+def test_aliases_are_set_fallback_first_and_champion_last() -> None:
+    from vitrine.export.registry import Registry
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str, str]] = []
+
+        def set_registered_model_alias(self, model: str, alias: str, version: str) -> None:
+            self.calls.append((model, alias, version))
+
+    registry = object.__new__(Registry)  # no MLflow: only the order of the alias calls is under test
+    registry.client = Recorder()  # type: ignore[assignment]
+    registry._apply("m", {CHAMPION: "4", FALLBACK: "3"})
+    assert registry.client.calls == [("m", FALLBACK, "3"), ("m", CHAMPION, "4")]
