@@ -190,3 +190,70 @@ def test_aliases_are_set_fallback_first_and_champion_last() -> None:
     registry.client = Recorder()  # type: ignore[assignment]
     registry._apply("m", {CHAMPION: "4", FALLBACK: "3"})
     assert registry.client.calls == [("m", FALLBACK, "3"), ("m", CHAMPION, "4")]
+
+
+class FakeTriton:
+    """Stands in for tritonclient's aio client in `ensure_ready`: which versions are ready, what a load does."""
+
+    ready: set[int] = set()
+    loads: list[dict | None] = []
+    load_error: str | None = None
+    load_makes_ready: bool = True
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def is_model_ready(self, model: str, version: str) -> bool:
+        return int(version) in FakeTriton.ready
+
+    async def get_model_repository_index(self, as_json: bool = False) -> dict:
+        return {"models": [{"name": "m", "version": str(v), "state": "READY"} for v in sorted(FakeTriton.ready)]}
+
+    async def get_model_config(self, model: str, as_json: bool = False) -> dict:
+        return {"config": {"name": model, "version_policy": {"latest": {"num_versions": 2}}}}
+
+    async def load_model(self, model: str, config: str | None = None, client_timeout: float | None = None) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        FakeTriton.loads.append(None if config is None else __import__("json").loads(config))
+        if FakeTriton.load_error:
+            raise InferenceServerException(FakeTriton.load_error)
+        if config is not None and FakeTriton.load_makes_ready:
+            FakeTriton.ready |= set(__import__("json").loads(config)["version_policy"]["specific"]["versions"])
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_triton(monkeypatch: pytest.MonkeyPatch) -> type[FakeTriton]:
+    import tritonclient.grpc.aio as triton
+
+    FakeTriton.ready, FakeTriton.loads, FakeTriton.load_error, FakeTriton.load_makes_ready = {2, 3}, [], None, True
+    monkeypatch.setattr(triton, "InferenceServerClient", FakeTriton)
+    return FakeTriton
+
+
+async def test_a_ready_fallback_is_not_reloaded(fake_triton: type[FakeTriton]) -> None:
+    from vitrine.export.aliases import ensure_ready
+
+    assert await ensure_ready("t:1", "m", 3) == "already ready" and fake_triton.loads == []
+
+
+async def test_a_fallback_outside_the_policy_is_loaded_beside_the_ready_versions(fake_triton: type[FakeTriton]) -> None:
+    from vitrine.export.aliases import ensure_ready
+
+    how = await ensure_ready("t:1", "m", 1)
+    assert how.startswith("loaded through the repository API") and fake_triton.ready == {1, 2, 3}
+    assert fake_triton.loads == [{"name": "m", "version_policy": {"specific": {"versions": [1, 2, 3]}}}]
+
+
+async def test_a_fallback_that_cannot_be_made_ready_is_a_clear_error(fake_triton: type[FakeTriton]) -> None:
+    from vitrine.export.aliases import FallbackError, ensure_ready
+
+    fake_triton.load_error = "failed to load 'm' version 1: folder not found"
+    with pytest.raises(FallbackError, match="Triton could not load m version 1: failed to load"):
+        await ensure_ready("t:1", "m", 1)
+    fake_triton.load_error, fake_triton.load_makes_ready = None, False
+    with pytest.raises(FallbackError, match="version 1 is not READY"):
+        await ensure_ready("t:1", "m", 1)
