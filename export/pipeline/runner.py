@@ -190,6 +190,8 @@ class Pipeline:
                                   "champions": {m: c and c.version for m, c in champions.items()},
                                   "champion_sources": {m: c.source if c else "none: no champion alias and no ready version"
                                                        for m, c in champions.items()}}
+        for m, c in champions.items():
+            self.report(f"{m}: champion " + (f"v{c.version} ({c.source})" if c else "none (baselines only)"))
         if not result.passed:
             self.recorder.step(record["run_id"], "validate", "running", **fields)
             self.report(format_checks(result.checks))
