@@ -248,3 +248,26 @@ async def test_a_challenger_failing_its_parity_check_in_triton_is_withdrawn(
     assert {m.get("version") for m in index["models"] if m["name"] == model_name and m.get("state") == "READY"} == {"1"}
     with pytest.raises(ServingMismatch, match="not in the repository"):
         await asyncio.to_thread(publish.load_version, second, stack.settings.triton.grpc_url)
+
+
+async def test_vitrine_export_never_prunes_the_champion(stack: Stack, tiny_run: Path, model_name: str) -> None:
+    """`vitrine export --keep 1` keeps the registry's champion however old (and Triton keeps serving it)."""
+    env = settings_env(stack.settings)
+
+    async def export() -> None:
+        result = await asyncio.to_thread(runner.invoke, app, ["export", str(tiny_run), "--name", model_name, "--no-gate",
+                                                               "--keep", "1"], env=env)
+        assert result.exit_code == 0, result.output
+
+    await export()
+    registry = _registry(stack)
+    assert registry.promote(model_name, "1") == {"champion": "1"}
+    folder = stack.settings.triton.model_repository / model_name
+    on_disk = []
+    for _ in range(3):
+        await export()
+        on_disk.append(sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()))
+    # Pruned at each export (before its own version becomes the challenger): the newest, the champion (1) and the
+    # challenger of the moment; version 2 goes once it is neither.
+    assert on_disk == [[1, 2], [1, 2, 3], [1, 3, 4]]
+    assert all([await _ready(stack, model_name, v) for v in (1, 3, 4)]) and not await _ready(stack, model_name, 2)
