@@ -189,7 +189,8 @@ async def test_fallback_puts_the_previous_champion_back_under_load_without_a_fai
         finally:
             stop.set()
             await asyncio.gather(*workers)
-        print(f"\nfallback: {len(served)} answers, {len(failures)} failed, first answer from v1 {switched:.2f} s after the "
+        rate = len(served) / (served[-1][0] - served[0][0])
+        print(f"\nfallback: {len(served)} answers ({rate:.0f}/s), {len(failures)} failed, first answer from v1 {switched:.2f} s after the "
               f"command started; by version {Counter((s[2], s[3]) for s in served)}")
         assert failures == []
         assert all(not s[3] for s in served), Counter((s[2], s[3]) for s in served)  # no degraded answer either
