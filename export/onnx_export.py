@@ -42,6 +42,7 @@ from vitrine.export.triton_repository import (
     config_parameters,
     production_config,
     prune,
+    prunable,
     versions,
     write_model_folder,
 )
@@ -238,6 +239,7 @@ def export_run(
     max_k: int = 50,
     keep_versions: int = 3,
     publish: Publish | None = None,
+    protected: frozenset[int] = frozenset(),
 ) -> ExportResult:
     """Export one run as the next version of model `name` (default: the run's architecture).
 
@@ -266,7 +268,11 @@ def export_run(
     metadata_bytes = json.dumps(metadata).encode()
     number = max(versions(repository / model_name), default=0) + 1
     uri = publish(model_name, number, {"model.onnx": onnx_bytes, ranker.METADATA_FILE: metadata_bytes}) if publish else None
-    kept = [*versions(repository / model_name), number][-keep_versions:]
+    on_disk = [*versions(repository / model_name), number]
+    gone = set(prunable(on_disk, keep_versions, protected))
+    kept = [v for v in on_disk if v not in gone]
+    if kept != on_disk[-keep_versions:]:  # a protected version older than the newest keep_versions: serve it too
+        spec = replace(spec, served_versions=tuple(kept))
     # The config declares explain_steps only when every version in the folder has it (this one does); once the
     # versions without it are pruned (below), the config is rewritten to declare it.
     with_steps = {v: has_explanations(repository / model_name / str(v) / "model.onnx") for v in versions(repository / model_name)}
@@ -280,7 +286,7 @@ def export_run(
     except Exception:
         shutil.rmtree(version)
         raise
-    removed = prune(folder, keep_versions)
+    removed = prune(folder, keep_versions, protected)
     if not explain and all(with_steps.get(v, True) for v in versions(folder)):  # the new version has them
         write_model_folder(repository, replace(spec, outputs=spec_for(model_name, max_len, serving.k, keep_versions, True).outputs))
         validate_model_folder(folder)

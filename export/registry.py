@@ -10,8 +10,10 @@
 - **Versions.** Registered model name = Triton model name. An exported version's `model.onnx` and
   `metadata.json` go to the run's artifacts under `triton/<model>/<triton version>/`; the registered version
   points there (`source`) and its tags say which Triton model and version it became.
-- **Aliases.** `challenger`: the newest exported version, set by `vitrine export`; `champion`: the version
-  the promotion step (canary, `vitrine models promote`) declared the winner. Both move; versions never change.
+- **Aliases.** `challenger`: the newest exported version, set by `vitrine export` and the pipeline; `champion`:
+  the version declared the winner, set only through `promote` (which makes the previous champion the
+  `fallback`); `fallback`: the champion before it, which `swap_to_fallback` (`vitrine models fallback`) puts
+  back. Routing, the pipeline's champion and pruning all read these three; aliases move, versions never change.
 - **Model cards.** A registered version's card (`export/model_card.py`: Markdown, HTML, the facts as JSON) is
   logged to its training run under `card/<model>/<triton version>/`; the version's tag `vitrine.card_uri` and
   its description point there, so the registry page leads to it.
@@ -42,8 +44,8 @@ if TYPE_CHECKING:  # mlflow is the `registry` extra and slow to import: loaded o
 
     from vitrine.settings import RegistrySettings
 
-CHAMPION, CHALLENGER = "champion", "challenger"
-ALIASES = (CHAMPION, CHALLENGER)
+CHAMPION, CHALLENGER, FALLBACK = "champion", "challenger", "fallback"
+ALIASES = (CHAMPION, CHALLENGER, FALLBACK)
 
 TAG_SOURCE = "vitrine.source"
 """Which command logged the run (`vitrine train`, `vitrine export`)."""
@@ -199,6 +201,40 @@ def artifact_http_url(tracking_url: str, uri: str) -> str:
     reads from its own artifact store: the caller needs no storage credentials and no shared filesystem)."""
     run_id, path = parse_runs_uri(uri)
     return f"{tracking_url.rstrip('/')}/get-artifact?{urlencode({'path': path, 'run_uuid': run_id})}"
+
+
+def promotion_moves(aliases: dict[str, str], version: str) -> dict[str, str]:
+    """The alias changes of promoting `version` to champion, given the model's aliases (alias → version):
+    `champion` → `version`, and the previous champion (if another version) becomes `fallback`.
+
+    Promoting the champion again changes nothing (idempotent, so a retried promotion cannot lose the fallback);
+    promoting the fallback itself leaves `fallback` on the old champion (a swap)."""
+    if not VERSION_NUMBER.fullmatch(str(version)):
+        raise RegistryError(f"{version!r} is not a registry version (a positive whole number)")
+    previous = aliases.get(CHAMPION)
+    if previous == str(version):
+        return {}
+    moves = {CHAMPION: str(version)}
+    if previous is not None:
+        moves[FALLBACK] = previous
+    return moves
+
+
+def fallback_moves(aliases: dict[str, str]) -> dict[str, str]:
+    """The alias changes of `vitrine models fallback`: the `fallback` version becomes `champion`, the old champion
+    becomes `fallback` (so a second fallback undoes the first). Refused without a fallback, or when it already is
+    the champion."""
+    fallback = aliases.get(FALLBACK)
+    if fallback is None:
+        raise RegistryError("no version has the alias `fallback` (a version becomes the fallback when another is "
+                            "promoted to champion after it)")
+    if aliases.get(CHAMPION) == fallback:
+        raise RegistryError(f"version {fallback} is both champion and fallback: nothing to fall back to (a promotion "
+                            "that stopped half-way: `vitrine models promote` of the intended champion finishes it)")
+    return promotion_moves(aliases, fallback)
+
+
+VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,9}")
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -402,6 +438,8 @@ class Registry:
         return RegisteredVersion(model, str(version.version), run_id, triton_version, source)
 
     def set_alias(self, model: str, alias: str, version: str) -> None:
+        if alias == CHAMPION:
+            raise RegistryError("`champion` is set by promote(), which also moves the previous champion to `fallback`")
         if alias not in ALIASES:
             raise RegistryError(f"alias {alias!r}: Vitrine uses {', '.join(ALIASES)}")
         self.client.set_registered_model_alias(model, alias, version)
@@ -419,6 +457,54 @@ class Registry:
     def champion(self, model: str) -> ModelVersion | None:
         """The version promoted to serve `model`, or None before any promotion."""
         return self.by_alias(model, CHAMPION)
+
+    def aliases(self, model: str) -> dict[str, str]:
+        """alias → registry version of `model` (empty for a model never registered)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return _aliases(self.client.get_registered_model(model))
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                return {}
+            raise
+
+    def triton_version(self, model: str, version: str) -> int:
+        """The Triton version a registered version became (its `triton.version` tag)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_model_version(model, version)
+        except MlflowException as exc:
+            raise RegistryError(f"no version {version} of registered model {model!r} in {self.tracking_url}") from exc
+        tag = found.tags.get(VERSION_TAG_TRITON_VERSION, "")
+        if not VERSION_NUMBER.fullmatch(tag):
+            raise RegistryError(f"{model} version {version} has no Triton version tag ({VERSION_TAG_TRITON_VERSION}={tag!r})")
+        return int(tag)
+
+    def aliased_triton_versions(self, model: str) -> dict[str, int]:
+        """alias → Triton version for every alias of `model` (champion, challenger, fallback): what `prune` keeps."""
+        return {alias: self.triton_version(model, version) for alias, version in self.aliases(model).items()}
+
+    def _apply(self, model: str, moves: dict[str, str]) -> None:
+        # `champion` last: stopped half-way, the old champion still serves as champion (and may also carry `fallback`),
+        # and promoting the intended version again yields the intended pair (promotion_moves).
+        for alias in sorted(moves, key=lambda a: a == CHAMPION):
+            self.client.set_registered_model_alias(model, alias, moves[alias])
+
+    def promote(self, model: str, version: str) -> dict[str, str]:
+        """The one way a version becomes `champion`: the previous champion becomes `fallback`. Returns the moves."""
+        self.triton_version(model, version)  # the version exists and knows its Triton version
+        moves = promotion_moves(self.aliases(model), version)
+        self._apply(model, moves)
+        return moves
+
+    def swap_to_fallback(self, model: str) -> dict[str, str]:
+        """`fallback` becomes `champion` and the old champion `fallback` (a promotion of the fallback); RegistryError
+        without a fallback."""
+        moves = fallback_moves(self.aliases(model))
+        self._apply(model, moves)
+        return moves
 
     def models(self) -> list[dict[str, Any]]:
         """Every registered model with its newest version and aliases (for `vitrine models list`)."""

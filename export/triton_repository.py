@@ -54,6 +54,10 @@ class ModelSpec:
     cpu_instances: int = 1
     tensorrt_fp16: bool = False
     """Offer TensorRT FP16 as an execution accelerator in the production config (GPU only)."""
+    served_versions: tuple[int, ...] = ()
+    """Empty: Triton serves the newest `keep_versions` (version policy `latest`). Otherwise exactly these (policy
+    `specific`): the export sets it when a protected version (a registry alias, a pinned variant) is older than the
+    newest `keep_versions`, so that the version `prune` keeps on disk is also one Triton serves."""
     warmup_batch_sizes: tuple[int, ...] = field(default=(1,))
     parameters: tuple[tuple[str, str], ...] = ()
     """Config `parameters` (key, string value) in both configs: e.g. where each version's metadata lives in the
@@ -69,7 +73,10 @@ def _common(spec: ModelSpec) -> mc.ModelConfig:
     config = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
     _tensors(config.input, spec.inputs)
     _tensors(config.output, spec.outputs)
-    config.version_policy.latest.num_versions = spec.keep_versions
+    if spec.served_versions:
+        config.version_policy.specific.versions.extend(sorted(spec.served_versions))
+    else:
+        config.version_policy.latest.num_versions = spec.keep_versions
     config.dynamic_batching.preferred_batch_size.extend(
         size for size in spec.preferred_batch_sizes if size <= spec.max_batch_size
     )
@@ -150,11 +157,39 @@ def add_version(folder: Path, onnx_bytes: bytes, version: int | None = None, ext
     return target
 
 
-def prune(folder: Path, keep: int) -> list[int]:
-    """Delete all but the newest `keep` versions; returns the removed version numbers."""
+def prunable(on_disk: list[int], keep: int, protected: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """The versions `prune` removes: all but the newest `keep`, never one in `protected` (the registry's champion,
+    challenger and fallback, versions the experiment pins), however old."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
-    removed = versions(folder)[:-keep]
+    return [v for v in sorted(on_disk)[:-keep] if v not in protected]
+
+
+def prune(folder: Path, keep: int, protected: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Delete all but the newest `keep` versions and the `protected` ones; returns the removed version numbers."""
+    removed = prunable(versions(folder), keep, protected)
     for number in removed:
         shutil.rmtree(folder / str(number))
     return removed
+
+
+def withdraw(version_folder: Path) -> Path:
+    """Take a version out of the repository (one that failed its check in Triton): renamed to a hidden
+    `.rejected-<version>` beside it (Triton ignores folders whose names are not numbers; kept for inspection), and
+    dropped from a `specific` version policy in every config of the model, which would otherwise name a version
+    that is gone. Returns where it went."""
+    folder, number = version_folder.parent, int(version_folder.name)
+    target = folder / f".rejected-{number}"
+    if target.exists():
+        shutil.rmtree(target)
+    version_folder.rename(target)
+    for path in [folder / "config.pbtxt", *sorted((folder / "configs").glob("*.pbtxt"))]:
+        if not path.is_file():
+            continue
+        config = text_format.Parse(path.read_text(), mc.ModelConfig())
+        if config.version_policy.HasField("specific") and number in config.version_policy.specific.versions:
+            kept = [v for v in config.version_policy.specific.versions if v != number]
+            del config.version_policy.specific.versions[:]
+            config.version_policy.specific.versions.extend(kept)
+            path.write_text(render(config))
+    return target

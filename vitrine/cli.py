@@ -371,6 +371,21 @@ def _model_name(value: str | None) -> str | None:
     return value
 
 
+def _protected_versions(settings: Settings, tracker, model: str) -> frozenset[int]:  # noqa: ANN001 - Registry | None
+    """Versions pruning keeps whatever their age: the registry's aliases and the experiment's pins (export/aliases.py).
+    With the experiment store away nothing is pruned this time (said so): a pinned version is never guessed away."""
+    from vitrine.export.aliases import FallbackError, experiment_pins, registry_protected
+    from vitrine.export.triton_repository import versions
+
+    protected = registry_protected(tracker, model) if tracker is not None else set()
+    try:
+        protected |= asyncio.run(experiment_pins(settings, model))
+    except FallbackError as exc:
+        typer.secho(f"{exc}: no version of {model} is pruned this time", fg=typer.colors.YELLOW)
+        protected |= set(versions(settings.triton.model_repository / model))
+    return frozenset(protected)
+
+
 @app.command("export")
 def export_command(
     runs: Annotated[list[Path] | None, typer.Argument(help="Run folders; default: the newest run of each model in --runs-dir.")] = None,
@@ -445,8 +460,10 @@ def export_command(
             raise _fail(exc) from exc
         publish = tracker.publisher(logged.run_id) if tracker is not None and logged is not None else None
         try:
+            model_name = name or json.loads((run_dir / "run.json").read_text())["model"]
+            protected = _protected_versions(settings, tracker, model_name)
             result = export_run(run_dir, settings.triton.model_repository, name=name, max_k=max_k, keep_versions=keep,
-                                publish=publish)
+                                publish=publish, protected=protected)
         except (ParityError, ModelFolderError, FileNotFoundError) as exc:
             raise _fail(exc) from exc
         typer.echo(f"{result.model} v{result.version}: parity ok (max |Δscore| {result.max_abs_score_diff:.1e}) → {result.folder}"

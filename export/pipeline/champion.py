@@ -1,5 +1,8 @@
-"""The live champion: the version Triton serves now for a model name, rebuilt from its model card and
-re-measured on the candidate's held-out rows.
+"""The champion: the registry's `champion` alias for a model name (its Triton version), rebuilt from the version's
+`metadata.json` and re-measured on the candidate's held-out rows.
+
+Only when the registry has no champion alias for the model (or does not answer, or the aliased version's folder is
+gone from the repository) is it the newest version Triton reports ready, and the record says so (`source`).
 
 Why re-measure instead of copying the champion's old numbers: they were measured on older data, with
 another vocabulary and cutoff, so they say nothing about the newest slice. The champion's `metadata.json`
@@ -25,6 +28,10 @@ from vitrine.export.metrics import EVAL_BATCH, batches
 from vitrine.export.triton_repository import versions
 
 
+REGISTRY_SOURCE = "registry alias champion"
+NEWEST_READY = "newest version Triton reports ready"
+
+
 @dataclass(frozen=True)
 class Champion:
     model: str
@@ -34,6 +41,8 @@ class Champion:
     max_len: int
     max_k: int
     record: dict
+    source: str = REGISTRY_SOURCE
+    """Where the choice came from: the registry's alias, or why the newest ready version was taken instead."""
 
     @property
     def vocabulary_set(self) -> set[str]:
@@ -55,15 +64,33 @@ async def served_version(grpc_url: str, model: str, on_disk: list[int]) -> int |
         await client.close()
 
 
-async def find_champion(grpc_url: str, repository: Path, model: str) -> Champion | None:
-    """None when Triton serves no version of `model`; raises when Triton cannot be asked."""
+def choose(registry_version: int | None, registry_note: str, on_disk: list[int]) -> tuple[int | None, str]:
+    """The champion's Triton version by the rule above, and its source; (None, why) when the newest ready version
+    must be asked of Triton. `registry_note` says why the registry named none (no alias, registry down)."""
+    if registry_version is not None:
+        if registry_version in on_disk:
+            return registry_version, REGISTRY_SOURCE
+        return None, (f"{NEWEST_READY}: the registry's champion is Triton version {registry_version}, "
+                      "which is not in the model repository")
+    return None, f"{NEWEST_READY} ({registry_note})"
+
+
+async def find_champion(grpc_url: str, repository: Path, model: str, registry_version: int | None = None,
+                        registry_note: str = "the registry has no champion alias") -> Champion | None:
+    """The registry's champion (`registry_version`, its Triton version) when it is in the repository; otherwise the
+    newest version Triton reports ready, with the reason in `source`. None when there is neither; raises when Triton
+    must be asked and cannot be."""
     folder = repository / model
-    version = await served_version(grpc_url, model, versions(folder))
+    on_disk = versions(folder)
+    version, source = choose(registry_version, registry_note, on_disk)
+    if version is None:
+        version = await served_version(grpc_url, model, on_disk)
     if version is None:
         return None
     card = json.loads((folder / str(version) / ranker.METADATA_FILE).read_text())
     return Champion(model=model, version=version, folder=folder / str(version), vocabulary=tuple(card["vocabulary"]),
-                    max_len=int(card["serving"]["max_len"]), max_k=int(card["serving"]["max_k"]), record=card.get("run", {}))
+                    max_len=int(card["serving"]["max_len"]), max_k=int(card["serving"]["max_k"]), record=card.get("run", {}),
+                    source=source)
 
 
 def _reencode(dataset: Dataset, champion: Champion) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

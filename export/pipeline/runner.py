@@ -145,11 +145,39 @@ class Pipeline:
         return self._dataset
 
     def _champions(self, record: dict) -> dict[str, Champion | None]:
+        """Each model's champion: the registry's `champion` alias; today's rule (the newest version Triton reports
+        ready) only when the registry names none or does not answer — `Champion.source` says which, and the
+        validate step records it."""
         if record["params"]["no_champion"]:
             return {m: None for m in record["params"]["model_names"]}
         repository = Path(record["params"]["repository"])
-        return {m: asyncio.run(find_champion(self.settings.triton.grpc_url, repository, name))
+        aliased = self._registry_champions(record["params"]["model_names"].values())
+        return {m: asyncio.run(find_champion(self.settings.triton.grpc_url, repository, name, *aliased[name]))
                 for m, name in record["params"]["model_names"].items()}
+
+    def _registry_champions(self, names) -> dict[str, tuple[int | None, str]]:  # noqa: ANN001 - iterable of names
+        """Triton model name → (the Triton version its registry champion became, or None; why None)."""
+        from vitrine.export.registry import RegistryError, RegistryMissing, connect
+
+        try:
+            registry = connect(self.settings.registry, "the pipeline reads the champion alias")
+        except RegistryMissing as exc:
+            return {name: (None, f"the registry does not answer: {exc}") for name in names}
+        found: dict[str, tuple[int | None, str]] = {}
+        for name in names:
+            try:
+                champion = registry.champion(name)
+                found[name] = ((registry.triton_version(name, str(champion.version)), "") if champion is not None
+                               else (None, "the registry has no champion alias"))
+            except RegistryError as exc:
+                found[name] = (None, f"the registry's champion is unusable: {exc}")
+        return found
+
+    def _protected(self, model_name: str) -> frozenset[int]:
+        """Versions `prune` must keep: the registry's aliases and the experiment's pins (export/aliases.py)."""
+        from vitrine.export.aliases import protected_versions
+
+        return asyncio.run(protected_versions(self.settings, self._registry(), model_name))
 
     def _validate(self, record: dict) -> dict:
         window = Window(date.fromisoformat(record["params"]["window"]["since"]), date.fromisoformat(record["params"]["window"]["until"]))
@@ -159,7 +187,11 @@ class Pipeline:
         result = validate(Path(record["params"]["archive_root"]), record["params"]["events_topic"], window,
                           self.settings.pipeline, known)
         fields: dict[str, Any] = {"checks": result.as_record(),
-                                  "champions": {m: c and c.version for m, c in champions.items()}}
+                                  "champions": {m: c and c.version for m, c in champions.items()},
+                                  "champion_sources": {m: c.source if c else "none: no champion alias and no ready version"
+                                                       for m, c in champions.items()}}
+        for m, c in champions.items():
+            self.report(f"{m}: champion " + (f"v{c.version} ({c.source})" if c else "none (baselines only)"))
         if not result.passed:
             self.recorder.step(record["run_id"], "validate", "running", **fields)
             self.report(format_checks(result.checks))
@@ -191,7 +223,8 @@ class Pipeline:
         for model, run_dir in record["steps"]["train"]["runs"].items():
             champion = champions[model]
             results[model] = {**evaluation.evaluate(Path(run_dir), dataset, champion),
-                              "champion_version": champion and champion.version}
+                              "champion_version": champion and champion.version,
+                              "champion_source": champion.source if champion else None}
         return {"models": results}
 
     def _gate(self, record: dict) -> dict:
@@ -227,9 +260,10 @@ class Pipeline:
                 logged = registry.log_training_run(run_dir, source=f"vitrine pipeline {record['run_id']}")
                 registry.tag_run(logged.run_id, {REGISTRY_TAG_RUN: record["run_id"], REGISTRY_TAG_TRIGGER: record["trigger"],
                                                  **({REGISTRY_TAG_CAUSE: record["cause"]} if record.get("cause") else {})})
-                exported[model] = {**publish.write_version(run_dir, Path(record["params"]["repository"]),
-                                                           record["params"]["model_names"][model], p.max_k, p.keep_versions,
-                                                           publish=registry.publisher(logged.run_id)),
+                name = record["params"]["model_names"][model]
+                exported[model] = {**publish.write_version(run_dir, Path(record["params"]["repository"]), name, p.max_k,
+                                                           p.keep_versions, publish=registry.publisher(logged.run_id),
+                                                           protected=self._protected(name)),
                                    "registry_run_id": logged.run_id}
                 self.recorder.step(record["run_id"], "export", "running", models=exported)
             if not exported[model].get("loaded"):

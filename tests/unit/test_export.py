@@ -72,6 +72,22 @@ def test_new_exports_get_the_next_version_and_old_ones_are_pruned(run_dirs, tmp_
     assert validate_model_folder(tmp_path / "sasrec") == [2, 3]
 
 
+def test_a_protected_version_survives_pruning_and_stays_served(run_dirs, tmp_path: Path) -> None:
+    """The registry's champion/fallback or a pinned variant (here version 1) is never pruned, however old, and the
+    config's version policy serves it beside the newest ones (with `latest: 2` Triton would not load it)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    exported = [onnx_export.export_run(run_dirs["sasrec"], tmp_path, max_k=5, keep_versions=2, protected=frozenset({1}))
+                for _ in range(4)]
+    assert [e.version for e in exported] == [1, 2, 3, 4] and [e.removed_versions for e in exported] == [[], [], [], [2]]
+    assert validate_model_folder(tmp_path / "sasrec") == [1, 3, 4]
+    for path in (tmp_path / "sasrec" / "config.pbtxt", tmp_path / "sasrec" / "configs" / "cpu.pbtxt"):
+        config = text_format.Parse(path.read_text(), mc.ModelConfig())
+        assert list(config.version_policy.specific.versions) == [1, 3, 4], path
+        assert {k for k in config.parameters if k.startswith("vitrine.metadata.")} == set()  # no registry here
+
+
 def test_a_run_with_other_shapes_cannot_become_a_version_of_the_same_model(run_dirs, tmp_path: Path) -> None:
     onnx_export.export_run(run_dirs["gru4rec"], tmp_path, max_k=10)
     config_before = (tmp_path / "gru4rec" / "config.pbtxt").read_text()

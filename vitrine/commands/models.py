@@ -11,6 +11,9 @@ registry means for each command:
   metadata into its Triton config. A registry that does not answer is an error *before* anything is written,
   unless `--no-registry`: then the version is served with its metadata read from the local model repository,
   which only works where the gateway shares that folder (the local stack), never in production.
+- `vitrine models promote NAME VERSION`: the version becomes `champion`, the previous champion `fallback`.
+- `vitrine models fallback NAME`: the `fallback` back as champion, its Triton version made ready, routing moved
+  (export/aliases.py; docs/registry.md).
 """
 
 from __future__ import annotations
@@ -163,3 +166,64 @@ def card_command(
         return
     out.write_bytes(content)
     typer.echo(f"{name} v{version}: model card written to {out}")
+
+
+@app.command("promote")
+def promote_command(
+    name: Annotated[str, typer.Argument(help="Registered model name (the Triton model name), e.g. gru4rec.", callback=_name)],
+    version: Annotated[str, typer.Argument(help="Registry version to make the champion, e.g. 3.", callback=_version)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the alias moves as JSON.")] = False,
+) -> None:
+    """Make a registered version the `champion`; the previous champion becomes the `fallback` (registry aliases only:
+    routing is changed by `vitrine ab set` or a rollout, and `vitrine models fallback` undoes both)."""
+    from vitrine.cli import _settings
+    from vitrine.export.registry import RegistryError
+
+    registry = _registry_or_exit(_settings())
+    try:
+        moves = registry.promote(name, version)
+    except RegistryError as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps({"model": name, "moves": moves, "aliases": registry.aliases(name)}, indent=2))
+        return
+    if not moves:
+        typer.echo(f"{name} version {version} is already the champion: nothing changed")
+        return
+    typer.echo(f"{name}: " + ", ".join(f"{alias} → v{target}" for alias, target in sorted(moves.items())))
+
+
+@app.command("fallback")
+def fallback_command(
+    name: Annotated[str, typer.Argument(help="Registered model name (the Triton model name), e.g. gru4rec.", callback=_name)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Put the previous champion back in one command: the registry's `fallback` becomes `champion` (the old champion
+    becomes `fallback`), its Triton version is made READY, and every variant serving MODEL at the old champion's
+    version or at "newest" is pinned to it (audited; gateways follow within a second). Clients change nothing."""
+    import asyncio
+
+    from vitrine.cli import _settings
+    from vitrine.export.aliases import FallbackError, fall_back
+
+    settings = _settings()
+    registry = _registry_or_exit(settings)
+    try:
+        result = asyncio.run(fall_back(settings, registry, name))
+    except FallbackError as exc:
+        raise _fail(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - e.g. the registry stopped answering mid-command: say so, no traceback
+        raise _fail(f"{name}: fallback failed ({type(exc).__name__}: {exc}); `vitrine models list` and `vitrine ab show` "
+                    "show what is in force") from exc
+    if as_json:
+        typer.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    before = f"v{result.champion_before} (Triton v{result.triton_before})" if result.champion_before else "none"
+    typer.echo(f"{name}: champion {before} → v{result.champion_after} (Triton v{result.triton_after}); "
+               f"fallback now v{result.fallback_after or '-'}")
+    typer.echo(f"Triton version {result.triton_after}: {result.readiness}")
+    if result.variants_moved:
+        typer.echo(f"routing: {', '.join(result.variants_moved)} now serve {name}:{result.triton_after} "
+                   f"(experiment revision {result.experiment_revision})")
+    else:
+        typer.echo("routing: no variant served the old champion or \"newest\"; the experiment is unchanged")
